@@ -1,0 +1,193 @@
+"""Pairwise distance and similarity matrices between ``x`` (B, D) and ``y`` (R, D).
+
+All Euclidean-family work is a matrix product (``‖x‖² + ‖y‖² − 2·x·yᵀ``), so it runs at GEMM
+speed. The square root is "safe": identical points get distance exactly 0 *and* a finite
+(zero) gradient, where a plain ``sqrt`` would return ``inf · 0 = NaN`` in backward.
+
+``y=None`` means "compare ``x`` with itself"; the diagonal is then exactly 0 (distance) or the
+self-similarity, independent of rounding in the matrix product.
+
+Example
+-------
+>>> import torch
+>>> from metrix.distances import pairwise_distance
+>>> x = torch.randn(4, 8)
+>>> pairwise_distance(x, metric="euclidean").shape
+torch.Size([4, 4])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from metrix._validation import check_embeddings, check_pair
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(max(x, 0))`` whose gradient at 0 is 0 instead of inf (a valid subgradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clamp_min(0).sqrt()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return torch.where(out > 0, grad / (2 * out), torch.zeros_like(grad))
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Square root with a finite gradient everywhere (0 at 0)."""
+    return _SafeSqrt.apply(x)
+
+
+def _prepare(x, y):
+    x = check_embeddings(x, "x")
+    if y is None:
+        return x, x, True
+    y = check_embeddings(y, "y")
+    check_pair(x, y, "x", "y")
+    return x, y, False
+
+
+def _zero_diagonal(mat: torch.Tensor) -> torch.Tensor:
+    # out-of-place so autograd sees a function of ``mat``; the diagonal gets no gradient
+    eye = torch.eye(mat.shape[0], dtype=torch.bool, device=mat.device)
+    return mat.masked_fill(eye, 0.0)
+
+
+def squared_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖x_i − y_j‖²`` for all pairs, clamped at 0 against rounding."""
+    x, y, same = _prepare(x, y)
+    x_sq = (x * x).sum(dim=1)
+    y_sq = x_sq if same else (y * y).sum(dim=1)
+    sq = torch.addmm(x_sq[:, None] + y_sq[None, :], x, y.T, beta=1.0, alpha=-2.0).clamp_min(0)
+    return _zero_diagonal(sq) if same else sq
+
+
+def euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖x_i − y_j‖₂`` for all pairs; 0 with a finite gradient for identical points."""
+    return safe_sqrt(squared_euclidean(x, y))
+
+
+def lp(x: torch.Tensor, y: torch.Tensor | None = None, p: float = 2.0) -> torch.Tensor:
+    """Minkowski distance ``‖x_i − y_j‖_p`` for ``p >= 1`` (``p=inf`` allowed)."""
+    p = float(p)
+    if not p >= 1:
+        raise ValueError(f"p must be >= 1 for a metric, got {p}")
+    if p == 2.0:
+        return euclidean(x, y)
+    x, y, same = _prepare(x, y)
+    if p == 1.0 or p == float("inf"):
+        # these have well-defined subgradients in torch.cdist (sign / argmax)
+        return torch.cdist(x, y, p=p)
+    # general p: |diff|^p summed then ^(1/p), with the root made safe at 0.
+    # Chunked over rows of x to keep memory at O(chunk · R · D).
+    rows = []
+    chunk = max(1, int(2**24 // max(1, y.shape[0] * y.shape[1])))
+    for start in range(0, x.shape[0], chunk):
+        diff = (x[start : start + chunk, None, :] - y[None, :, :]).abs()
+        s = diff.pow(p).sum(dim=-1)
+        rows.append(torch.where(s > 0, s.clamp_min(torch.finfo(s.dtype).tiny).pow(1.0 / p), 0.0))
+    return torch.cat(rows, dim=0)
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity in [-1, 1]; a zero vector has similarity 0 to everything."""
+    x, y, same = _prepare(x, y)
+    xn = F.normalize(x, dim=1, eps=eps)
+    yn = xn if same else F.normalize(y, dim=1, eps=eps)
+    return xn @ yn.T
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 − cos(x_i, y_j)`` in [0, 2]."""
+    return 1.0 - cosine_similarity(x, y)
+
+
+def dot_product(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Inner product ``x_i · y_j`` (a similarity: larger is closer)."""
+    x, y, _ = _prepare(x, y)
+    return x @ y.T
+
+
+def mahalanobis_factor(M: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+    """Return ``L`` with ``LᵀL = M`` for a symmetric positive semi-definite ``M``.
+
+    Raises ``ValueError`` if ``M`` is not square, not symmetric, or has a clearly negative eigenvalue.
+    """
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {tuple(M.shape)}")
+    scale = M.abs().max().clamp_min(1e-30)
+    if not torch.allclose(M, M.T, atol=1e-6 * float(scale), rtol=0):
+        raise ValueError("M must be symmetric")
+    evals, evecs = torch.linalg.eigh(M)
+    if float(evals.min()) < -tol * max(1.0, float(evals.abs().max())) - 1e-6 * float(scale):
+        raise ValueError(f"M must be positive semi-definite; smallest eigenvalue is {float(evals.min()):.3g}")
+    return evals.clamp_min(0).sqrt()[:, None] * evecs.T
+
+
+def mahalanobis(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    L: torch.Tensor | None = None,
+    M: torch.Tensor | None = None,
+    squared: bool = False,
+) -> torch.Tensor:
+    """Mahalanobis distance ``sqrt((x − y)ᵀ M (x − y))`` with ``M = LᵀL``.
+
+    Give either ``L`` (k, D), the linear map, or ``M`` (D, D), a PSD matrix. Computed as the
+    Euclidean distance between ``x Lᵀ`` and ``y Lᵀ``, so it costs two small GEMMs plus one.
+    """
+    if (L is None) == (M is None):
+        raise ValueError("give exactly one of L (the linear map) or M (the PSD matrix)")
+    x, y, same = _prepare(x, y)
+    if L is None:
+        L = mahalanobis_factor(M.to(x.dtype))
+    if L.ndim != 2 or L.shape[1] != x.shape[1]:
+        raise ValueError(f"L must have shape (k, {x.shape[1]}) to match x of shape {tuple(x.shape)}, got {tuple(L.shape)}")
+    L = L.to(x.dtype)
+    xl = x @ L.T
+    yl = None if same else y @ L.T
+    sq = squared_euclidean(xl, yl)
+    return sq if squared else safe_sqrt(sq)
+
+
+# name -> (function, is_similarity). Similarities rank "larger is closer".
+METRICS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
+    "euclidean": (euclidean, False),
+    "squared_euclidean": (squared_euclidean, False),
+    "cosine": (cosine_distance, False),
+    "cosine_similarity": (cosine_similarity, True),
+    "dot": (dot_product, True),
+}
+
+
+def is_similarity(metric: str) -> bool:
+    """True when larger values of ``metric`` mean closer (cosine similarity, dot product)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    return METRICS[metric][1]
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean") -> torch.Tensor:
+    """Dispatch to one of :data:`METRICS` by name."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    return METRICS[metric][0](x, y)
+
+
+def dissimilarity(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean") -> torch.Tensor:
+    """A "smaller is closer" matrix for any metric: similarities are negated.
+
+    Losses written for distances (triplet, contrastive) work unchanged on similarities this way:
+    ``d_ap − d_an + m`` with ``d = −s`` is exactly ``s_an − s_ap + m``.
+    """
+    mat = pairwise_distance(x, y, metric)
+    return -mat if is_similarity(metric) else mat

@@ -1,0 +1,196 @@
+"""Retrieval, clustering and classification metrics for embeddings.
+
+Definitions follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020) and
+pytorch-metric-learning's ``AccuracyCalculator``:
+
+* ``precision_at_1``: the nearest reference item has the query's label.
+* ``recall_at_k``: hit rate, 1 if any of the ``k`` nearest has the query's label
+  (what deep-metric-learning papers report as "Recall@K").
+* ``precision_at_k``: fraction of the ``k`` nearest with the query's label.
+* ``r_precision``: with ``R`` = number of reference items sharing the query's label,
+  the fraction of the ``R`` nearest that share it.
+* ``map_at_r``: ``1/R · Σ_{i≤R} P(i)·rel(i)``, average precision cut at ``R``.
+
+Queries whose label has no other item in the reference set cannot be answered; as in
+pytorch-metric-learning they are left out of every average (``num_queries`` says how many remain).
+
+Everything is streamed over chunks of queries (:func:`metrix.neighbors.iter_knn`), so memory
+is bounded by ``chunk · (R + k)`` whatever the number of items.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, _as_tensor, iter_knn
+
+
+def _encode_labels(*label_arrays):
+    """Map labels of any type (ints of any size, strings) to contiguous int64 codes."""
+    arrays = [np.asarray(a.cpu().numpy() if isinstance(a, torch.Tensor) else a) for a in label_arrays]
+    for a in arrays:
+        if a.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {a.shape}")
+    _, codes = np.unique(np.concatenate(arrays), return_inverse=True)
+    out, start = [], 0
+    for a in arrays:
+        out.append(torch.from_numpy(codes[start : start + len(a)].astype(np.int64)))
+        start += len(a)
+    return out
+
+
+def _check_lengths(x, labels, name):
+    if x.shape[0] != len(labels):
+        raise ValueError(f"{name} has {x.shape[0]} rows but {name}_labels has {len(labels)} entries")
+
+
+def retrieval_metrics(
+    query,
+    query_labels,
+    reference=None,
+    reference_labels=None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "euclidean",
+    max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+) -> dict[str, float]:
+    """Retrieval metrics of ``query`` against ``reference`` (or itself, self excluded).
+
+    Parameters
+    ----------
+    query : (Q, D) array or tensor
+    query_labels : (Q,) labels of any type (ints of any size, strings)
+    reference, reference_labels : the gallery; ``None`` means query = reference with self excluded
+    ks : cut-offs for ``recall_at_k`` and ``precision_at_k``
+    metric : distance used for ranking (see :mod:`metrix.distances`)
+
+    Returns
+    -------
+    dict with ``precision_at_1``, ``recall_at_{k}``, ``precision_at_{k}`` for each k,
+    ``r_precision``, ``map_at_r`` and ``num_queries`` (queries that have at least one relevant item).
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [0.1], [5.0], [5.1]]); y = np.array([0, 0, 1, 1])
+    >>> retrieval_metrics(x, y)["map_at_r"]
+    1.0
+    """
+    q = _as_tensor(query, "query")
+    same = reference is None
+    if same:
+        if reference_labels is not None:
+            raise ValueError("reference_labels given without reference")
+        r = q
+        (q_lab,) = _encode_labels(query_labels)
+        r_lab = q_lab
+    else:
+        if reference_labels is None:
+            raise ValueError("reference given without reference_labels")
+        r = _as_tensor(reference, "reference")
+        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
+    _check_lengths(q, q_lab, "query")
+    _check_lengths(r, r_lab, "reference")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+
+    n_classes = int(max(int(q_lab.max()), int(r_lab.max()))) + 1
+    ref_counts = torch.bincount(r_lab, minlength=n_classes)
+    relevant = ref_counts[q_lab] - int(same)  # R for each query
+    answerable = relevant > 0
+    if not bool(answerable.any()):
+        raise ValueError("no query has a same-label item in the reference set; retrieval metrics are undefined")
+    n_avail = r.shape[0] - int(same)
+    k_max = min(max(ks[-1], int(relevant.max())), n_avail)
+
+    sums = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
+    for k in ks:
+        sums[f"recall_at_{k}"] = 0.0
+        sums[f"precision_at_{k}"] = 0.0
+    for start, _, idx in iter_knn(q, None if same else r, k_max, metric, same, max_memory_mb):
+        stop = start + idx.shape[0]
+        keep = answerable[start:stop]
+        hits = (r_lab[idx] == q_lab[start:stop, None])[keep].to(torch.float64)
+        R = relevant[start:stop][keep].to(torch.float64)
+        sums["precision_at_1"] += float(hits[:, 0].sum())
+        for k in ks:
+            kk = min(k, k_max)
+            sums[f"recall_at_{k}"] += float(hits[:, :kk].amax(dim=1).sum())
+            sums[f"precision_at_{k}"] += float(hits[:, :kk].sum() / kk)
+        rank = torch.arange(1, k_max + 1, dtype=torch.float64)
+        within_r = rank[None, :] <= R[:, None]
+        hits_r = hits * within_r
+        sums["r_precision"] += float((hits_r.sum(1) / R).sum())
+        precision_at_i = torch.cumsum(hits_r, dim=1) / rank
+        sums["map_at_r"] += float(((precision_at_i * hits_r).sum(1) / R).sum())
+    n = int(answerable.sum())
+    out = {key: value / n for key, value in sums.items()}
+    out["num_queries"] = n
+    return out
+
+
+def knn_accuracy(
+    query,
+    query_labels,
+    reference=None,
+    reference_labels=None,
+    k: int = 5,
+    metric: str = "euclidean",
+    max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+) -> float:
+    """Accuracy of a majority vote among the ``k`` nearest references.
+
+    Ties between labels are broken in favour of the label seen at the nearest rank.
+    """
+    q = _as_tensor(query, "query")
+    same = reference is None
+    if same:
+        (q_lab,) = _encode_labels(query_labels)
+        r, r_lab = q, q_lab
+    else:
+        if reference_labels is None:
+            raise ValueError("reference given without reference_labels")
+        r = _as_tensor(reference, "reference")
+        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
+    _check_lengths(q, q_lab, "query")
+    _check_lengths(r, r_lab, "reference")
+    n_classes = int(max(int(q_lab.max()), int(r_lab.max()))) + 1
+    correct = 0
+    for start, _, idx in iter_knn(q, None if same else r, k, metric, same, max_memory_mb):
+        lab = r_lab[idx]
+        kk = lab.shape[1]
+        counts = torch.zeros(lab.shape[0], n_classes, dtype=torch.int64).scatter_add_(1, lab, torch.ones_like(lab))
+        ranks = torch.arange(kk).expand_as(lab)
+        first = torch.full((lab.shape[0], n_classes), kk, dtype=torch.int64).scatter_reduce_(1, lab, ranks, "amin")
+        # more votes wins; among equal votes the label met first (nearest) wins
+        score = counts * (kk + 1) + (kk - first)
+        pred = score.argmax(dim=1)
+        correct += int((pred == q_lab[start : start + lab.shape[0]]).sum())
+    return correct / q.shape[0]
+
+
+def clustering_metrics(embeddings, labels, n_clusters: int | None = None, random_state: int = 0) -> dict[str, float]:
+    """NMI and AMI between the labels and a k-means clustering of ``embeddings``.
+
+    ``n_clusters`` defaults to the number of distinct labels.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    x = _as_tensor(embeddings, "embeddings").detach().cpu().numpy()
+    (lab,) = _encode_labels(labels)
+    lab = lab.numpy()
+    _check_lengths(x, lab, "embeddings")
+    n_clusters = int(n_clusters or len(np.unique(lab)))
+    if n_clusters < 2:
+        raise ValueError("clustering metrics need at least 2 clusters (labels with at least 2 classes)")
+    if n_clusters > x.shape[0]:
+        raise ValueError(f"n_clusters={n_clusters} exceeds the number of samples {x.shape[0]}")
+    pred = KMeans(n_clusters=n_clusters, n_init=10, random_state=random_state).fit_predict(x)
+    return {
+        "nmi": float(normalized_mutual_info_score(lab, pred)),
+        "ami": float(adjusted_mutual_info_score(lab, pred)),
+    }

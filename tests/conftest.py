@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def clustered(n_classes=6, per_class=8, dim=16, spread=0.6, seed=0, dtype=torch.float64):
+    """Gaussian blobs around random centres: realistic labels with overlap."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g, dtype=dtype)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    x = centres[labels] + spread * torch.randn(len(labels), dim, generator=g, dtype=dtype)
+    perm = torch.randperm(len(labels), generator=g)
+    return x[perm], labels[perm]

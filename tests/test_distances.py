@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from metrix import distances as D
+
+
+@pytest.fixture
+def xy():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "fn,scipy_metric",
+    [
+        (D.euclidean, "euclidean"),
+        (D.squared_euclidean, "sqeuclidean"),
+        (D.cosine_distance, "cosine"),
+        (lambda x, y: D.lp(x, y, p=1), "cityblock"),
+        (lambda x, y: D.lp(x, y, p=3), "minkowski3"),
+        (lambda x, y: D.lp(x, y, p=float("inf")), "chebyshev"),
+    ],
+)
+def test_matches_scipy(xy, fn, scipy_metric):
+    x, y = xy
+    kw = {}
+    if scipy_metric == "minkowski3":
+        scipy_metric, kw = "minkowski", {"p": 3}
+    expected = cdist(x.numpy(), y.numpy(), scipy_metric, **kw)
+    np.testing.assert_allclose(fn(x, y).numpy(), expected, rtol=1e-10, atol=1e-10)
+    # self-comparison: same values and an exact zero diagonal
+    expected_self = cdist(x.numpy(), x.numpy(), scipy_metric, **kw)
+    got_self = fn(x, None).numpy()
+    np.testing.assert_allclose(got_self, expected_self, rtol=1e-10, atol=1e-7)
+    assert np.all(np.abs(np.diag(got_self)) < 1e-12)
+
+
+def test_similarities(xy):
+    x, y = xy
+    np.testing.assert_allclose(D.dot_product(x, y).numpy(), x.numpy() @ y.numpy().T)
+    np.testing.assert_allclose(D.cosine_similarity(x, y).numpy(), 1 - cdist(x.numpy(), y.numpy(), "cosine"), atol=1e-12)
+    assert D.is_similarity("dot") and D.is_similarity("cosine_similarity") and not D.is_similarity("euclidean")
+    np.testing.assert_allclose(D.dissimilarity(x, y, "dot").numpy(), -(x @ y.T).numpy())
+
+
+def test_mahalanobis_from_L_and_M(xy):
+    x, y = xy
+    g = torch.Generator().manual_seed(2)
+    L = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    M = L.T @ L
+    expected = cdist(x.numpy(), y.numpy(), "mahalanobis", VI=M.numpy())
+    np.testing.assert_allclose(D.mahalanobis(x, y, L=L).numpy(), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(D.mahalanobis(x, y, M=M).numpy(), expected, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(D.mahalanobis(x, y, L=L, squared=True).numpy(), expected**2, rtol=1e-9, atol=1e-9)
+    Lf = D.mahalanobis_factor(M)
+    np.testing.assert_allclose((Lf.T @ Lf).numpy(), M.numpy(), atol=1e-9)
+
+
+def test_mahalanobis_rejects_bad_matrices(xy):
+    x, y = xy
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        D.mahalanobis(x, y, M=-torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="symmetric"):
+        D.mahalanobis(x, y, M=torch.triu(torch.ones(5, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="exactly one"):
+        D.mahalanobis(x, y)
+    with pytest.raises(ValueError, match=r"\(k, 5\)"):
+        D.mahalanobis(x, y, L=torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn", [D.euclidean, lambda x, y: D.lp(x, y, 3.0), lambda x, y: D.lp(x, y, 1.0), D.cosine_distance])
+def test_identical_points_zero_distance_finite_gradient(fn):
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    d = fn(x, x.clone())
+    assert abs(float(d[0, 1].detach())) < 1e-7
+    d.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    x.grad = None
+    fn(x, None).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_gradcheck_euclidean_and_mahalanobis(xy):
+    x, y = (t.clone().requires_grad_() for t in xy)
+    assert torch.autograd.gradcheck(D.euclidean, (x, y))
+    L = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, l: D.mahalanobis(a, b, L=l), (x, y, L))
+    assert torch.autograd.gradcheck(lambda a, b: D.lp(a, b, 3.0), (x, y))
+
+
+def test_bad_input_messages():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(5, 2\)"):
+        D.euclidean(x, torch.randn(5, 2))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        D.euclidean(torch.tensor([[float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="2-D"):
+        D.euclidean(torch.randn(3))
+    with pytest.raises(TypeError, match="floating"):
+        D.euclidean(torch.ones(3, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        D.euclidean(x, x.double())
+    with pytest.raises(ValueError, match="unknown metric"):
+        D.pairwise_distance(x, metric="hamming")
+    with pytest.raises(ValueError, match="p must be"):
+        D.lp(x, x, p=0.5)
