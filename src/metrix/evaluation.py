@@ -106,19 +106,21 @@ def retrieval_metrics(
     n_avail = r.shape[0] - int(same)
     k_max = min(max(ks[-1], int(relevant.max())), n_avail)
 
-    sums = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
+    sums = {"r_precision": 0.0, "map_at_r": 0.0}
+    precision_ks = sorted(set(ks) | {1})  # precision_at_1 is always reported
     for k in ks:
         sums[f"recall_at_{k}"] = 0.0
+    for k in precision_ks:
         sums[f"precision_at_{k}"] = 0.0
     for start, _, idx in iter_knn(q, None if same else r, k_max, metric, same, max_memory_mb):
         stop = start + idx.shape[0]
         keep = answerable[start:stop]
         hits = (r_lab[idx] == q_lab[start:stop, None])[keep].to(torch.float64)
         R = relevant[start:stop][keep].to(torch.float64)
-        sums["precision_at_1"] += float(hits[:, 0].sum())
         for k in ks:
+            sums[f"recall_at_{k}"] += float(hits[:, : min(k, k_max)].amax(dim=1).sum())
+        for k in precision_ks:
             kk = min(k, k_max)
-            sums[f"recall_at_{k}"] += float(hits[:, :kk].amax(dim=1).sum())
             sums[f"precision_at_{k}"] += float(hits[:, :kk].sum() / kk)
         rank = torch.arange(1, k_max + 1, dtype=torch.float64)
         within_r = rank[None, :] <= R[:, None]
