@@ -1,0 +1,46 @@
+"""Metric-learning losses. Every loss is a pure function plus a thin ``nn.Module`` wrapper,
+called as ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None)`` → scalar."""
+
+from metrix.losses.contrastive import ContrastiveLoss, contrastive_loss
+from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from metrix.losses.ntxent import NTXentLoss, ntxent_loss
+from metrix.losses.proxies import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    ProxyAnchorLoss,
+    arcface_loss,
+    cosface_loss,
+    proxy_anchor_loss,
+)
+from metrix.losses.triplet import TRIPLET_SELECTIONS, TripletMarginLoss, triplet_margin_loss
+
+# name -> (class, needs num_classes/embedding_dim)
+LOSSES = {
+    "contrastive": (ContrastiveLoss, False),
+    "triplet": (TripletMarginLoss, False),
+    "multi_similarity": (MultiSimilarityLoss, False),
+    "ntxent": (NTXentLoss, False),
+    "arcface": (ArcFaceLoss, True),
+    "cosface": (CosFaceLoss, True),
+    "proxy_anchor": (ProxyAnchorLoss, True),
+}
+
+
+def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | None = None, **kwargs):
+    """Build a loss by name; proxy/classification losses also need ``num_classes`` and ``embedding_dim``."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    cls, needs_classes = LOSSES[name]
+    if needs_classes:
+        if num_classes is None or embedding_dim is None:
+            raise ValueError(f"loss {name!r} needs num_classes and embedding_dim")
+        return cls(num_classes, embedding_dim, **kwargs)
+    return cls(**kwargs)
+
+
+__all__ = [
+    "ArcFaceLoss", "ContrastiveLoss", "CosFaceLoss", "LOSSES", "MultiSimilarityLoss", "NTXentLoss",
+    "ProxyAnchorLoss", "TRIPLET_SELECTIONS", "TripletMarginLoss", "arcface_loss", "build_loss",
+    "contrastive_loss", "cosface_loss", "multi_similarity_loss", "ntxent_loss", "proxy_anchor_loss",
+    "triplet_margin_loss",
+]

@@ -1,0 +1,55 @@
+"""NT-Xent / InfoNCE in the supervised-contrastive form (Khosla et al., "Supervised Contrastive
+Learning", NeurIPS 2020, L_out; Chen et al., SimCLR, ICML 2020 when each sample has one positive):
+
+    L = 1/|A⁺| Σ_{i∈A⁺} −1/|P(i)| Σ_{p∈P(i)} log( e^{s_ip/τ} / Σ_{a∈A(i)} e^{s_ia/τ} )
+
+``s`` is cosine similarity, ``P(i)`` the items sharing i's label (i itself excluded), ``A(i)`` every
+item but i, and ``A⁺`` the anchors with at least one positive. Any number of positives per anchor
+works in O(B·R) memory; with two views per sample (labels = sample ids) this is exactly SimCLR's
+NT-Xent. Values equal pytorch-metric-learning's ``SupConLoss``, and its ``NTXentLoss`` when each
+anchor has one positive (with several, PML's NTXent puts only one positive in each denominator).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metrix._validation import check_positive
+from metrix.distances import cosine_similarity
+from metrix.losses._common import label_masks, prepare_batch, reduce
+
+
+def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised NT-Xent; returns 0 (with a gradient path) if no anchor has a positive."""
+    temperature = check_positive(temperature, "temperature")
+    b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
+    logits = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings) / temperature
+    pos, neg = label_masks(b)
+    allowed = pos | neg  # everything but self
+    has_any = allowed.any(dim=1, keepdim=True)
+    # rows with nothing to compare against get a dummy finite denominator (they are masked out below)
+    denom = torch.logsumexp(torch.where(has_any, logits.masked_fill(~allowed, -torch.inf), logits), dim=1, keepdim=True)
+    log_prob = logits - denom
+    n_pos = pos.sum(dim=1)
+    per_anchor = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / n_pos.clamp_min(1)
+    return reduce(per_anchor, n_pos > 0, "mean", b.embeddings, b.ref_embeddings)
+
+
+class NTXentLoss(nn.Module):
+    """Module form of :func:`ntxent_loss`.
+
+    Example (SimCLR: two views of 4 images)
+    -------
+    >>> import torch
+    >>> views = torch.randn(8, 16); ids = torch.arange(4).repeat(2)
+    >>> NTXentLoss(temperature=0.5)(views, ids).item() > 0
+    True
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        self.temperature = check_positive(temperature, "temperature")
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        return ntxent_loss(embeddings, labels, ref_embeddings, ref_labels, temperature=self.temperature)

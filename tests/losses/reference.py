@@ -1,0 +1,159 @@
+"""Slow float64 references written straight from each paper's formula: explicit Python loops over
+pairs / triplets / classes, one scalar at a time. Differentiable, so gradients can be compared too."""
+
+import math
+
+import torch
+
+
+def dist(a, b, metric):
+    if metric == "euclidean":
+        return torch.sqrt(((a - b) ** 2).sum())
+    if metric == "squared_euclidean":
+        return ((a - b) ** 2).sum()
+    if metric == "cosine_similarity":
+        return (a @ b) / (a.norm() * b.norm())
+    raise ValueError(metric)
+
+
+def _pairs(labels, ref_labels, same):
+    B, R = len(labels), len(ref_labels)
+    for i in range(B):
+        for j in range(R):
+            if same and i == j:
+                continue
+            yield i, j, bool(labels[i] == ref_labels[j])
+
+
+def _mean_nonzero(terms):
+    nz = [t for t in terms if float(t.detach()) > 0]
+    return torch.stack(nz).sum() / len(nz) if nz else torch.zeros((), dtype=torch.float64)
+
+
+def _reduce(terms, reduction):
+    if reduction == "mean_nonzero":
+        return _mean_nonzero(terms)
+    if not terms:
+        return torch.zeros((), dtype=torch.float64)
+    total = torch.stack(terms).sum()
+    return total / len(terms) if reduction == "mean" else total
+
+
+def contrastive(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, metric="euclidean"):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    pos, neg = [], []
+    for i, j, is_pos in _pairs(labels, ref_labels, same):
+        d = dist(emb[i], ref[j], metric)
+        if metric == "cosine_similarity":
+            (pos if is_pos else neg).append(torch.relu(pos_margin - d) if is_pos else torch.relu(d - neg_margin))
+        else:
+            (pos if is_pos else neg).append(torch.relu(d - pos_margin) if is_pos else torch.relu(neg_margin - d))
+    return _mean_nonzero(pos) + _mean_nonzero(neg)
+
+
+def triplet(emb, labels, ref=None, ref_labels=None, margin=0.05, triplets="all", metric="euclidean", reduction="mean_nonzero"):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    sign = -1.0 if metric == "cosine_similarity" else 1.0
+    terms = []
+    for a in range(len(labels)):
+        d = {j: sign * dist(emb[a], ref[j], metric) for j in range(len(ref_labels)) if not (same and j == a)}
+        positives = [j for j in d if ref_labels[j] == labels[a]]
+        negatives = [j for j in d if ref_labels[j] != labels[a]]
+        if triplets == "batch_hard":
+            if positives and negatives:
+                p = max(positives, key=lambda j: float(d[j]))
+                n = min(negatives, key=lambda j: float(d[j]))
+                terms.append(torch.relu(d[p] - d[n] + margin))
+            continue
+        for p in positives:
+            for n in negatives:
+                gap = float(d[n] - d[p])  # "triplet margin" of pytorch-metric-learning's miner
+                keep = {
+                    "all": True,
+                    "hard": gap <= 0,
+                    "semihard": 0 < gap <= margin,
+                    "easy": gap > margin,
+                }[triplets]
+                if keep:
+                    terms.append(torch.relu(d[p] - d[n] + margin))
+    return _reduce(terms, reduction)
+
+
+def multi_similarity(emb, labels, ref=None, ref_labels=None, alpha=2.0, beta=50.0, base=0.5, mining=True, epsilon=0.1):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    losses = []
+    for i in range(len(labels)):
+        S = {j: dist(emb[i], ref[j], "cosine_similarity") for j in range(len(ref_labels)) if not (same and j == i)}
+        P = [j for j in S if ref_labels[j] == labels[i]]
+        N = [j for j in S if ref_labels[j] != labels[i]]
+        if mining:
+            max_neg = max((float(S[j]) for j in N), default=-math.inf)
+            min_pos = min((float(S[j]) for j in P), default=math.inf)
+            P2 = [j for j in P if float(S[j]) - epsilon < max_neg]
+            N2 = [j for j in N if float(S[j]) + epsilon > min_pos]
+            P, N = P2, N2
+        pos_sum = sum((torch.exp(-alpha * (S[j] - base)) for j in P), torch.zeros((), dtype=torch.float64))
+        neg_sum = sum((torch.exp(beta * (S[j] - base)) for j in N), torch.zeros((), dtype=torch.float64))
+        losses.append(torch.log(1 + pos_sum) / alpha + torch.log(1 + neg_sum) / beta)
+    return torch.stack(losses).mean()
+
+
+def supcon(emb, labels, ref=None, ref_labels=None, temperature=0.1):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    per_anchor = []
+    for i in range(len(labels)):
+        A = [j for j in range(len(ref_labels)) if not (same and j == i)]
+        P = [j for j in A if ref_labels[j] == labels[i]]
+        if not P:
+            continue
+        s = {j: dist(emb[i], ref[j], "cosine_similarity") / temperature for j in A}
+        denom = sum(torch.exp(s[j]) for j in A)
+        per_anchor.append(-sum(torch.log(torch.exp(s[p]) / denom) for p in P) / len(P))
+    return torch.stack(per_anchor).mean() if per_anchor else torch.zeros((), dtype=torch.float64)
+
+
+def _unit(v):
+    return v / v.norm()
+
+
+def arcface(emb, labels, weight, margin=0.5, scale=64.0):
+    losses = []
+    for i in range(len(labels)):
+        logits = []
+        for c in range(weight.shape[0]):
+            cos = _unit(emb[i]) @ _unit(weight[c])
+            if c == int(labels[i]):
+                theta = torch.acos(cos)
+                cos = torch.cos(theta + margin) if float(theta) < math.pi - margin else cos - margin * math.sin(margin)
+            logits.append(scale * cos)
+        logits = torch.stack(logits)
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()
+
+
+def cosface(emb, labels, weight, margin=0.35, scale=64.0):
+    losses = []
+    for i in range(len(labels)):
+        logits = torch.stack([
+            scale * (_unit(emb[i]) @ _unit(weight[c]) - (margin if c == int(labels[i]) else 0.0))
+            for c in range(weight.shape[0])
+        ])
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()
+
+
+def proxy_anchor(emb, labels, proxies, margin=0.1, alpha=32.0):
+    C = proxies.shape[0]
+    pos_terms, neg_terms = [], []
+    for c in range(C):
+        s = [_unit(emb[i]) @ _unit(proxies[c]) for i in range(len(labels))]
+        pos = [s[i] for i in range(len(labels)) if int(labels[i]) == c]
+        neg = [s[i] for i in range(len(labels)) if int(labels[i]) != c]
+        if pos:
+            pos_terms.append(torch.log(1 + sum(torch.exp(-alpha * (v - margin)) for v in pos)))
+        neg_terms.append(torch.log(1 + sum((torch.exp(alpha * (v + margin)) for v in neg), torch.zeros((), dtype=torch.float64))))
+    return torch.stack(pos_terms).sum() / len(pos_terms) + torch.stack(neg_terms).sum() / C

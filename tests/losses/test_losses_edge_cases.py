@@ -1,0 +1,185 @@
+"""Degenerate batches give defined finite values; bad input gives clear errors; properties hold."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metrix import losses as L
+
+PAIR_LOSSES = {
+    "contrastive": L.ContrastiveLoss(),
+    "triplet_all": L.TripletMarginLoss(0.1),
+    "triplet_semihard": L.TripletMarginLoss(0.1, triplets="semihard"),
+    "triplet_hard": L.TripletMarginLoss(0.1, triplets="hard"),
+    "triplet_batch_hard": L.TripletMarginLoss(0.1, triplets="batch_hard"),
+    "multi_similarity": L.MultiSimilarityLoss(),
+    "ntxent": L.NTXentLoss(),
+}
+CLASS_LOSSES = {
+    "arcface": lambda: L.ArcFaceLoss(3, 4),
+    "cosface": lambda: L.CosFaceLoss(3, 4),
+    "proxy_anchor": lambda: L.ProxyAnchorLoss(3, 4),
+}
+
+
+def all_losses():
+    yield from PAIR_LOSSES.items()
+    for name, make in CLASS_LOSSES.items():
+        yield name, make()
+
+
+DEGENERATE = {
+    "all_equal": (torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])),
+    "zero_vectors": (torch.zeros(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])),
+    "one_class": (torch.randn(6, 4), torch.zeros(6, dtype=torch.int64)),
+    "no_positive_pair": (torch.randn(3, 4), torch.tensor([0, 1, 2])),
+    "single_sample": (torch.randn(1, 4), torch.tensor([1])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+@pytest.mark.parametrize("name,loss", list(all_losses()))
+def test_degenerate_batches_are_finite(name, loss, case):
+    emb, lab = DEGENERATE[case]
+    emb = emb.clone().requires_grad_()
+    value = loss(emb, lab)
+    assert value.ndim == 0 and torch.isfinite(value), f"{name} on {case}: {value}"
+    value.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_pair_losses_return_exact_zero_without_pairs(name):
+    # no positive pair at all: documented result is 0 for every pair loss except contrastive,
+    # whose negative term still applies
+    emb = F.normalize(torch.randn(4, 4), dim=1).requires_grad_()
+    value = PAIR_LOSSES[name](emb, torch.tensor([0, 1, 2, 3]))
+    if name in ("contrastive", "multi_similarity"):
+        assert float(value.detach()) >= 0
+    else:
+        assert float(value.detach()) == 0.0
+    value.backward()
+    assert emb.grad is not None
+
+
+@pytest.mark.parametrize("name,loss", list(all_losses()))
+def test_bad_input_errors(name, loss):
+    emb, lab = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        loss(emb.masked_fill(torch.eye(6, 4, dtype=torch.bool), float("nan")), lab)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        loss(emb.masked_fill(torch.eye(6, 4, dtype=torch.bool), float("inf")), lab)
+    with pytest.raises(ValueError, match="labels has 5 entries but the embeddings have 6 rows"):
+        loss(emb, lab[:5])
+    with pytest.raises(TypeError, match="integer"):
+        loss(emb, lab.float())
+    with pytest.raises(ValueError, match=r"2-D"):
+        loss(emb[0], lab)
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_reference_shape_mismatch_names_both_shapes(name):
+    emb, lab = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"\(6, 4\).*\(5, 3\)"):
+        PAIR_LOSSES[name](emb, lab, torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="without ref_labels"):
+        PAIR_LOSSES[name](emb, lab, torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("name", sorted(CLASS_LOSSES))
+def test_class_losses_check_label_range_and_reference(name):
+    loss = CLASS_LOSSES[name]()
+    emb = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        loss(emb, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="ref_embeddings is not used"):
+        loss(emb, torch.tensor([0, 1, 2, 0]), emb, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"\(4, 5\).*\(3, 4\)"):
+        loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_label_dtypes_and_large_values(name, dtype):
+    emb = F.normalize(torch.randn(12, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    lab = torch.tensor([0, 1, 2, 3] * 3)
+    base = PAIR_LOSSES[name](emb, lab)
+    torch.testing.assert_close(PAIR_LOSSES[name](emb, lab.to(dtype)), base)
+    torch.testing.assert_close(PAIR_LOSSES[name](emb, lab * 10**15 + 7), base)
+    torch.testing.assert_close(PAIR_LOSSES[name](emb, np.asarray(lab.numpy(), dtype=np.int32)), base)
+
+
+def _dense_triplet(d, pos, neg, margin, triplets):
+    """B×R×R evaluation of the definition, vectorised (an independent check of the sorted sum)."""
+    dap, dan = d[:, :, None], d[:, None, :]
+    gap = dan - dap
+    sel = pos[:, :, None] & neg[:, None, :]
+    sel = sel & {"all": gap == gap, "hard": gap <= 0, "semihard": (gap > 0) & (gap <= margin), "easy": gap > margin}[triplets]
+    loss = torch.relu(dap - dan + margin)
+    nz = sel & (loss > 0)
+    return (loss * nz).sum() / nz.sum() if nz.any() else torch.zeros((), dtype=d.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 14),
+    n_classes=st.integers(1, 5),
+    margin=st.sampled_from([0.0, 1.0, 2.0, 0.5]),
+    triplets=st.sampled_from(["all", "hard", "semihard", "easy"]),
+)
+def test_sorted_triplet_sum_equals_dense_definition_with_ties(seed, n, n_classes, margin, triplets):
+    # integer coordinates and squared distances make exact ties between d_an, d_ap and d_ap + m common
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randint(-2, 3, (n, 2), generator=g).double()
+    lab = torch.randint(0, n_classes, (n,), generator=g)
+    ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean")
+    d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
+    same = lab[:, None] == lab[None]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    expected = _dense_triplet(d, pos, ~same, margin, triplets)
+    assert float(ours) == pytest.approx(float(expected), abs=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.01, 100.0))
+def test_losses_finite_and_nonnegative_on_random_scale(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(10, 4, generator=g) * scale
+    lab = torch.randint(0, 3, (10,), generator=g)
+    for name, loss in PAIR_LOSSES.items():
+        v = loss(emb, lab)
+        assert torch.isfinite(v) and float(v) >= 0, name
+
+
+def test_zero_loss_has_gradient_path_and_changes_nothing():
+    emb = torch.randn(4, 3, requires_grad=True)
+    v = L.TripletMarginLoss(0.1)(emb, torch.tensor([0, 1, 2, 3]))
+    v.backward()
+    assert float(v) == 0.0 and torch.equal(emb.grad, torch.zeros_like(emb))
+
+
+def test_class_losses_under_bfloat16_autocast():
+    emb = torch.randn(8, 4, requires_grad=True)
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for make in CLASS_LOSSES.values():
+        loss = make()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = loss(emb, lab)
+        v.backward()
+        assert torch.isfinite(v) and loss.weight.dtype == torch.float32 and torch.isfinite(loss.weight.grad).all()
+        assert loss.get_logits(emb).shape == (8, 3)
+
+
+def test_build_loss():
+    assert isinstance(L.build_loss("triplet", margin=0.2), L.TripletMarginLoss)
+    assert L.build_loss("arcface", num_classes=4, embedding_dim=8).weight.shape == (4, 8)
+    with pytest.raises(ValueError, match="needs num_classes"):
+        L.build_loss("proxy_anchor")
+    with pytest.raises(ValueError, match="unknown loss"):
+        L.build_loss("nope")
+    with pytest.raises(ValueError, match="triplets must be one of"):
+        L.TripletMarginLoss(triplets="hardest")
