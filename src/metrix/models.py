@@ -1,0 +1,250 @@
+"""Embedding models: backbone → linear head → optional L2 normalisation.
+
+Backbones come from a small registry (``mlp``, ``convnet``) or are any ``nn.Module`` you pass in.
+Siamese/triplet networks need nothing special: one model embeds every input (shared weights).
+
+Example
+-------
+>>> import torch
+>>> model = EmbeddingModel("mlp", embedding_dim=32, input_shape=(64,))
+>>> model(torch.randn(5, 64)).shape
+torch.Size([5, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metrix.io import load_json, load_tensors, save_json, save_tensors
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str):
+    """Decorator: register ``factory(input_shape, **kwargs) -> nn.Module`` (with ``output_dim``)."""
+
+    def wrap(factory):
+        BACKBONES[name] = factory
+        return factory
+
+    return wrap
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+@register_backbone("mlp")
+def mlp(input_shape, hidden_dims=(256, 256), dropout: float = 0.0) -> nn.Module:
+    """Flatten → (Linear → BatchNorm → ReLU → Dropout) per hidden layer."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = _numel(input_shape)
+    for h in hidden_dims:
+        layers += [nn.Linear(width, int(h)), nn.BatchNorm1d(int(h)), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    net = nn.Sequential(*layers)
+    net.output_dim = width
+    return net
+
+
+class _ToImage(nn.Module):
+    """Reshape a batch to (B, C, H, W) (flat vectors and (H, W) images become one grey channel)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def _image_shape(input_shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        return shape
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 1:
+        side = math.isqrt(shape[0])
+        if side * side == shape[0]:
+            return (1, side, side)
+    raise ValueError(f"convnet needs an image: input_shape (C, H, W), (H, W) or a square number of pixels, got {input_shape}")
+
+
+@register_backbone("convnet")
+def convnet(input_shape, channels: int = 64, blocks: int = 4) -> nn.Module:
+    """Snell et al.'s 4-block conv net (3×3 conv → BatchNorm → ReLU → 2×2 max-pool).
+
+    Works for small grey or colour images, 8×8 to 28×28 and up: a block pools only while the
+    feature map is at least 2 pixels wide. ``input_shape`` is (C, H, W), (H, W), or a flat square
+    number of grey pixels (64 → 8×8, 784 → 28×28).
+    """
+    c, h, w = _image_shape(input_shape)
+    layers: list[nn.Module] = [_ToImage((c, h, w))]
+    for _ in range(int(blocks)):
+        layers += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()]
+        if min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = channels
+    layers.append(nn.Flatten())
+    net = nn.Sequential(*layers)
+    net.output_dim = c * h * w
+    return net
+
+
+class Standardize(nn.Module):
+    """``(x − mean) / std`` with statistics stored as buffers (saved with the model)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        std = torch.as_tensor(std, dtype=torch.float32)
+        # constant features (std 0) are centred but not scaled, instead of dividing by 0
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.where(std > 1e-8, std, torch.ones_like(std)).clone())
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone + linear head (+ L2 normalisation): maps inputs to ``embedding_dim`` vectors.
+
+    Parameters
+    ----------
+    backbone : registry name (``"mlp"``, ``"convnet"``) or any ``nn.Module`` mapping a batch to (B, F)
+    embedding_dim : output size
+    normalize : L2-normalise outputs (cosine geometry; most losses expect it)
+    input_shape : shape of one input (without batch); needed for registry backbones, and for a
+        module without an ``output_dim`` attribute (its output size is then probed)
+    backbone_kwargs : options of a registry backbone (e.g. ``hidden_dims=(512,)``)
+    input_mean, input_std : optional per-feature statistics; inputs are standardised inside the
+        model, so a saved model works on raw data
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        embedding_dim: int,
+        normalize: bool = True,
+        input_shape: tuple[int, ...] | None = None,
+        backbone_kwargs: dict | None = None,
+        input_mean: torch.Tensor | None = None,
+        input_std: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if int(embedding_dim) < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        self.embedding_dim, self.normalize = int(embedding_dim), bool(normalize)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        if isinstance(backbone, str):
+            if backbone not in BACKBONES:
+                raise ValueError(f"unknown backbone {backbone!r}; registered: {sorted(BACKBONES)}")
+            if self.input_shape is None:
+                raise ValueError(f"backbone {backbone!r} needs input_shape")
+            self.backbone_name = backbone
+            self.backbone = BACKBONES[backbone](self.input_shape, **self.backbone_kwargs)
+        elif isinstance(backbone, nn.Module):
+            self.backbone_name = None
+            self.backbone = backbone
+        else:
+            raise TypeError(f"backbone must be a registry name or an nn.Module, got {type(backbone).__name__}")
+        features = self._backbone_dim()
+        self.preprocess = None
+        if input_mean is not None or input_std is not None:
+            if input_mean is None or input_std is None:
+                raise ValueError("give both input_mean and input_std")
+            self.preprocess = Standardize(input_mean, input_std)
+        self.head = nn.Linear(features, self.embedding_dim)
+
+    def _backbone_dim(self) -> int:
+        dim = getattr(self.backbone, "output_dim", None)
+        if dim is not None:
+            return int(dim)
+        if self.input_shape is None:
+            raise ValueError("cannot infer the backbone's output size: give it an output_dim attribute or pass input_shape")
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            out = self.backbone(torch.zeros(2, *self.input_shape))
+        self.backbone.train(was_training)
+        if out.ndim != 2:
+            raise ValueError(f"the backbone must return (batch, features), got shape {tuple(out.shape)}")
+        return int(out.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected inputs of shape (batch, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        e = self.head(self.backbone(x))
+        return F.normalize(e, dim=1) if self.normalize else e
+
+    @torch.no_grad()
+    def embed(self, x, batch_size: int = 1024) -> torch.Tensor:
+        """Embed a large array in eval mode, batch by batch; returns a float32 CPU tensor."""
+        x = torch.as_tensor(x, dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            return torch.cat([self(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        finally:
+            self.train(was_training)
+
+    def config(self) -> dict:
+        """JSON-able description that :func:`build_model` turns back into the same architecture."""
+        if self.backbone_name is None:
+            raise ValueError("a model with a custom backbone module cannot be described by config; save its state_dict")
+        return {
+            "backbone": self.backbone_name,
+            "embedding_dim": self.embedding_dim,
+            "normalize": self.normalize,
+            "input_shape": list(self.input_shape),
+            "backbone_kwargs": self.backbone_kwargs,
+            "standardize": self.preprocess is not None,
+        }
+
+
+def build_model(config: dict) -> EmbeddingModel:
+    """Rebuild an :class:`EmbeddingModel` from :meth:`EmbeddingModel.config` (weights not loaded)."""
+    shape = tuple(config["input_shape"])
+    placeholder = {}
+    if config.get("standardize"):
+        placeholder = {"input_mean": torch.zeros(shape), "input_std": torch.ones(shape)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("backbone_kwargs", {}).items()}
+    return EmbeddingModel(
+        config["backbone"], config["embedding_dim"], config.get("normalize", True), shape, kwargs, **placeholder
+    )
+
+
+def save_model(model: EmbeddingModel, folder, extra_config: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (``{"model": ..., **extra_config}``) atomically."""
+    folder = Path(folder)
+    save_tensors(folder / "model.safetensors", model.state_dict())
+    save_json(folder / "config.json", {"model": model.config(), **(extra_config or {})})
+    return folder
+
+
+def load_model(folder) -> tuple[EmbeddingModel, dict]:
+    """Load a model written by :func:`save_model`; returns ``(model, config)``. Fails loudly if damaged."""
+    folder = Path(folder)
+    config = load_json(folder / "config.json")
+    if "model" not in config:
+        raise ValueError(f"{folder / 'config.json'} has no 'model' section")
+    model = build_model(config["model"])
+    tensors, _ = load_tensors(folder / "model.safetensors")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the architecture: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model, config

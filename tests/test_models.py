@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from metrix.io import CorruptFileError
+from metrix.models import BACKBONES, EmbeddingModel, build_model, load_model, register_backbone, save_model
+
+
+@pytest.mark.parametrize("shape", [(64,), (8, 8), (1, 8, 8), (1, 28, 28), (784,), (3, 12, 12)])
+def test_convnet_shapes(shape):
+    m = EmbeddingModel("convnet", 16, input_shape=shape)
+    out = m(torch.randn(3, *shape))
+    assert out.shape == (3, 16)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+
+
+def test_mlp_and_unnormalized():
+    m = EmbeddingModel("mlp", 8, normalize=False, input_shape=(10,), backbone_kwargs={"hidden_dims": (32,)})
+    out = m(torch.randn(4, 10))
+    assert out.shape == (4, 8) and not torch.allclose(out.norm(dim=1), torch.ones(4))
+
+
+def test_custom_module_backbone_probe_and_attribute():
+    m = EmbeddingModel(nn.Sequential(nn.Linear(5, 7), nn.Tanh()), 3, input_shape=(5,))
+    assert m(torch.randn(2, 5)).shape == (2, 3)
+    bb = nn.Linear(5, 11)
+    bb.output_dim = 11
+    assert EmbeddingModel(bb, 4)(torch.randn(2, 5)).shape == (2, 4)
+    with pytest.raises(ValueError, match="cannot infer"):
+        EmbeddingModel(nn.Linear(5, 11), 4)
+
+
+def test_registry_accepts_user_backbones():
+    @register_backbone("tiny_test")
+    def tiny(input_shape, width=6):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width))
+        net.output_dim = width
+        return net
+
+    try:
+        m = EmbeddingModel("tiny_test", 2, input_shape=(3,), backbone_kwargs={"width": 5})
+        assert m(torch.randn(2, 3)).shape == (2, 2)
+        assert build_model(m.config()).backbone[1].out_features == 5
+    finally:
+        BACKBONES.pop("tiny_test")
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        EmbeddingModel("resnet999", 8, input_shape=(4,))
+    with pytest.raises(ValueError, match="needs input_shape"):
+        EmbeddingModel("mlp", 8)
+    m = EmbeddingModel("mlp", 8, input_shape=(4,))
+    with pytest.raises(ValueError, match=r"expected inputs of shape \(batch, 4\), got \(2, 5\)"):
+        m(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="square"):
+        EmbeddingModel("convnet", 8, input_shape=(10,))
+
+
+def test_save_load_roundtrip_and_corruption(tmp_path):
+    torch.manual_seed(0)
+    m = EmbeddingModel("mlp", 8, input_shape=(6,), input_mean=torch.randn(6), input_std=torch.rand(6) + 0.5)
+    m.eval()
+    x = torch.randn(5, 6)
+    save_model(m, tmp_path / "run", {"note": "hi"})
+    loaded, config = load_model(tmp_path / "run")
+    assert config["note"] == "hi"
+    torch.testing.assert_close(loaded(x), m(x))
+    # flip one byte in the weights: loading must fail loudly
+    path = tmp_path / "run" / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        load_model(tmp_path / "run")
+    # a hand-edited config fails too
+    save_model(m, tmp_path / "run2")
+    cfg = tmp_path / "run2" / "config.json"
+    data = json.loads(cfg.read_text())
+    data["model"]["embedding_dim"] = 9
+    cfg.write_text(json.dumps(data))
+    with pytest.raises(CorruptFileError, match="checksum"):
+        load_model(tmp_path / "run2")
+    # a truncated file
+    (tmp_path / "run2" / "model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises((CorruptFileError, ValueError)):
+        load_model(tmp_path / "run2")
+
+
+def test_embed_batches_in_eval_mode():
+    m = EmbeddingModel("mlp", 4, input_shape=(3,))
+    m.train()
+    x = torch.randn(10, 3)
+    e = m.embed(x, batch_size=3)
+    assert m.training  # mode restored
+    m.eval()
+    torch.testing.assert_close(e, m(x))
