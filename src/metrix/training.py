@@ -157,11 +157,16 @@ class Trainer:
         torch.manual_seed(self.seed)
         if resume:
             start_epoch = self._load_last()
+        bar = tqdm(total=(self.epochs - start_epoch) * len(sampler), desc="training", unit="batch",
+                   disable=not self.progress, dynamic_ncols=True)
         for epoch in range(start_epoch, self.epochs):
             sampler.set_epoch(epoch)
-            row = self._train_epoch(x, codes, sampler, epoch)
+            row = self._train_epoch(x, codes, sampler, epoch, bar)
             if val is not None:
                 row.update(self.evaluate(*val))
+                if self.monitor in row:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.0f}",
+                                    **{self.monitor: f"{row[self.monitor]:.4f}"})
             self.history.append(row)
             stop = self._track_best(epoch, row)
             if self.checkpoint_dir is not None:
@@ -170,16 +175,16 @@ class Trainer:
                 callback(self, epoch, row)
             if stop:
                 break
+        bar.close()
         if self.restore_best and self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         return self.history
 
-    def _train_epoch(self, x, codes, sampler, epoch) -> dict:
+    def _train_epoch(self, x, codes, sampler, epoch, bar) -> dict:
         self.model.train()
         self.loss.train()
         total, n_seen, started = 0.0, 0, time.perf_counter()
-        bar = tqdm(sampler, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress, leave=False)
-        for batch in bar:
+        for batch in sampler:
             idx = torch.as_tensor(batch)
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
             value = self.loss(self.model(xb), yb)
@@ -190,8 +195,7 @@ class Trainer:
             self.optimizer.step()
             total += float(value.detach()) * len(batch)
             n_seen += len(batch)
-            bar.set_postfix(loss=f"{float(value.detach()):.4f}", samples_s=f"{n_seen / (time.perf_counter() - started):.0f}")
-        bar.close()
+            bar.update(1)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()

@@ -1,0 +1,156 @@
+"""Loading labelled data for training and evaluation.
+
+``load_dataset(spec)`` understands:
+
+* ``"digits"``: scikit-learn's bundled 1,797 8×8 handwritten digits (offline, the default);
+* a folder with one sub-folder of images per class (PNG, JPEG, PGM, ...), loaded as grey images;
+* an ``.npz`` file with arrays ``X`` (features or images) and ``y`` (labels);
+* a ``.csv`` file with a header, a label column (``label_column``, default ``"label"``) and numeric features.
+
+Labels may be ints of any size or strings; :func:`encode_labels` maps them to 0..C−1.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray  # float32, (n, ...) one row per sample
+    y: np.ndarray  # labels as given (ints or strings)
+    name: str
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+
+def encode_labels(labels) -> tuple[np.ndarray, np.ndarray]:
+    """Map labels of any type to int64 codes 0..C−1; returns ``(codes, classes)``."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    classes, codes = np.unique(labels, return_inverse=True)
+    return codes.astype(np.int64), classes
+
+
+def load_digits_dataset() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return Dataset(d.data.astype(np.float32), d.target.astype(np.int64), "digits", {"image_shape": [8, 8]})
+
+
+def load_image_folder(path, image_size: tuple[int, int] | None = None) -> Dataset:
+    """Grey images from ``path/<class>/<image>``; all are resized to ``image_size`` (H, W),
+    by default the size of the first image."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    images, labels = [], []
+    for class_dir in class_dirs:
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as im:
+                    im = im.convert("L")
+                    if image_size is None:
+                        image_size = (im.height, im.width)
+                    if (im.height, im.width) != tuple(image_size):
+                        im = im.resize((image_size[1], image_size[0]), Image.BILINEAR)
+                    images.append(np.asarray(im, dtype=np.float32) / 255.0)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise ValueError(f"cannot read image {file}: {exc}") from exc
+            labels.append(class_dir.name)
+    if not images:
+        raise ValueError(f"no images with suffix {sorted(IMAGE_SUFFIXES)} under {root}")
+    X = np.stack(images)[:, None]  # (n, 1, H, W)
+    return Dataset(X, np.asarray(labels), root.name, {"image_shape": list(image_size)})
+
+
+def load_npz(path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:  # never unpickle user files
+            if "X" not in f or "y" not in f:
+                raise ValueError(f"{path} must contain arrays 'X' and 'y', found {sorted(f.files)}")
+            X, y = f["X"], f["y"]
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read {path} as .npz: {exc}") from exc
+    if X.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: X must be numeric, got dtype {X.dtype}")
+    return Dataset(X.astype(np.float32), y.reshape(-1), Path(path).stem)
+
+
+def load_csv(path, label_column: str = "label") -> Dataset:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 2:
+        raise ValueError(f"{path} needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise ValueError(f"{path} has no column {label_column!r}; columns are {header}; pass --label-column")
+    li = header.index(label_column)
+    labels, feats = [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {n}: {len(row)} fields, header has {len(header)}")
+        labels.append(row[li].strip())
+        try:
+            feats.append([float(v) for i, v in enumerate(row) if i != li])
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {n}: non-numeric feature ({exc})") from exc
+    y = np.asarray(labels)
+    try:  # integer labels stay integers
+        y = y.astype(np.int64)
+    except ValueError:
+        pass
+    return Dataset(np.asarray(feats, dtype=np.float32), y, Path(path).stem)
+
+
+def load_dataset(spec: str, label_column: str = "label", image_size: tuple[int, int] | None = None) -> Dataset:
+    """Load ``"digits"``, an image folder, an ``.npz`` or a ``.csv`` (see module docstring)."""
+    if spec == "digits":
+        ds = load_digits_dataset()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"no dataset at {spec!r}: use 'digits', a class-folder of images, an .npz or a .csv")
+        if path.is_dir():
+            ds = load_image_folder(path, image_size)
+        elif path.suffix == ".npz":
+            ds = load_npz(path)
+        elif path.suffix == ".csv":
+            ds = load_csv(path, label_column)
+        else:
+            raise ValueError(f"unsupported dataset file {path.name!r}: expected .npz, .csv or a folder")
+    if len(ds) == 0:
+        raise ValueError(f"dataset {spec!r} is empty")
+    if not np.isfinite(ds.X).all():
+        raise ValueError(f"dataset {spec!r} contains NaN or inf features")
+    return ds
+
+
+def stratified_split(y, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a stratified train/test split (every class in both parts where possible)."""
+    from sklearn.model_selection import train_test_split
+
+    codes, classes = encode_labels(y)
+    counts = np.bincount(codes)
+    if len(classes) < 2:
+        raise ValueError("a split for metric learning needs at least 2 classes")
+    if counts.min() < 2:
+        raise ValueError(f"every class needs at least 2 samples for a stratified split; class {classes[counts.argmin()]!r} has {counts.min()}")
+    idx = np.arange(len(codes))
+    train, test = train_test_split(idx, test_size=test_size, stratify=codes, random_state=seed)
+    return np.sort(train), np.sort(test)

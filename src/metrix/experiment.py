@@ -1,0 +1,274 @@
+"""The main job behind ``metrix train`` / ``evaluate`` / ``embed``: data → split → model → train → report.
+
+A run folder ``runs/<name>/`` holds ``model.safetensors``, ``config.json`` (architecture + the
+training settings + the split), ``metrics.json`` (``{"before": ..., "after": ...}``),
+``history.csv`` and, with the ``plots`` extra, ``curves.png`` and ``embedding.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrix.datasets import Dataset, encode_labels, load_dataset, stratified_split
+from metrix.evaluation import retrieval_metrics
+from metrix.io import atomic_write_bytes, save_json
+from metrix.losses import TRIPLET_SELECTIONS, build_loss
+from metrix.models import EmbeddingModel, load_model, save_model
+from metrix.training import Trainer
+
+REPORTED = ("precision_at_1", "r_precision", "map_at_r")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``metrix train``; a YAML file may set any of them (CLI flags win)."""
+
+    data: str = "digits"
+    label_column: str = "label"
+    image_size: list[int] | None = None
+    loss: str = "ntxent"
+    triplets: str = "semihard"  # only for loss=triplet
+    margin: float | None = None  # None: the loss's paper default
+    temperature: float = 0.1  # only for loss=ntxent
+    backbone: str = "mlp"
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+    embedding_dim: int = 64
+    epochs: int = 40
+    lr: float = 1e-3
+    loss_lr: float | None = None
+    weight_decay: float = 1e-4
+    classes_per_batch: int = 10
+    samples_per_class: int = 16
+    patience: int | None = None
+    test_size: float = 0.3
+    val_size: float = 0.15  # of the training split, for per-epoch validation and the best epoch
+    seed: int = 0
+    out: str = "runs"
+    name: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
+        """Defaults, then the YAML file, then explicit overrides (``None`` means "not given")."""
+        values: dict = {}
+        if yaml_path:
+            import yaml
+
+            with open(yaml_path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_path} must hold a mapping of settings")
+            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; known settings are {sorted(known)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.loss == "triplet" and self.triplets not in TRIPLET_SELECTIONS:
+            raise ValueError(f"triplets must be one of {TRIPLET_SELECTIONS}, got {self.triplets!r}")
+        if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
+            raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
+        for name in ("epochs", "embedding_dim", "classes_per_batch", "samples_per_class"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _loss_kwargs(cfg: TrainConfig) -> dict:
+    kw: dict = {}
+    if cfg.loss == "triplet":
+        kw["triplets"] = cfg.triplets
+        kw["margin"] = 0.2 if cfg.margin is None else cfg.margin
+    elif cfg.loss == "ntxent":
+        kw["temperature"] = cfg.temperature
+    elif cfg.margin is not None:
+        if cfg.loss == "multi_similarity":
+            kw["base"] = cfg.margin
+        else:
+            kw["margin"] = cfg.margin
+    return kw
+
+
+def _free_run_dir(out: Path, name: str) -> Path:
+    candidate, n = out / name, 2
+    while candidate.exists():
+        candidate, n = out / f"{name}-{n}", n + 1
+    return candidate
+
+
+def _summary(m: dict) -> dict:
+    return {k: round(float(m[k]), 4) for k in REPORTED}
+
+
+def format_table(before: dict, after: dict) -> str:
+    lines = [f"{'metric':<16}{'raw pixels':>12}{'learned':>12}", "-" * 40]
+    for k in REPORTED:
+        lines.append(f"{k:<16}{before[k]:>12.4f}{after[k]:>12.4f}")
+    return "\n".join(lines)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _plots(run_dir: Path, history: list[dict], emb: np.ndarray, labels: np.ndarray) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from sklearn.manifold import TSNE
+
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in history]
+    ax1.plot(epochs, [r["loss"] for r in history], color="tab:blue", label="training loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss", color="tab:blue")
+    if "map_at_r" in history[0]:
+        ax2 = ax1.twinx()
+        ax2.plot(epochs, [r["map_at_r"] for r in history], color="tab:orange", label="validation MAP@R")
+        ax2.set_ylabel("validation MAP@R", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+    # t-SNE keeps neighbourhoods, which is what a metric is judged on (a linear PCA view merges
+    # classes that are well separated in the full embedding); subsample large sets to stay quick
+    keep = np.random.default_rng(0).permutation(len(emb))[:3000]
+    emb, labels = emb[keep], np.asarray(labels)[keep]
+    perplexity = float(min(30, max(2, (len(emb) - 1) // 3)))
+    xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=0).fit_transform(emb)
+    codes, classes = encode_labels(labels)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=codes, cmap="tab10" if len(classes) <= 10 else "tab20", s=8)
+    if len(classes) <= 20:
+        ax.legend(sc.legend_elements()[0], [str(c) for c in classes], title="class", fontsize=7, loc="best")
+    ax.set_title("test-split embeddings (t-SNE)")
+    fig.tight_layout()
+    fig.savefig(run_dir / "embedding.png", dpi=100)
+    plt.close(fig)
+    return ["curves.png", "embedding.png"]
+
+
+def _split(ds: Dataset, test_size: float, seed: int):
+    train_idx, test_idx = stratified_split(ds.y, test_size, seed)
+    return train_idx, test_idx
+
+
+def train(cfg: TrainConfig, echo=print) -> dict:
+    """Run the whole job; returns ``{"run_dir", "before", "after", "seconds"}``."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    ds = load_dataset(cfg.data, cfg.label_column, None if cfg.image_size is None else tuple(cfg.image_size))
+    train_idx, test_idx = _split(ds, cfg.test_size, cfg.seed)
+    X_train, y_train, X_test, y_test = ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx]
+    classes = np.unique(y_train)
+    echo(f"data: {ds.name}, {len(ds)} samples, {len(classes)} classes, input shape {tuple(ds.X.shape[1:])}; "
+         f"train {len(train_idx)} / test {len(test_idx)} (stratified, seed {cfg.seed})")
+
+    # part of the training split monitors each epoch and picks the best epoch; the test split stays unseen
+    fit_idx, val_idx = np.arange(len(X_train)), None
+    if cfg.val_size > 0:
+        fit_idx, val_idx = stratified_split(y_train, cfg.val_size, cfg.seed)
+    codes, _ = encode_labels(y_train)
+    model = EmbeddingModel(
+        cfg.backbone, cfg.embedding_dim, normalize=True, input_shape=tuple(ds.X.shape[1:]),
+        backbone_kwargs={"hidden_dims": tuple(cfg.hidden_dims)} if cfg.backbone == "mlp" else {},
+        input_mean=torch.from_numpy(X_train[fit_idx].mean(0)), input_std=torch.from_numpy(X_train[fit_idx].std(0)),
+    )
+    loss = build_loss(cfg.loss, num_classes=len(classes), embedding_dim=cfg.embedding_dim, **_loss_kwargs(cfg))
+    val = None
+    if val_idx is not None:
+        val = (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx])
+    trainer = Trainer(
+        model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
+        classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
+        patience=cfg.patience, seed=cfg.seed, progress=cfg.progress,
+    )
+    echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d, loss {cfg.loss}, {cfg.epochs} epochs, "
+         f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
+    history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val)
+    if trainer.best_epoch is not None:
+        echo(f"best validation {trainer.monitor} {trainer.best_value:.4f} at epoch {trainer.best_epoch}")
+
+    flat = lambda a: a.reshape(len(a), -1)  # noqa: E731  raw-pixel baseline on flattened inputs
+    before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train)
+    emb_test, emb_train = model.embed(X_test), model.embed(X_train)
+    after = retrieval_metrics(emb_test, y_test, emb_train, y_train)
+
+    run_dir = _free_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
+    save_model(model, run_dir, {
+        "train": dataclasses.asdict(cfg), "classes": [c.item() if hasattr(c, "item") else c for c in classes],
+        "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data},
+        "best_epoch": trainer.best_epoch,
+    })
+    save_json(run_dir / "metrics.json", {"before": before, "after": after}, checksum=False)
+    _write_history(run_dir / "history.csv", history)
+    written = ["model.safetensors", "config.json", "metrics.json", "history.csv"]
+    written += _plots(run_dir, history, emb_test.numpy(), y_test)
+    seconds = time.perf_counter() - started
+    echo("")
+    echo(format_table(before, after))
+    echo("")
+    echo(f"wrote {run_dir}/: {', '.join(written)}" + ("" if "curves.png" in written else
+         "  (install metrix[plots] for curves.png and embedding.png)"))
+    echo(f"done in {seconds:.1f}s")
+    return {"run_dir": run_dir, "before": before, "after": after, "seconds": seconds}
+
+
+def _eval_split(config: dict, data: str | None, split: str, label_column: str):
+    spec = data or config["split"]["data"]
+    ds = load_dataset(spec, label_column)
+    if split == "auto":
+        split = "test" if spec == config["split"]["data"] else "all"
+    if split == "test":
+        train_idx, test_idx = _split(ds, config["split"]["test_size"], config["split"]["seed"])
+        return ds, (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
+    if split == "all":
+        return ds, (ds.X, ds.y, None, None), split
+    raise ValueError(f"split must be 'auto', 'test' or 'all', got {split!r}")
+
+
+def evaluate(run_dir, data: str | None = None, split: str = "auto", label_column: str = "label") -> dict:
+    """Re-evaluate a saved run. ``split="test"`` recreates the run's own test-vs-train split;
+    ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
+    model, config = load_model(run_dir)
+    _, (xq, yq, xr, yr), used = _eval_split(config, data, split, label_column)
+    metrics = retrieval_metrics(model.embed(xq), yq, None if xr is None else model.embed(xr), yr)
+    metrics["split"] = used
+    return metrics
+
+
+def embed(run_dir, data: str, out, label_column: str = "label") -> tuple[Path, int]:
+    """Embed every sample of ``data`` with a saved run and write a ``.npy`` (labels beside it)."""
+    model, _ = load_model(run_dir)
+    ds = load_dataset(data, label_column)
+    emb = model.embed(ds.X).numpy()
+    out = Path(out)
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    atomic_write_bytes(out, buf.getvalue())
+    if ds.y.dtype.kind in "iuU":
+        buf = io.BytesIO()
+        np.save(buf, ds.y, allow_pickle=False)
+        atomic_write_bytes(out.with_name(out.stem + "_labels.npy"), buf.getvalue())
+    return out, emb.shape[1]
