@@ -80,12 +80,16 @@ def load_image_folder(path, image_size: tuple[int, int] | None = None) -> Datase
 
 
 def load_npz(path) -> Dataset:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"cannot read {path} as .npz: it is not a NumPy zip archive (damaged or another format)")
     try:
         with np.load(path, allow_pickle=False) as f:  # never unpickle user files
             if "X" not in f or "y" not in f:
                 raise ValueError(f"{path} must contain arrays 'X' and 'y', found {sorted(f.files)}")
             X, y = f["X"], f["y"]
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"cannot read {path} as .npz: {exc}") from exc
     if X.dtype.kind not in "fiub":
         raise ValueError(f"{path}: X must be numeric, got dtype {X.dtype}")
