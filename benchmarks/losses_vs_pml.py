@@ -1,0 +1,167 @@
+"""metrix losses vs pytorch-metric-learning: same inputs, same process, forward + backward.
+
+B=1024 embeddings of D=128 (64 classes × 16), float32, on this machine's CPU. For each loss it
+prints the median time of both libraries, the speed-up, the peak RSS growth during one call, the
+time against the GEMM floor (the flops of the B×R distance matrix, forward and backward, at the
+measured matmul rate), and the absolute difference of the two loss values (they must agree).
+
+    python benchmarks/losses_vs_pml.py            # all losses
+    python benchmarks/losses_vs_pml.py --quick    # skip PML's slowest (NT-Xent) run
+
+Requires the ``test`` extra (pytorch-metric-learning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from metrix import losses as L
+
+B, D, CLASSES = 1024, 128, 64
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Sample RSS every millisecond in a thread (torch releases the GIL inside its kernels)."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def gemm_rate(n=2048) -> float:
+    """Measured float32 matmul rate in flop/s (best of several)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def run_once(fn, emb):
+    x = emb.clone().requires_grad_()
+    t = time.perf_counter()
+    value = fn(x)
+    value.backward()
+    return time.perf_counter() - t, float(value.detach())
+
+
+def measure(fn, emb, reps):
+    run_once(fn, emb)  # warm-up
+    with PeakRSS() as mem:
+        _, value = run_once(fn, emb)
+    times = [run_once(fn, emb)[0] for _ in range(reps)]
+    return statistics.median(times), mem.mb, value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="skip pytorch-metric-learning's NT-Xent (about 40 s a call)")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+
+    from pytorch_metric_learning import losses as P
+    from pytorch_metric_learning import miners as PM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(B, D), dim=1)
+    labels = torch.arange(CLASSES).repeat_interleave(B // CLASSES)[torch.randperm(B)]
+    views = torch.arange(B // 2).repeat(2)  # SimCLR: two views per sample, one positive each
+
+    rate = gemm_rate()
+    pair_floor = 6 * B * B * D / rate  # distance matrix: forward 2BRD, backward 4BRD
+    proxy_floor = 6 * B * CLASSES * D / rate
+
+    def proxies(ours_cls, pml_cls, **kw):
+        ours = ours_cls(CLASSES, D, **kw["ours"])
+        pml = pml_cls(num_classes=CLASSES, embedding_size=D, **kw["pml"])
+        attr = kw["attr"]
+        getattr(pml, attr).data = ours.weight.data.T.clone() if attr == "W" else ours.weight.data.clone()
+        return ours, pml
+
+    arc = proxies(L.ArcFaceLoss, P.ArcFaceLoss, ours={"margin": 0.5, "scale": 64}, pml={"margin": 28.6479, "scale": 64}, attr="W")
+    cos = proxies(L.CosFaceLoss, P.CosFaceLoss, ours={"margin": 0.35, "scale": 64}, pml={"margin": 0.35, "scale": 64}, attr="W")
+    pa = proxies(L.ProxyAnchorLoss, P.ProxyAnchorLoss, ours={"margin": 0.1, "alpha": 32}, pml={"margin": 0.1, "alpha": 32}, attr="proxies")
+
+    semihard_miner = PM.TripletMarginMiner(margin=0.05, type_of_triplets="semihard")
+    ms_miner = PM.MultiSimilarityMiner(epsilon=0.1)
+    cases = [
+        ("contrastive", pair_floor, lambda x: L.ContrastiveLoss()(x, labels), lambda x: P.ContrastiveLoss()(x, labels)),
+        ("triplet (all triplets)", pair_floor, lambda x: L.TripletMarginLoss(0.05)(x, labels),
+         lambda x: P.TripletMarginLoss(margin=0.05)(x, labels)),
+        ("triplet (semi-hard)", pair_floor, lambda x: L.TripletMarginLoss(0.05, "semihard")(x, labels),
+         lambda x: P.TripletMarginLoss(margin=0.05)(x, labels, semihard_miner(x, labels))),
+        ("triplet (batch-hard)", pair_floor, lambda x: L.TripletMarginLoss(0.05, "batch_hard")(x, labels),
+         lambda x: P.TripletMarginLoss(margin=0.05)(x, labels, PM.BatchHardMiner()(x, labels))),
+        ("multi-similarity + mining", pair_floor, lambda x: L.MultiSimilarityLoss()(x, labels),
+         lambda x: P.MultiSimilarityLoss()(x, labels, ms_miner(x, labels))),
+        ("NT-Xent, 2 views (SimCLR)", pair_floor, lambda x: L.NTXentLoss(0.07)(x, views),
+         None if args.quick else (lambda x: P.NTXentLoss(temperature=0.07)(x, views))),
+        ("NT-Xent, 16 positives vs PML SupCon", pair_floor, lambda x: L.NTXentLoss(0.07)(x, labels),
+         lambda x: P.SupConLoss(temperature=0.07)(x, labels)),
+        ("ArcFace", proxy_floor, lambda x: arc[0](x, labels), lambda x: arc[1](x, labels)),
+        ("CosFace", proxy_floor, lambda x: cos[0](x, labels), lambda x: cos[1](x, labels)),
+        ("Proxy-Anchor", proxy_floor, lambda x: pa[0](x, labels), lambda x: pa[1](x, labels)),
+    ]
+
+    print(f"# losses_vs_pml: B={B}, D={D}, {CLASSES} classes x {B // CLASSES}, float32, forward+backward")
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s")
+    print("# NT-Xent with 16 positives per anchor: PML's NTXentLoss needs ~63 GB here and is not run; "
+          "its SupConLoss computes the same quantity and is the comparison")
+    header = f"| {'loss':<36} | {'metrix ms':>9} | {'PML ms':>9} | {'speed-up':>8} | {'metrix MB':>9} | {'PML MB':>8} | {'x GEMM floor':>12} | {'|diff|':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for name, floor, ours, theirs in cases:
+        t_ours, mb_ours, v_ours = measure(ours, emb, args.reps)
+        if theirs is None:
+            t_theirs = mb_theirs = v_theirs = None
+        else:
+            slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi"))
+            t_theirs, mb_theirs, v_theirs = measure(theirs, emb, 1 if slow else args.reps)
+        cells = [
+            f"{name:<36}", f"{t_ours * 1e3:>9.1f}",
+            f"{t_theirs * 1e3:>9.1f}" if t_theirs else f"{'skipped':>9}",
+            f"{t_theirs / t_ours:>7.1f}x" if t_theirs else f"{'-':>8}",
+            f"{mb_ours:>9.1f}", f"{mb_theirs:>8.1f}" if mb_theirs is not None else f"{'-':>8}",
+            f"{t_ours / floor:>12.1f}",
+            f"{abs(v_ours - v_theirs):>8.1e}" if v_theirs is not None else f"{'-':>8}",
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
