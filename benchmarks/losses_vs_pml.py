@@ -1,7 +1,7 @@
 """metrix losses vs pytorch-metric-learning: same inputs, same process, forward + backward.
 
 B=1024 embeddings of D=128 (64 classes × 16), float32, on this machine's CPU. For each loss it
-prints the median time of both libraries, the speed-up, the peak RSS growth during one call, the
+prints the median time of both libraries, the speed-up, the peak memory of torch allocations during one call, the
 time against the GEMM floor (the flops of the B×R distance matrix, forward and backward, at the
 measured matmul rate), and the absolute difference of the two loss values (they must agree).
 
@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import statistics
-import threading
 import time
 
 import torch
@@ -28,34 +27,21 @@ from metrix import losses as L
 B, D, CLASSES = 1024, 128, 64
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_mb(fn) -> float:
+    """Peak bytes held by torch allocations during ``fn()`` (forward and backward), in MB.
 
+    The profiler records every allocation and free with a timestamp; the running sum's maximum is
+    the peak. (RSS is useless here: the C allocator keeps freed pages, so it never shrinks.)
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-class PeakRSS:
-    """Sample RSS every millisecond in a thread (torch releases the GIL inside its kernels)."""
-
-    def __enter__(self):
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()):
+        current += delta
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def gemm_rate(n=2048) -> float:
@@ -79,11 +65,9 @@ def run_once(fn, emb):
 
 
 def measure(fn, emb, reps):
-    run_once(fn, emb)  # warm-up
-    with PeakRSS() as mem:
-        _, value = run_once(fn, emb)
+    _, value = run_once(fn, emb)  # warm-up
     times = [run_once(fn, emb)[0] for _ in range(reps)]
-    return statistics.median(times), mem.mb, value
+    return statistics.median(times), peak_mb(lambda: run_once(fn, emb)), value
 
 
 def main():
@@ -142,7 +126,7 @@ def main():
           f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s")
     print("# NT-Xent with 16 positives per anchor: PML's NTXentLoss needs ~63 GB here and is not run; "
           "its SupConLoss computes the same quantity and is the comparison")
-    header = f"| {'loss':<36} | {'metrix ms':>9} | {'PML ms':>9} | {'speed-up':>8} | {'metrix MB':>9} | {'PML MB':>8} | {'x GEMM floor':>12} | {'|diff|':>8} |"
+    header = f"| {'loss':<36} | {'metrix ms':>9} | {'PML ms':>9} | {'speed-up':>8} | {'metrix MB':>9} | {'PML MB':>8} | {'x GEMM floor':>12} | {'abs diff':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, floor, ours, theirs in cases:

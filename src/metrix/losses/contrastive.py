@@ -42,7 +42,8 @@ def contrastive_loss(
     if squared:
         pos_loss, neg_loss = 0.5 * pos_loss**2, 0.5 * neg_loss**2
     graph = (b.embeddings, b.ref_embeddings)
-    return reduce(pos_loss, pos, reduction, *graph) + reduce(neg_loss, neg, reduction, *graph)
+    n_pos, n_neg = (int(torch.count_nonzero(m)) for m in (pos, neg)) if reduction == "mean" else (0, 0)
+    return reduce(pos_loss * pos, n_pos, reduction, *graph) + reduce(neg_loss * neg, n_neg, reduction, *graph)
 
 
 class ContrastiveLoss(nn.Module):

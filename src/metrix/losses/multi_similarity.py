@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metrix.distances import is_similarity, pairwise_distance
-from metrix.losses._common import label_masks, log1p_sum_exp, prepare_batch
+from metrix.losses._common import label_masks, log1p_sum_exp, mask_logits, prepare_batch
 
 
 def multi_similarity_loss(
@@ -38,10 +38,10 @@ def multi_similarity_loss(
     pos, neg = label_masks(b)
     if mining:
         sd = s.detach()
-        hardest_neg = sd.masked_fill(~neg, -torch.inf).amax(dim=1, keepdim=True)
-        hardest_pos = sd.masked_fill(~pos, torch.inf).amin(dim=1, keepdim=True)
-        pos = pos & (sd - epsilon < hardest_neg)
-        neg = neg & (sd + epsilon > hardest_pos)
+        hardest_neg = mask_logits(sd, neg).amax(dim=1, keepdim=True)  # -huge when no negative
+        hardest_pos = (-mask_logits(-sd, pos)).amin(dim=1, keepdim=True)  # +huge when no positive
+        pos = pos * (sd - epsilon < hardest_neg)
+        neg = neg * (sd + epsilon > hardest_pos)
     pos_term = log1p_sum_exp(-alpha * (s - base), pos) / alpha
     neg_term = log1p_sum_exp(beta * (s - base), neg) / beta
     return (pos_term + neg_term).mean()

@@ -17,7 +17,7 @@ from torch import nn
 
 from metrix._validation import check_positive
 from metrix.distances import cosine_similarity
-from metrix.losses._common import label_masks, prepare_batch, reduce
+from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
 
 
 def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, temperature: float = 0.1) -> torch.Tensor:
@@ -25,15 +25,13 @@ def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, tem
     temperature = check_positive(temperature, "temperature")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     logits = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings) / temperature
-    pos, neg = label_masks(b)
-    allowed = pos | neg  # everything but self
-    has_any = allowed.any(dim=1, keepdim=True)
-    # rows with nothing to compare against get a dummy finite denominator (they are masked out below)
-    denom = torch.logsumexp(torch.where(has_any, logits.masked_fill(~allowed, -torch.inf), logits), dim=1, keepdim=True)
+    pos, neg = label_masks(b, logits.dtype)
+    # denominator over everything but self; a row with nothing else gets a finite dummy (no positive: unused)
+    denom = torch.logsumexp(mask_logits(logits, pos + neg), dim=1, keepdim=True)
     log_prob = logits - denom
     n_pos = pos.sum(dim=1)
-    per_anchor = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / n_pos.clamp_min(1)
-    return reduce(per_anchor, n_pos > 0, "mean", b.embeddings, b.ref_embeddings)
+    per_anchor = -(log_prob * pos).sum(dim=1) / n_pos.clamp_min(1)
+    return reduce(per_anchor, torch.count_nonzero(n_pos), "mean", b.embeddings, b.ref_embeddings)
 
 
 class NTXentLoss(nn.Module):

@@ -88,11 +88,11 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin: float = 0.1, alpha
     """Proxy-Anchor loss with cosine similarity (paper defaults ``δ=0.1, α=32``)."""
     b = _prepare_class_batch(embeddings, labels, proxies)
     cos = class_cosine(b.embeddings, proxies)
-    is_pos = b.labels[:, None] == torch.arange(proxies.shape[0], device=cos.device)[None, :]
-    with_pos = is_pos.any(dim=0)
+    is_pos = F.one_hot(b.labels, proxies.shape[0]).to(cos.dtype)
+    n_with_pos = torch.count_nonzero(is_pos.sum(dim=0))
     pos_term = log1p_sum_exp(-alpha * (cos - margin), is_pos, dim=0)
-    neg_term = log1p_sum_exp(alpha * (cos + margin), ~is_pos, dim=0)
-    return pos_term.sum() / with_pos.sum() + neg_term.sum() / proxies.shape[0]
+    neg_term = log1p_sum_exp(alpha * (cos + margin), 1.0 - is_pos, dim=0)
+    return pos_term.sum() / n_with_pos + neg_term.sum() / proxies.shape[0]
 
 
 class _ClassVectorLoss(nn.Module):

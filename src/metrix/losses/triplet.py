@@ -33,23 +33,36 @@ TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
 
 
 def _batch_hard(d, pos, neg, margin, reduction, graph):
-    hardest_pos = d.masked_fill(~pos, -torch.inf).amax(dim=1)
-    hardest_neg = d.masked_fill(~neg, torch.inf).amin(dim=1)
-    valid = pos.any(dim=1) & neg.any(dim=1)
-    gap = torch.where(valid, hardest_pos - hardest_neg, torch.zeros_like(hardest_pos))
-    return reduce(torch.relu(gap + margin), valid, reduction, *graph)
+    big = torch.finfo(d.dtype).max
+    hardest_pos = (d + (pos - 1.0) * big).amax(dim=1)  # -huge if the anchor has no positive
+    hardest_neg = (d + (1.0 - neg) * big).amin(dim=1)  # +huge if it has no negative
+    valid = (pos.amax(dim=1) * neg.amax(dim=1))  # 1.0 where both exist
+    # multiply by valid before subtracting, so invalid rows never compute huge - huge
+    losses = torch.relu(hardest_pos * valid - hardest_neg * valid + margin) * valid
+    return reduce(losses, torch.count_nonzero(valid), reduction, *graph)
+
+
+def _pack_positives(d, pos):
+    """The positives of each anchor as a dense (B, Pmax) block: distances and a 0/1 validity mask.
+
+    ``topk`` over the 0/1 mask puts each row's positives first (Pmax = the most positives any anchor
+    has, K−1 for P×K batches), so everything after this works on B×Pmax instead of B×R.
+    """
+    p_max = int(pos.sum(dim=1).max())
+    valid, idx = torch.topk(pos, max(p_max, 1), dim=1, sorted=False)
+    return d.gather(1, idx), valid
 
 
 def _sorted_sum(d, pos, neg, margin, triplets, reduction, graph):
-    n_ref = d.shape[1]
-    n_neg = neg.sum(dim=1, keepdim=True)
-    sorted_neg, _ = torch.sort(d.masked_fill(~neg, torch.inf), dim=1)
-    key = sorted_neg.detach().contiguous()
-    in_range = torch.arange(n_ref, device=d.device)[None, :] < n_neg
-    prefix = F.pad(torch.cumsum(torch.where(in_range, sorted_neg, 0.0), dim=1), (1, 0))
+    n_neg = neg.sum(dim=1, keepdim=True).to(torch.int64)
+    # non-negatives sort to the end as +huge; searches below never pass n_neg because a_p is finite
+    sorted_neg, _ = torch.sort(d + (1.0 - neg) * torch.finfo(d.dtype).max, dim=1)
+    key = sorted_neg.detach()
+    prefix = F.pad(torch.cumsum(sorted_neg, dim=1), (1, 0))  # prefix[k] = sum of the k smallest
 
-    a = d + margin
-    a_key, d_key = a.detach().contiguous(), d.detach().contiguous()
+    d_pos, valid = _pack_positives(d, pos)
+    a = d_pos + margin
+    a_key, d_key = a.detach().contiguous(), d_pos.detach().contiguous()
     below_a = torch.searchsorted(key, a_key)  # #{n : d_n < a_p}  -> these have loss > 0
     if triplets == "all":
         lo, hi = torch.zeros_like(below_a), below_a
@@ -61,9 +74,9 @@ def _sorted_sum(d, pos, neg, margin, triplets, reduction, graph):
     else:  # easy: d_n > a_p, zero loss by definition
         lo = hi = torch.zeros_like(below_a)
 
-    cnt = torch.where(pos, hi - lo, 0)
+    cnt = (hi - lo).to(d.dtype) * valid
     neg_sum = prefix.gather(1, hi) - prefix.gather(1, lo)
-    total = torch.where(pos, cnt * a - neg_sum, torch.zeros_like(a)).sum()
+    total = ((cnt * a - neg_sum) * valid).sum()
 
     if reduction == "sum":
         return total
@@ -71,14 +84,14 @@ def _sorted_sum(d, pos, neg, margin, triplets, reduction, graph):
         count = cnt.sum()
     else:  # "mean": every selected triplet counts, zero-loss ones included
         if triplets == "all":
-            selected = n_neg.expand_as(d)
+            selected = n_neg.expand_as(a_key)
         elif triplets == "hard":
             selected = torch.searchsorted(key, d_key, right=True)
         elif triplets == "semihard":
             selected = (torch.searchsorted(key, a_key, right=True) - torch.searchsorted(key, d_key, right=True)).clamp_min(0)
         else:
             selected = n_neg - torch.searchsorted(key, a_key, right=True)
-        count = torch.where(pos, selected, 0).sum()
+        count = (selected.to(d.dtype) * valid).sum()
     if int(count) == 0:
         return zero_loss(*graph)
     return total / count
