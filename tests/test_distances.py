@@ -106,3 +106,25 @@ def test_bad_input_messages():
         D.pairwise_distance(x, metric="hamming")
     with pytest.raises(ValueError, match="p must be"):
         D.lp(x, x, p=0.5)
+
+
+@pytest.mark.parametrize("fn", [D.euclidean, D.squared_euclidean])
+def test_gradcheck_hand_written_backward_all_paths(fn):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: fn(a), (x,))  # same set: symmetrised single GEMM
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b), (x, y))
+    assert torch.autograd.gradcheck(lambda b: fn(x.detach(), b), (y,))  # only one side needs grad
+    # an upstream gradient that is not symmetric and touches the diagonal
+    w = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: (fn(a) * w).sum(), (x,))
+
+
+def test_zero_distance_gradient_is_zero_even_with_nonzero_upstream():
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [4.0, 6.0]], dtype=torch.float64, requires_grad=True)
+    D.euclidean(x).sum().backward()
+    # rows 0 and 1 coincide (zero subgradient between them); each pair (i, j) appears twice in the sum
+    u = (x[0] - x[2]).detach() / 5.0  # unit vector, |x0 - x2| = 5
+    expected = torch.stack([2 * u, 2 * u, -4 * u])
+    torch.testing.assert_close(x.grad, expected)
