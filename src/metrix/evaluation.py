@@ -47,6 +47,25 @@ def _check_lengths(x, labels, name):
         raise ValueError(f"{name} has {x.shape[0]} rows but {name}_labels has {len(labels)} entries")
 
 
+def _prepare(query, query_labels, reference, reference_labels):
+    """Validate inputs; returns ``(q, q_lab, r, r_lab, same)`` with labels as shared int64 codes."""
+    q = _as_tensor(query, "query")
+    same = reference is None
+    if same:
+        if reference_labels is not None:
+            raise ValueError("reference_labels given without reference")
+        (q_lab,) = _encode_labels(query_labels)
+        r, r_lab = q, q_lab
+    else:
+        if reference_labels is None:
+            raise ValueError("reference given without reference_labels")
+        r = _as_tensor(reference, "reference")
+        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
+    _check_lengths(q, q_lab, "query")
+    _check_lengths(r, r_lab, "reference")
+    return q, q_lab, r, r_lab, same
+
+
 def retrieval_metrics(
     query,
     query_labels,
@@ -78,21 +97,7 @@ def retrieval_metrics(
     >>> retrieval_metrics(x, y)["map_at_r"]
     1.0
     """
-    q = _as_tensor(query, "query")
-    same = reference is None
-    if same:
-        if reference_labels is not None:
-            raise ValueError("reference_labels given without reference")
-        r = q
-        (q_lab,) = _encode_labels(query_labels)
-        r_lab = q_lab
-    else:
-        if reference_labels is None:
-            raise ValueError("reference given without reference_labels")
-        r = _as_tensor(reference, "reference")
-        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
-    _check_lengths(q, q_lab, "query")
-    _check_lengths(r, r_lab, "reference")
+    q, q_lab, r, r_lab, same = _prepare(query, query_labels, reference, reference_labels)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -147,18 +152,7 @@ def knn_accuracy(
 
     Ties between labels are broken in favour of the label seen at the nearest rank.
     """
-    q = _as_tensor(query, "query")
-    same = reference is None
-    if same:
-        (q_lab,) = _encode_labels(query_labels)
-        r, r_lab = q, q_lab
-    else:
-        if reference_labels is None:
-            raise ValueError("reference given without reference_labels")
-        r = _as_tensor(reference, "reference")
-        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
-    _check_lengths(q, q_lab, "query")
-    _check_lengths(r, r_lab, "reference")
+    q, q_lab, r, r_lab, same = _prepare(query, query_labels, reference, reference_labels)
     n_classes = int(max(int(q_lab.max()), int(r_lab.max()))) + 1
     correct = 0
     for start, _, idx in iter_knn(q, None if same else r, k, metric, same, max_memory_mb):

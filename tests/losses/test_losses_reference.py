@@ -25,6 +25,16 @@ def make_batch(seed, n=13, dim=5, n_classes=4, normalize=True):
 CASES = [(0, 13, 4), (1, 10, 3), (2, 16, 6)]
 
 
+def _check_pair_loss(ours, reference, kw, use_ref, seed, n, c, normalize=True):
+    """Compare ``ours`` with ``reference`` on a batch, against itself or a separate reference set."""
+    emb, lab = make_batch(seed, n, n_classes=c, normalize=normalize)
+    if use_ref:
+        r, rl = make_batch(seed + 100, n + 3, n_classes=c, normalize=normalize)
+        _check(lambda e, rr: ours(e, lab, rr, rl, **kw), lambda e, rr: reference(e, lab, rr, rl, **kw), [emb, r])
+    else:
+        _check(lambda e: ours(e, lab, **kw), lambda e: reference(e, lab, **kw), [emb])
+
+
 def _check(fn_ours, fn_ref, tensors, atol=1e-9):
     ours_in = [t.clone().requires_grad_() for t in tensors]
     ref_in = [t.clone().requires_grad_() for t in tensors]
@@ -43,13 +53,8 @@ def _check(fn_ours, fn_ref, tensors, atol=1e-9):
 @pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.0)), ("cosine_similarity", (0.8, 0.2))])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_contrastive(seed, n, c, metric, margins, use_ref):
-    emb, lab = make_batch(seed, n, n_classes=c)
     kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric)
-    if use_ref:
-        r, rl = make_batch(seed + 100, n + 3, n_classes=c)
-        _check(lambda e, rr: L.contrastive_loss(e, lab, rr, rl, **kw), lambda e, rr: ref.contrastive(e, lab, rr, rl, **kw), [emb, r])
-    else:
-        _check(lambda e: L.contrastive_loss(e, lab, **kw), lambda e: ref.contrastive(e, lab, **kw), [emb])
+    _check_pair_loss(L.contrastive_loss, ref.contrastive, kw, use_ref, seed, n, c)
 
 
 @pytest.mark.parametrize("seed,n,c", CASES)
@@ -75,24 +80,14 @@ def test_triplet_with_reference_set(seed, n, c, triplets):
 @pytest.mark.parametrize("mining", [True, False])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_multi_similarity(seed, n, c, mining, use_ref):
-    emb, lab = make_batch(seed, n, n_classes=c)
     kw = dict(alpha=2.0, beta=10.0, base=0.5, mining=mining, epsilon=0.3)
-    if use_ref:
-        r, rl = make_batch(seed + 7, n + 2, n_classes=c)
-        _check(lambda e, rr: L.multi_similarity_loss(e, lab, rr, rl, **kw), lambda e, rr: ref.multi_similarity(e, lab, rr, rl, **kw), [emb, r])
-    else:
-        _check(lambda e: L.multi_similarity_loss(e, lab, **kw), lambda e: ref.multi_similarity(e, lab, **kw), [emb])
+    _check_pair_loss(L.multi_similarity_loss, ref.multi_similarity, kw, use_ref, seed, n, c)
 
 
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_ntxent_supcon(seed, n, c, use_ref):
-    emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
-    if use_ref:
-        r, rl = make_batch(seed + 3, n + 4, n_classes=c, normalize=False)
-        _check(lambda e, rr: L.ntxent_loss(e, lab, rr, rl, temperature=0.3), lambda e, rr: ref.supcon(e, lab, rr, rl, temperature=0.3), [emb, r])
-    else:
-        _check(lambda e: L.ntxent_loss(e, lab, temperature=0.3), lambda e: ref.supcon(e, lab, temperature=0.3), [emb])
+    _check_pair_loss(L.ntxent_loss, ref.supcon, dict(temperature=0.3), use_ref, seed, n, c, normalize=False)
 
 
 @pytest.mark.parametrize("seed,n,c", CASES)
