@@ -1,0 +1,358 @@
+"""A vector index with ids, metadata, safe persistence and exact or approximate (faiss) search.
+
+The index keeps a canonical store — vectors, int64 ids, optional JSON metadata per vector — and,
+for the ``faiss`` backend, an acceleration structure derived from it: extended in place when vectors
+are added, rebuilt on the next search after a removal (HNSW cannot remove), and saved with the store.
+
+Metrics: ``"l2"`` (Euclidean distance), ``"cosine"`` (cosine distance ``1 − cos``), both "smaller is
+closer"; ``"ip"`` (inner product, a similarity: "larger is closer", results sorted descending).
+
+Example
+-------
+>>> import numpy as np
+>>> index = VectorIndex(dim=4, metric="l2")
+>>> index.add(np.eye(4, dtype=np.float32), ids=[10, 11, 12, 13], metadata=[{"label": i} for i in "abcd"])
+>>> dist, ids = index.search(np.eye(4, dtype=np.float32)[:1], k=2)
+>>> int(ids[0, 0]), index.metadata(10)
+(10, {'label': 'a'})
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrix.io import CorruptFileError, load_tensors, save_tensors
+from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn
+
+INDEX_FORMAT = "1"
+METRICS = {"l2": "euclidean", "cosine": "cosine", "ip": "dot"}  # index metric -> metrix.neighbors metric
+BACKENDS = ("exact", "faiss")
+
+
+def require_faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the faiss backend needs the 'faiss' extra: pip install 'metrix[faiss]' (faiss-cpu)"
+        ) from exc
+    return faiss
+
+
+def _as_matrix(x, dim: int, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 1 and x.shape[0] == dim:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}) for this index, got {tuple(x.shape)}")
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be numeric, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ValueError(f"{name} contains NaN or inf values in {bad} row(s)")
+    return x
+
+
+class VectorIndex:
+    """Exact (torch, chunked) or faiss (Flat, IVF, HNSW, PQ) nearest-neighbour index with ids.
+
+    Parameters
+    ----------
+    dim : vector dimension
+    metric : ``"l2"``, ``"cosine"`` or ``"ip"``
+    backend : ``"exact"`` or ``"faiss"`` (needs the ``faiss`` extra)
+    faiss_index : a faiss ``index_factory`` string, e.g. ``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32"``,
+        ``"IVF1024,PQ16"``; IVF indexes are trained on the vectors present at the first search
+    nprobe : IVF lists visited per query (recall/speed trade-off)
+    ef_search : HNSW candidate list size per query (recall/speed trade-off)
+    """
+
+    def __init__(self, dim: int, metric: str = "l2", backend: str = "exact", faiss_index: str = "Flat",
+                 nprobe: int = 16, ef_search: int = 64, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "faiss":
+            faiss = require_faiss()
+            try:  # fail at construction, not at the first search, on a bad factory string
+                faiss.index_factory(int(dim), str(faiss_index), faiss.METRIC_L2)
+            except RuntimeError as exc:
+                raise ValueError(f"faiss cannot build index {faiss_index!r}: {str(exc).splitlines()[0]}") from exc
+        self.dim, self.metric, self.backend = int(dim), metric, backend
+        self.faiss_index, self.nprobe, self.ef_search = str(faiss_index), int(nprobe), int(ef_search)
+        self.max_memory_mb = float(max_memory_mb)
+        self._vectors = np.empty((0, self.dim), dtype=np.float32)
+        self._n = 0
+        self._ids = np.empty(0, dtype=np.int64)
+        self._pos: dict[int, int] = {}
+        self._meta: list = []
+        self._faiss = None  # derived structure over positions 0..n-1; None = build before next search
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ store
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids[: self._n].copy()
+
+    def vectors(self) -> np.ndarray:
+        """A copy of the stored vectors (as added; cosine indexes normalise only for search)."""
+        with self._lock:
+            return self._vectors[: self._n].copy()
+
+    def metadata(self, id_: int):
+        with self._lock:
+            if int(id_) not in self._pos:
+                raise KeyError(f"id {id_} is not in the index")
+            return self._meta[self._pos[int(id_)]]
+
+    def add(self, vectors, ids=None, metadata=None) -> np.ndarray:
+        """Add vectors; ``ids`` default to consecutive integers after the largest id. Returns the ids."""
+        x = _as_matrix(vectors, self.dim, "vectors")
+        n_new = x.shape[0]
+        with self._lock:
+            if ids is None:
+                start = int(self._ids[: self._n].max()) + 1 if self._n else 0
+                new_ids = np.arange(start, start + n_new, dtype=np.int64)
+            else:
+                new_ids = np.asarray(ids)
+                if new_ids.dtype.kind not in "iu":
+                    raise TypeError(f"ids must be integers, got dtype {new_ids.dtype}")
+                new_ids = new_ids.astype(np.int64).reshape(-1)
+                if len(new_ids) != n_new:
+                    raise ValueError(f"{n_new} vectors but {len(new_ids)} ids")
+                uniq, counts = np.unique(new_ids, return_counts=True)
+                if (counts > 1).any():
+                    raise ValueError(f"duplicate ids in this call: {uniq[counts > 1][:10].tolist()}")
+                clash = [int(i) for i in new_ids if int(i) in self._pos]
+                if clash:
+                    raise ValueError(f"ids already in the index: {clash[:10]}")
+            if metadata is not None:
+                metadata = list(metadata)
+                if len(metadata) != n_new:
+                    raise ValueError(f"{n_new} vectors but {len(metadata)} metadata entries")
+                try:
+                    json.dumps(metadata)
+                except TypeError as exc:
+                    raise TypeError(f"metadata must be JSON-serialisable: {exc}") from exc
+            self._grow(self._n + n_new)
+            self._vectors[self._n : self._n + n_new] = x
+            self._ids = np.concatenate([self._ids[: self._n], new_ids])
+            for offset, i in enumerate(new_ids):
+                self._pos[int(i)] = self._n + offset
+            self._meta.extend(metadata if metadata is not None else [None] * n_new)
+            if self._faiss is not None:
+                self._faiss.add(self._search_space(x))  # positions continue after the current ones
+            self._n += n_new
+            return new_ids
+
+    def _grow(self, needed: int) -> None:
+        if needed <= self._vectors.shape[0]:
+            return
+        capacity = max(needed, 2 * self._vectors.shape[0], 1024)
+        grown = np.empty((capacity, self.dim), dtype=np.float32)
+        grown[: self._n] = self._vectors[: self._n]
+        self._vectors = grown
+
+    def remove(self, ids) -> int:
+        """Remove vectors by id; unknown ids raise ``KeyError`` and nothing is removed."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            unknown = [int(i) for i in ids if int(i) not in self._pos]
+            if unknown:
+                raise KeyError(f"ids not in the index: {unknown[:10]}")
+            drop = np.zeros(self._n, dtype=bool)
+            drop[[self._pos[int(i)] for i in ids]] = True
+            keep = ~drop
+            kept = self._vectors[: self._n][keep]
+            self._vectors = np.empty((0, self.dim), dtype=np.float32)
+            self._n = 0
+            self._grow(len(kept))
+            self._vectors[: len(kept)] = kept
+            self._n = len(kept)
+            self._ids = self._ids[: len(drop)][keep]
+            self._meta = [m for m, k in zip(self._meta, keep) if k]
+            self._pos = {int(i): p for p, i in enumerate(self._ids)}
+            self._faiss = None  # positions changed: rebuild before the next search
+            return int(drop.sum())
+
+    # ----------------------------------------------------------------- search
+    def _search_space(self, x: np.ndarray) -> np.ndarray:
+        if self.metric == "cosine":
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            return x / np.maximum(norms, 1e-12)
+        return x
+
+    def _build_faiss(self):
+        faiss = require_faiss()
+        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        index = faiss.index_factory(self.dim, self.faiss_index, metric)
+        data = self._search_space(self._vectors[: self._n])
+        if not index.is_trained:
+            nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1) if "IVF" in self.faiss_index else 1
+            if self._n < nlist:
+                raise ValueError(f"{self.faiss_index} needs at least {nlist} vectors to train, the index has {self._n}")
+            index.train(data)
+        index.add(data)
+        self._faiss = index
+
+    def _configure_faiss(self):
+        faiss = require_faiss()
+        if "IVF" in self.faiss_index:
+            faiss.extract_index_ivf(self._faiss).nprobe = self.nprobe
+        if "HNSW" in self.faiss_index:
+            hnsw = faiss.downcast_index(self._faiss)
+            if hasattr(hnsw, "hnsw"):
+                hnsw.hnsw.efSearch = self.ef_search
+
+    def _check_query(self, queries, k=None) -> np.ndarray:
+        q = _as_matrix(queries, self.dim, "queries")
+        if self._n == 0:
+            raise ValueError("the index is empty: add vectors before searching")
+        if k is not None and not 1 <= int(k) <= self._n:
+            raise ValueError(f"k must be between 1 and the index size {self._n}, got {k}")
+        return q
+
+    def search(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest vectors of each query: ``(distances, ids)``, both (n_queries, k).
+
+        Approximate backends may find fewer than ``k``; missing slots have id −1 and distance inf
+        (−inf for ``ip``).
+        """
+        with self._lock:
+            q = self._check_query(queries, k)
+            if self.backend == "exact":
+                dist, pos = [], []
+                for _, d, p in iter_knn(q, self._vectors[: self._n], int(k), METRICS[self.metric], False, self.max_memory_mb):
+                    dist.append(d.numpy())
+                    pos.append(p.numpy())
+                dist, pos = np.concatenate(dist), np.concatenate(pos)
+            else:
+                if self._faiss is None:
+                    self._build_faiss()
+                self._configure_faiss()
+                raw, pos = self._faiss.search(self._search_space(q), int(k))
+                dist = self._from_faiss(raw, pos)
+            ids = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1)
+            return dist.astype(np.float32), ids.astype(np.int64)
+
+    def _from_faiss(self, raw: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        missing = np.inf if self.metric != "ip" else -np.inf
+        if self.metric == "l2":
+            out = np.sqrt(np.maximum(raw, 0))
+        elif self.metric == "cosine":
+            out = 1.0 - raw
+        else:
+            out = raw.copy()
+        out[pos < 0] = missing
+        return out
+
+    def range_search(self, queries, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        """All vectors within ``radius`` of each query (distance ≤ radius; for ``ip``: similarity ≥ radius).
+
+        Returns one ``(distances, ids)`` pair per query, nearest first.
+        """
+        with self._lock:
+            q = self._check_query(queries)
+            if self.backend == "faiss":
+                return self._faiss_range(q, float(radius))
+            data = torch.from_numpy(self._search_space(self._vectors[: self._n]))
+            qs = torch.from_numpy(self._search_space(q))
+            out = []
+            chunk = max(1, int(self.max_memory_mb * 2**20 // (8 * self._n)))
+            for start in range(0, len(q), chunk):
+                block = qs[start : start + chunk]
+                if self.metric == "l2":
+                    mat = torch.cdist(block, data)
+                elif self.metric == "cosine":
+                    mat = 1.0 - block @ data.T
+                else:
+                    mat = block @ data.T
+                for row in mat:
+                    hit = row >= radius if self.metric == "ip" else row <= radius
+                    pos = torch.nonzero(hit).flatten()
+                    vals = row[pos]
+                    order = torch.argsort(vals, descending=self.metric == "ip")
+                    out.append((vals[order].numpy(), self._ids[pos[order].numpy()]))
+            return out
+
+    def _faiss_range(self, q: np.ndarray, radius: float):
+        if self._faiss is None:
+            self._build_faiss()
+        self._configure_faiss()
+        if self.metric == "l2":
+            threshold = radius * radius
+        elif self.metric == "cosine":
+            threshold = 1.0 - radius
+        else:
+            threshold = radius
+        lims, raw, pos = self._faiss.range_search(self._search_space(q), threshold)
+        out = []
+        for i in range(len(q)):
+            r, p = raw[lims[i] : lims[i + 1]], pos[lims[i] : lims[i + 1]]
+            d = self._from_faiss(r, p)
+            order = np.argsort(-d if self.metric == "ip" else d, kind="stable")
+            out.append((d[order].astype(np.float32), self._ids[p[order]]))
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {"dim": self.dim, "metric": self.metric, "backend": self.backend, "faiss_index": self.faiss_index,
+                "nprobe": self.nprobe, "ef_search": self.ef_search}
+
+    def save(self, path) -> Path:
+        """Write the index to one safetensors file (atomic, checksummed, no pickle)."""
+        with self._lock:
+            tensors = {
+                "vectors": torch.from_numpy(self._vectors[: self._n].copy()),
+                "ids": torch.from_numpy(self._ids[: self._n].copy()),
+                "metadata_json": torch.frombuffer(bytearray(json.dumps(self._meta).encode()), dtype=torch.uint8),
+            }
+            if self.backend == "faiss" and self._faiss is not None:
+                faiss = require_faiss()
+                tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._faiss).copy())
+            header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config())}
+            return save_tensors(path, tensors, header)
+
+    @classmethod
+    def load(cls, path) -> "VectorIndex":
+        """Load an index saved by :meth:`save`; a damaged file or unknown format raises ``CorruptFileError``."""
+        tensors, header = load_tensors(path)
+        if header.get("kind") != "metrix.VectorIndex":
+            raise CorruptFileError(f"{path} is not a metrix vector index (kind {header.get('kind')!r})")
+        if header.get("index_format") != INDEX_FORMAT:
+            raise CorruptFileError(f"{path} has index format {header.get('index_format')!r}; this metrix reads {INDEX_FORMAT!r}")
+        try:
+            config = json.loads(header["config"])
+            index = cls(**config)
+            vectors, ids = tensors["vectors"].numpy(), tensors["ids"].numpy()
+            meta = json.loads(bytes(tensors["metadata_json"].numpy()).decode())
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CorruptFileError(f"{path} has an inconsistent index layout: {exc}") from exc
+        if vectors.shape != (len(ids), index.dim) or len(meta) != len(ids) or len(np.unique(ids)) != len(ids):
+            raise CorruptFileError(f"{path}: vectors {vectors.shape}, {len(ids)} ids and {len(meta)} metadata entries disagree")
+        index._grow(len(ids))
+        index._vectors[: len(ids)] = vectors
+        index._n = len(ids)
+        index._ids = ids.astype(np.int64).copy()
+        index._pos = {int(i): p for p, i in enumerate(index._ids)}
+        index._meta = meta
+        if "faiss" in tensors:
+            faiss = require_faiss()
+            index._faiss = faiss.deserialize_index(tensors["faiss"].numpy())
+            if index._faiss.ntotal != index._n:
+                raise CorruptFileError(f"{path}: the faiss structure holds {index._faiss.ntotal} vectors, the store {index._n}")
+        return index
