@@ -113,3 +113,18 @@ def test_clustering_metrics():
     assert noise["nmi"] < 0.3
     with pytest.raises(ValueError, match="at least 2"):
         clustering_metrics(emb, np.zeros(120, dtype=int))
+
+
+def test_approximate_evaluation_matches_exact_on_easy_data():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(20), 30)
+    x = (rng.normal(size=(600, 16)) * 0.3 + rng.normal(size=(20, 16))[labels] * 3).astype(np.float32)
+    exact = retrieval_metrics(x, labels)
+    for spec, opts in [("Flat", {}), ("HNSW16", {"ef_search": 256}), ("IVF16,Flat", {"nprobe": 16})]:
+        approx = retrieval_metrics(x, labels, approximate=spec, approximate_options=opts)
+        for key in ("precision_at_1", "r_precision", "map_at_r"):
+            assert approx[key] == pytest.approx(exact[key], abs=1e-6), (spec, key)
+    q = x[::7]
+    sep = retrieval_metrics(q, labels[::7], x, labels, approximate="Flat")
+    assert sep["precision_at_1"] == pytest.approx(retrieval_metrics(q, labels[::7], x, labels)["precision_at_1"])

@@ -48,3 +48,22 @@ def test_knn_bad_input():
         knn(x, torch.randn(6, 2))
     with pytest.raises(ValueError, match="NaN"):
         knn(torch.full((3, 2), float("nan")))
+
+
+@pytest.mark.parametrize("metric,scipy_metric", [("euclidean", "euclidean"), ("cosine", "cosine")])
+def test_tiled_merge_matches_brute_force(monkeypatch, metric, scipy_metric):
+    import metrix.neighbors as nb
+
+    monkeypatch.setattr(nb, "REF_BLOCK", 7)  # many tiles, k larger than a tile
+    monkeypatch.setattr(nb, "QUERY_CHUNK", 5)  # queries' own items fall in different tiles
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(60, 5))
+    d, i = nb.knn(x, k=12, metric=metric)
+    full = cdist(x, x, scipy_metric)
+    np.fill_diagonal(full, np.inf)
+    expected = np.argsort(full, axis=1)[:, :12]
+    np.testing.assert_array_equal(i.numpy(), expected)
+    np.testing.assert_allclose(d.numpy(), np.take_along_axis(full, expected, 1), atol=1e-9)
+    q = rng.normal(size=(9, 5))
+    d, i = nb.knn(q, x, k=10, metric=metric)
+    np.testing.assert_array_equal(i.numpy(), np.argsort(cdist(q, x, scipy_metric), axis=1)[:, :10])

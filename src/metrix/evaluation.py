@@ -66,6 +66,31 @@ def _prepare(query, query_labels, reference, reference_labels):
     return q, q_lab, r, r_lab, same
 
 
+_INDEX_METRIC = {"euclidean": "l2", "squared_euclidean": "l2", "cosine": "cosine", "cosine_similarity": "cosine", "dot": "ip"}
+
+
+def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_options):
+    """Yield ``(start, indices)`` chunks of the k nearest references (−1 = not found)."""
+    if approximate is None:
+        for start, _, idx in iter_knn(q, None if same else r, k, metric, same, max_memory_mb):
+            yield start, idx
+        return
+    from metrix.index import VectorIndex
+
+    index = VectorIndex(q.shape[1], metric=_INDEX_METRIC[metric], backend="faiss", faiss_index=approximate,
+                        **(approximate_options or {}))
+    index.add(r.numpy())  # ids are row positions
+    chunk = 4096
+    for start in range(0, q.shape[0], chunk):
+        qc = q[start : start + chunk].numpy()
+        _, ids = index.search(qc, min(k + int(same), len(index)))
+        if same:  # drop each query's own row; if the index missed it, drop the last neighbour instead
+            own = ids == np.arange(start, start + len(qc))[:, None]
+            own[~own.any(axis=1), -1] = True
+            ids = ids[~own].reshape(len(qc), -1)
+        yield start, torch.from_numpy(ids)
+
+
 def retrieval_metrics(
     query,
     query_labels,
@@ -74,6 +99,8 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     metric: str = "euclidean",
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+    approximate: str | None = None,
+    approximate_options: dict | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``query`` against ``reference`` (or itself, self excluded).
 
@@ -84,6 +111,10 @@ def retrieval_metrics(
     reference, reference_labels : the gallery; ``None`` means query = reference with self excluded
     ks : cut-offs for ``recall_at_k`` and ``precision_at_k``
     metric : distance used for ranking (see :mod:`metrix.distances`)
+    max_memory_mb : bound on the working memory of exact search
+    approximate : a faiss index factory string (e.g. ``"HNSW32"``, ``"IVF1024,Flat"``) to rank with an
+        approximate index instead of exact search (needs the ``faiss`` extra); ``approximate_options``
+        are passed to :class:`metrix.index.VectorIndex` (``nprobe``, ``ef_search``)
 
     Returns
     -------
@@ -117,10 +148,11 @@ def retrieval_metrics(
         sums[f"recall_at_{k}"] = 0.0
     for k in precision_ks:
         sums[f"precision_at_{k}"] = 0.0
-    for start, _, idx in iter_knn(q, None if same else r, k_max, metric, same, max_memory_mb):
+    for start, idx in _neighbours(q, r, same, k_max, metric, max_memory_mb, approximate, approximate_options):
         stop = start + idx.shape[0]
         keep = answerable[start:stop]
-        hits = (r_lab[idx] == q_lab[start:stop, None])[keep].to(torch.float64)
+        found = r_lab[idx.clamp_min(0)].masked_fill(idx < 0, -1)  # a missing neighbour never matches
+        hits = (found == q_lab[start:stop, None])[keep].to(torch.float64)
         R = relevant[start:stop][keep].to(torch.float64)
         for k in ks:
             sums[f"recall_at_{k}"] += float(hits[:, : min(k, k_max)].amax(dim=1).sum())

@@ -37,10 +37,14 @@ def _as_tensor(x, name):
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _chunk_rows(n_ref: int, k: int, max_memory_mb: float, itemsize: int) -> int:
-    # per query row: the score row, a few temporaries of it, and the top-k buffers
-    per_row = (3 * n_ref + 3 * k) * itemsize
-    return max(1, int(max_memory_mb * 2**20 // per_row))
+REF_BLOCK = 4096  # reference rows per tile: the (chunk × tile) score block stays in cache
+QUERY_CHUNK = 256  # query rows per chunk (fewer if max_memory_mb is small)
+
+
+def _chunk_rows(tile: int, k: int, max_memory_mb: float, itemsize: int) -> int:
+    # per query row: one score tile, its top-k, and the running best (values + int64 indices)
+    per_row = (2 * tile + 3 * k) * itemsize + 3 * k * 8
+    return max(1, min(QUERY_CHUNK, int(max_memory_mb * 2**20 // per_row)))
 
 
 def iter_knn(
@@ -80,18 +84,34 @@ def iter_knn(
     else:
         qs, rs = q, r
     r_sq = (rs * rs).sum(1) if metric in ("euclidean", "squared_euclidean") else None
-    chunk = _chunk_rows(r.shape[0], k, max_memory_mb, q.element_size())
+    n_ref = r.shape[0]
+    tile = min(REF_BLOCK, n_ref)
+    chunk = _chunk_rows(tile, k, max_memory_mb, q.element_size())
     with torch.no_grad():
         for start in range(0, q.shape[0], chunk):
             qc = qs[start : start + chunk]
-            score = qc @ rs.T
-            if r_sq is not None:
-                # -‖q − r‖² up to the per-row constant ‖q‖², which does not change the ranking
-                score.mul_(2).sub_(r_sq[None, :])
-            if exclude_self:
-                rows = torch.arange(qc.shape[0], device=q.device)
-                score[rows, rows + start] = -torch.inf
-            top, idx = torch.topk(score, k, dim=1, largest=True, sorted=True)
+            rows = torch.arange(qc.shape[0], device=q.device)
+            best_val = best_idx = None
+            for r0 in range(0, n_ref, tile):
+                score = qc @ rs[r0 : r0 + tile].T
+                if r_sq is not None:
+                    # -‖q − r‖² up to the per-row constant ‖q‖², which does not change the ranking
+                    score.mul_(2).sub_(r_sq[None, r0 : r0 + tile])
+                if exclude_self:
+                    own = rows + start - r0  # column of each query's own item in this tile
+                    inside = (own >= 0) & (own < score.shape[1])
+                    score[rows[inside], own[inside]] = -torch.inf
+                top, idx = torch.topk(score, min(k, score.shape[1]), dim=1, largest=True, sorted=False)
+                idx += r0
+                if best_val is None:
+                    best_val, best_idx = top, idx
+                else:
+                    merged_val = torch.cat([best_val, top], dim=1)
+                    merged_idx = torch.cat([best_idx, idx], dim=1)
+                    best_val, pick = torch.topk(merged_val, min(k, merged_val.shape[1]), dim=1, sorted=False)
+                    best_idx = merged_idx.gather(1, pick)
+            top, order = torch.sort(best_val, dim=1, descending=True)
+            idx = best_idx.gather(1, order)
             if metric in ("euclidean", "squared_euclidean"):
                 sq = ((qc * qc).sum(1, keepdim=True) - top).clamp_min(0)
                 top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
