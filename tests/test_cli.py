@@ -81,3 +81,33 @@ def test_default_main_job_reaches_map_at_r_target(tmp_path):
     assert result["before"]["map_at_r"] == pytest.approx(0.544, abs=0.01)
     assert result["after"]["map_at_r"] >= 0.95
     assert result["after"]["precision_at_1"] >= 0.96
+
+
+def test_index_build_and_search(tmp_path):
+    result = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path), "--name", "r", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run, idx = tmp_path / "r", tmp_path / "gallery.idx"
+    result = runner.invoke(app, ["index", "build", str(run), "--data", "digits", "--out", str(idx)])
+    assert result.exit_code == 0, result.output
+    assert "indexed 1797 vectors of dimension 64" in result.output
+    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", "digits", "-k", "3",
+                                 "--limit", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output)
+    assert len(hits) == 4 and all(len(h["neighbours"]) == 3 for h in hits)
+    # each gallery item is its own nearest neighbour (distance 0), and labels come from the metadata
+    for h in hits:
+        first = h["neighbours"][0]
+        assert first["id"] == h["query"] and first["distance"] < 1e-3 and first["label"] == h["label"]
+    # plain-text output and raw .npy queries without labels
+    from sklearn.datasets import load_digits
+
+    np.save(tmp_path / "q.npy", load_digits().data[:2])
+    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", str(tmp_path / "q.npy"), "-k", "2"])
+    assert result.exit_code == 0 and "query 1" in result.output and "distance" in result.output
+    # a damaged index fails clearly
+    raw = bytearray(idx.read_bytes())
+    raw[-5] ^= 0xFF
+    idx.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", "digits"])
+    assert result.exit_code == 2 and "checksum" in result.output

@@ -101,6 +101,56 @@ def embed(
     typer.echo(f"wrote {path} ({dim}-d embeddings)")
 
 
+index_app = typer.Typer(no_args_is_help=True, help="Build a searchable index of embeddings and query it.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    run: Path = typer.Argument(..., help="A run folder written by 'metrix train' (its model embeds the gallery)."),
+    data: str = typer.Option(..., help="Gallery to index: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
+    out: Path = typer.Option(..., help="Index file to write (safetensors, checksummed)."),
+    backend: str = typer.Option("exact", help="'exact' (torch) or 'faiss' (needs the faiss extra)."),
+    faiss_index: str = typer.Option("HNSW32", help="faiss index factory string for --backend faiss: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ16, ..."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+) -> None:
+    """Embed a gallery with a trained run and save a vector index of it (ids = row numbers, labels as metadata)."""
+    from metrix.experiment import build_index
+
+    try:
+        index = build_index(run, data, out, backend, faiss_index, label_column)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(exc)
+    typer.echo(f"indexed {len(index)} vectors of dimension {index.dim} ({backend}) -> {out}")
+
+
+@index_app.command("search")
+def index_search(
+    index: Path = typer.Argument(..., help="An index file written by 'metrix index build'."),
+    run: Path = typer.Option(..., help="The run whose model embeds the queries (the one that built the index)."),
+    query: str = typer.Option(..., help="Queries: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of neighbours per query."),
+    limit: Optional[int] = typer.Option(None, help="Search only the first N queries."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Embed queries and print their nearest gallery items: ids, labels and distances."""
+    from metrix.experiment import search_index
+
+    try:
+        results = search_index(index, run, query, k, label_column, limit)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        head = f"query {r['query']}" + ("" if r["label"] is None else f" (label {r['label']})")
+        typer.echo(head)
+        for rank, n in enumerate(r["neighbours"], start=1):
+            typer.echo(f"  {rank:>3}  id {n['id']:>8}  label {str(n['label']):>10}  distance {n['distance']:.4f}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv)
 

@@ -272,3 +272,58 @@ def embed(run_dir, data: str, out, label_column: str = "label") -> tuple[Path, i
         np.save(buf, ds.y, allow_pickle=False)
         atomic_write_bytes(out.with_name(out.stem + "_labels.npy"), buf.getvalue())
     return out, emb.shape[1]
+
+
+def _load_inputs(spec: str, label_column: str = "label"):
+    """Raw inputs to embed: a dataset spec (labels kept) or a ``.npy`` array of raw inputs (no labels)."""
+    if spec.endswith(".npy"):
+        try:
+            x = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {spec} as a NumPy array: {exc}") from exc
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{spec} must hold numbers, got dtype {x.dtype}")
+        return x.astype(np.float32), None
+    ds = load_dataset(spec, label_column)
+    return ds.X, ds.y
+
+
+def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: str = "Flat",
+                label_column: str = "label"):
+    """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
+    from metrix.index import VectorIndex
+
+    model, _ = load_model(run_dir)
+    x, y = _load_inputs(data, label_column)
+    emb = model.embed(x).numpy()
+    # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable
+    index = VectorIndex(emb.shape[1], metric="l2", backend=backend, faiss_index=faiss_index)
+    metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]
+    index.add(emb, metadata=metadata)
+    if backend == "faiss":
+        index.search(emb[:1], 1)  # build (and train) now so the saved file holds the structure
+    index.save(out)
+    return index
+
+
+def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str = "label", limit: int | None = None):
+    """Embed queries with a saved run and search an index; returns one result dict per query."""
+    from metrix.index import VectorIndex
+
+    index = VectorIndex.load(index_path)
+    model, _ = load_model(run_dir)
+    if model.embedding_dim != index.dim:
+        raise ValueError(f"the run embeds into {model.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
+    x, y = _load_inputs(query, label_column)
+    if limit is not None:
+        x, y = x[:limit], None if y is None else y[:limit]
+    dist, ids = index.search(model.embed(x).numpy(), k)
+    results = []
+    for i, (d_row, id_row) in enumerate(zip(dist, ids)):
+        neighbours = []
+        for d, j in zip(d_row, id_row):
+            meta = index.metadata(int(j)) if j >= 0 else None
+            neighbours.append({"id": int(j), "label": None if not meta else meta.get("label"), "distance": float(d)})
+        label = None if y is None else (y[i].item() if hasattr(y[i], "item") else y[i])
+        results.append({"query": i, "label": label, "neighbours": neighbours})
+    return results

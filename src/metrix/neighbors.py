@@ -38,13 +38,33 @@ def _as_tensor(x, name):
 
 
 REF_BLOCK = 4096  # reference rows per tile: the (chunk × tile) score block stays in cache
-QUERY_CHUNK = 256  # query rows per chunk (fewer if max_memory_mb is small)
+QUERY_CHUNK = 1024  # query rows per chunk (fewer if max_memory_mb is small)
 
 
 def _chunk_rows(tile: int, k: int, max_memory_mb: float, itemsize: int) -> int:
-    # per query row: one score tile, its top-k, and the running best (values + int64 indices)
-    per_row = (2 * tile + 3 * k) * itemsize + 3 * k * 8
+    # per query row: one score tile and its mask, the running best-k and a merge buffer (values + int64)
+    per_row = 2 * tile * itemsize + 6 * k * (itemsize + 8)
     return max(1, min(QUERY_CHUNK, int(max_memory_mb * 2**20 // per_row)))
+
+
+def _merge_candidates(score, threshold, best_val, best_idx, offset, k):
+    """Merge the entries of ``score`` above each row's current k-th best into the running best-k.
+
+    Only entries beating ``threshold`` can enter the top-k, and after the first tiles they are a few per
+    row, so this costs a comparison pass instead of a ``topk`` over the whole tile.
+    """
+    rows, cols = torch.nonzero(score > threshold[:, None], as_tuple=True)
+    if rows.numel() == 0:
+        return best_val, best_idx
+    counts = torch.bincount(rows, minlength=score.shape[0])
+    slot = torch.arange(rows.numel(), device=score.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    width = int(counts.max())
+    pad_val = torch.full((score.shape[0], width), -torch.inf, dtype=score.dtype, device=score.device)
+    pad_idx = torch.zeros((score.shape[0], width), dtype=torch.int64, device=score.device)
+    pad_val[rows, slot] = score[rows, cols]
+    pad_idx[rows, slot] = cols + offset
+    merged_val, pick = torch.topk(torch.cat([best_val, pad_val], 1), k, dim=1, sorted=False)
+    return merged_val, torch.cat([best_idx, pad_idx], 1).gather(1, pick)
 
 
 def iter_knn(
@@ -83,37 +103,39 @@ def iter_knn(
         qs, rs = F.normalize(q, dim=1), F.normalize(r, dim=1)
     else:
         qs, rs = q, r
-    r_sq = (rs * rs).sum(1) if metric in ("euclidean", "squared_euclidean") else None
+    euclid = metric in ("euclidean", "squared_euclidean")
+    if euclid:  # larger = closer: 2q·r − ‖r‖² = [q, 1]·[2r, −‖r‖²] (the per-query ‖q‖² does not change ranks)
+        ra = torch.cat([2 * rs, -(rs * rs).sum(1, keepdim=True)], dim=1)
+        qa = torch.cat([qs, torch.ones(qs.shape[0], 1, dtype=qs.dtype, device=qs.device)], dim=1)
+    else:
+        ra, qa = rs, qs
     n_ref = r.shape[0]
     tile = min(REF_BLOCK, n_ref)
-    chunk = _chunk_rows(tile, k, max_memory_mb, q.element_size())
+    first = min(n_ref, max(tile, k + 1))  # the first block must hold k candidates besides the query itself
+    chunk = _chunk_rows(first, k, max_memory_mb, q.element_size())
     with torch.no_grad():
         for start in range(0, q.shape[0], chunk):
-            qc = qs[start : start + chunk]
+            qc = qa[start : start + chunk]
             rows = torch.arange(qc.shape[0], device=q.device)
             best_val = best_idx = None
-            for r0 in range(0, n_ref, tile):
-                score = qc @ rs[r0 : r0 + tile].T
-                if r_sq is not None:
-                    # -‖q − r‖² up to the per-row constant ‖q‖², which does not change the ranking
-                    score.mul_(2).sub_(r_sq[None, r0 : r0 + tile])
+            r0 = 0
+            while r0 < n_ref:
+                width = first if r0 == 0 else tile
+                score = qc @ ra[r0 : r0 + width].T
                 if exclude_self:
                     own = rows + start - r0  # column of each query's own item in this tile
                     inside = (own >= 0) & (own < score.shape[1])
                     score[rows[inside], own[inside]] = -torch.inf
-                top, idx = torch.topk(score, min(k, score.shape[1]), dim=1, largest=True, sorted=False)
-                idx += r0
                 if best_val is None:
-                    best_val, best_idx = top, idx
+                    best_val, best_idx = torch.topk(score, k, dim=1, sorted=False)
                 else:
-                    merged_val = torch.cat([best_val, top], dim=1)
-                    merged_idx = torch.cat([best_idx, idx], dim=1)
-                    best_val, pick = torch.topk(merged_val, min(k, merged_val.shape[1]), dim=1, sorted=False)
-                    best_idx = merged_idx.gather(1, pick)
+                    best_val, best_idx = _merge_candidates(score, best_val.amin(1), best_val, best_idx, r0, k)
+                r0 += width
             top, order = torch.sort(best_val, dim=1, descending=True)
             idx = best_idx.gather(1, order)
-            if metric in ("euclidean", "squared_euclidean"):
-                sq = ((qc * qc).sum(1, keepdim=True) - top).clamp_min(0)
+            if euclid:
+                q_rows = qs[start : start + chunk]
+                sq = ((q_rows * q_rows).sum(1, keepdim=True) - top).clamp_min(0)
                 top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
             elif metric == "cosine":
                 top = 1.0 - top
