@@ -73,10 +73,12 @@ class VectorIndex:
         ``"IVF1024,PQ16"``; IVF indexes are trained on the vectors present at the first search
     nprobe : IVF lists visited per query (recall/speed trade-off)
     ef_search : HNSW candidate list size per query (recall/speed trade-off)
+    ef_construction : HNSW candidate list size while building (graph quality; faiss's default is 40)
     """
 
     def __init__(self, dim: int, metric: str = "l2", backend: str = "exact", faiss_index: str = "Flat",
-                 nprobe: int = 16, ef_search: int = 64, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
+                 nprobe: int = 16, ef_search: int = 64, ef_construction: int = 40,
+                 max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if metric not in METRICS:
@@ -91,6 +93,7 @@ class VectorIndex:
                 raise ValueError(f"faiss cannot build index {faiss_index!r}: {str(exc).splitlines()[0]}") from exc
         self.dim, self.metric, self.backend = int(dim), metric, backend
         self.faiss_index, self.nprobe, self.ef_search = str(faiss_index), int(nprobe), int(ef_search)
+        self.ef_construction = int(ef_construction)
         self.max_memory_mb = float(max_memory_mb)
         self._vectors = np.empty((0, self.dim), dtype=np.float32)
         self._n = 0
@@ -200,6 +203,8 @@ class VectorIndex:
         faiss = require_faiss()
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         index = faiss.index_factory(self.dim, self.faiss_index, metric)
+        if hasattr(faiss.downcast_index(index), "hnsw"):
+            faiss.downcast_index(index).hnsw.efConstruction = self.ef_construction
         data = self._search_space(self._vectors[: self._n])
         if not index.is_trained:
             nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1) if "IVF" in self.faiss_index else 1
@@ -311,7 +316,7 @@ class VectorIndex:
     # ------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {"dim": self.dim, "metric": self.metric, "backend": self.backend, "faiss_index": self.faiss_index,
-                "nprobe": self.nprobe, "ef_search": self.ef_search}
+                "nprobe": self.nprobe, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
 
     def save(self, path) -> Path:
         """Write the index to one safetensors file (atomic, checksummed, no pickle)."""
