@@ -67,3 +67,28 @@ def test_tiled_merge_matches_brute_force(monkeypatch, metric, scipy_metric):
     q = rng.normal(size=(9, 5))
     d, i = nb.knn(q, x, k=10, metric=metric)
     np.testing.assert_array_equal(i.numpy(), np.argsort(cdist(q, x, scipy_metric), axis=1)[:, :10])
+
+
+def test_two_level_threshold_filter_finds_exactly_the_entries_above():
+    from metrix.neighbors import _above_threshold
+
+    rng = np.random.default_rng(6)
+    score = torch.from_numpy(rng.normal(size=(37, 96)))
+    thr = torch.from_numpy(rng.normal(size=37) + 1.5)
+    rows, cols = _above_threshold(score, thr)
+    expected = torch.nonzero(score > thr[:, None], as_tuple=True)
+    assert sorted(zip(rows.tolist(), cols.tolist())) == sorted(zip(expected[0].tolist(), expected[1].tolist()))
+    rows, cols = _above_threshold(score[:, :95], thr)  # width not a multiple of the group: plain path
+    assert len(rows) == int((score[:, :95] > thr[:, None]).sum())
+
+
+def test_tiled_search_with_groups_matches_brute_force(monkeypatch):
+    import metrix.neighbors as nb
+
+    monkeypatch.setattr(nb, "REF_BLOCK", 64)  # tiles of 64 columns: the grouped filter runs
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(400, 6))
+    d, i = nb.knn(x, k=15)
+    full = cdist(x, x)
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_array_equal(i.numpy(), np.argsort(full, axis=1)[:, :15])

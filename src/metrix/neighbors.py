@@ -47,13 +47,31 @@ def _chunk_rows(tile: int, k: int, max_memory_mb: float, itemsize: int) -> int:
     return max(1, min(QUERY_CHUNK, int(max_memory_mb * 2**20 // per_row)))
 
 
+GROUP = 32  # columns per group in the two-level threshold filter
+
+
+def _above_threshold(score: torch.Tensor, threshold: torch.Tensor):
+    """``(rows, cols)`` of the entries of ``score`` greater than their row's ``threshold``.
+
+    Two levels: the max of each group of 32 columns is compared first, and only groups that can hold a
+    candidate are scanned. One reduction pass replaces a full comparison pass plus a full ``nonzero``.
+    """
+    m, width = score.shape
+    if width % GROUP:
+        return torch.nonzero(score > threshold[:, None], as_tuple=True)
+    groups = score.view(m, width // GROUP, GROUP)
+    g_rows, g_cols = torch.nonzero(groups.amax(-1) > threshold[:, None], as_tuple=True)
+    hit_group, within = torch.nonzero(groups[g_rows, g_cols] > threshold[g_rows][:, None], as_tuple=True)
+    return g_rows[hit_group], g_cols[hit_group] * GROUP + within
+
+
 def _merge_candidates(score, threshold, best_val, best_idx, offset, k):
     """Merge the entries of ``score`` above each row's current k-th best into the running best-k.
 
     Only entries beating ``threshold`` can enter the top-k, and after the first tiles they are a few per
     row, so this costs a comparison pass instead of a ``topk`` over the whole tile.
     """
-    rows, cols = torch.nonzero(score > threshold[:, None], as_tuple=True)
+    rows, cols = _above_threshold(score, threshold)
     if rows.numel() == 0:
         return best_val, best_idx
     counts = torch.bincount(rows, minlength=score.shape[0])
