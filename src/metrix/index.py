@@ -177,20 +177,15 @@ class VectorIndex:
             unknown = [int(i) for i in ids if int(i) not in self._pos]
             if unknown:
                 raise KeyError(f"ids not in the index: {unknown[:10]}")
-            drop = np.zeros(self._n, dtype=bool)
-            drop[[self._pos[int(i)] for i in ids]] = True
-            keep = ~drop
-            kept = self._vectors[: self._n][keep]
-            self._vectors = np.empty((0, self.dim), dtype=np.float32)
-            self._n = 0
-            self._grow(len(kept))
-            self._vectors[: len(kept)] = kept
-            self._n = len(kept)
-            self._ids = self._ids[: len(drop)][keep]
+            keep = np.ones(self._n, dtype=bool)
+            keep[[self._pos[int(i)] for i in ids]] = False
+            self._vectors = self._vectors[: self._n][keep]  # a compact copy; add() grows it again
+            self._ids = self._ids[: self._n][keep]
             self._meta = [m for m, k in zip(self._meta, keep) if k]
+            self._n = len(self._ids)
             self._pos = {int(i): p for p, i in enumerate(self._ids)}
             self._faiss = None  # positions changed: rebuild before the next search
-            return int(drop.sum())
+            return int((~keep).sum())
 
     # ----------------------------------------------------------------- search
     def _search_space(self, x: np.ndarray) -> np.ndarray:
