@@ -157,3 +157,58 @@ def proxy_anchor(emb, labels, proxies, margin=0.1, alpha=32.0):
             pos_terms.append(torch.log(1 + sum(torch.exp(-alpha * (v - margin)) for v in pos)))
         neg_terms.append(torch.log(1 + sum((torch.exp(alpha * (v + margin)) for v in neg), torch.zeros((), dtype=torch.float64))))
     return torch.stack(pos_terms).sum() / len(pos_terms) + torch.stack(neg_terms).sum() / C
+
+
+def circle(emb, labels, ref=None, ref_labels=None, m=0.4, gamma=80.0):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    losses = []
+    for i in range(len(labels)):
+        terms_p, terms_n = [], []
+        for j in range(len(ref_labels)):
+            if same and i == j:
+                continue
+            s = dist(emb[i], ref[j], "cosine_similarity")
+            if ref_labels[j] == labels[i]:
+                alpha = max(0.0, 1 + m - float(s))  # a constant weight, as in the paper
+                terms_p.append(torch.exp(-gamma * alpha * (s - (1 - m))))
+            else:
+                alpha = max(0.0, float(s) + m)
+                terms_n.append(torch.exp(gamma * alpha * (s - m)))
+        if terms_p and terms_n:
+            losses.append(torch.log(1 + sum(terms_n) * sum(terms_p)))  # softplus(log a + log b)
+    return torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
+
+
+def generalized_lifted(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    losses = []
+    for i in range(len(labels)):
+        pos = [torch.exp(dist(emb[i], ref[j], "euclidean") - pos_margin) for j in range(len(ref_labels))
+               if not (same and i == j) and ref_labels[j] == labels[i]]
+        neg = [torch.exp(neg_margin - dist(emb[i], ref[j], "euclidean")) for j in range(len(ref_labels))
+               if ref_labels[j] != labels[i]]
+        total = torch.zeros((), dtype=torch.float64)
+        if pos:
+            total = total + torch.log(sum(pos))
+        if neg:
+            total = total + torch.log(sum(neg))
+        losses.append(torch.relu(total))
+    return torch.stack(losses).mean()
+
+
+def proxy_nca(emb, labels, proxies, scale=1.0):
+    losses = []
+    for i in range(len(labels)):
+        logits = torch.stack([-scale * ((_unit(emb[i]) - _unit(proxies[c])) ** 2).sum() for c in range(proxies.shape[0])])
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()
+
+
+def normalized_softmax(emb, labels, weight, temperature=0.05):
+    losses = []
+    for i in range(len(labels)):
+        logits = torch.stack([(_unit(emb[i]) @ _unit(weight[c])) / temperature for c in range(weight.shape[0])])
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()

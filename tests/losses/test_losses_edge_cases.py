@@ -17,11 +17,15 @@ PAIR_LOSSES = {
     "triplet_batch_hard": L.TripletMarginLoss(0.1, triplets="batch_hard"),
     "multi_similarity": L.MultiSimilarityLoss(),
     "ntxent": L.NTXentLoss(),
+    "circle": L.CircleLoss(),
+    "generalized_lifted": L.GeneralizedLiftedStructureLoss(),
 }
 CLASS_LOSSES = {
     "arcface": lambda: L.ArcFaceLoss(3, 4),
     "cosface": lambda: L.CosFaceLoss(3, 4),
     "proxy_anchor": lambda: L.ProxyAnchorLoss(3, 4),
+    "proxy_nca": lambda: L.ProxyNCALoss(3, 4),
+    "normalized_softmax": lambda: L.NormalizedSoftmaxLoss(3, 4),
 }
 
 
@@ -53,11 +57,11 @@ def test_degenerate_batches_are_finite(name, loss, case):
 
 @pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_pair_losses_return_exact_zero_without_pairs(name):
-    # no positive pair at all: documented result is 0 for every pair loss except contrastive,
-    # whose negative term still applies
+    # no positive pair at all: documented result is 0 for every pair loss except those whose negative
+    # term still applies (contrastive, multi-similarity, generalized lifted)
     emb = F.normalize(torch.randn(4, 4), dim=1).requires_grad_()
     value = PAIR_LOSSES[name](emb, torch.tensor([0, 1, 2, 3]))
-    if name in ("contrastive", "multi_similarity"):
+    if name in ("contrastive", "multi_similarity", "generalized_lifted"):  # their negative terms still apply
         assert float(value.detach()) >= 0
     else:
         assert float(value.detach()) == 0.0
@@ -172,6 +176,18 @@ def test_class_losses_under_bfloat16_autocast():
         v.backward()
         assert torch.isfinite(v) and loss.weight.dtype == torch.float32 and torch.isfinite(loss.weight.grad).all()
         assert loss.get_logits(emb).shape == (8, 3)
+
+
+def test_multiple_losses_weighted_sum_and_parameters():
+    emb, lab = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    a, b = L.TripletMarginLoss(0.2), L.ProxyNCALoss(3, 4)
+    combo = L.MultipleLosses([a, b], weights=[2.0, 0.5])
+    torch.testing.assert_close(combo(emb, lab), 2.0 * a(emb, lab) + 0.5 * b(emb, lab))
+    assert [p.shape for p in combo.parameters()] == [torch.Size([3, 4])]
+    with pytest.raises(ValueError, match="2 losses but 1 weights"):
+        L.MultipleLosses([a, b], weights=[1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        L.MultipleLosses([])
 
 
 def test_build_loss():

@@ -89,3 +89,24 @@ def test_arcface_cosface_proxy_anchor():
     theirs = pml_losses.ProxyAnchorLoss(5, 8, margin=0.1, alpha=32).double()
     theirs.proxies.data = ours.weight.data.clone()
     close(ours(e, l), theirs(e, l))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_circle_and_generalized_lifted(seed):
+    e, l = batch(seed)
+    close(L.CircleLoss(m=0.4, gamma=80)(e, l), pml_losses.CircleLoss(m=0.4, gamma=80)(e, l))
+    r, rl = batch(seed + 20, n=30)
+    close(L.CircleLoss(m=0.25, gamma=32)(e, l, r, rl), pml_losses.CircleLoss(m=0.25, gamma=32)(e, l, ref_emb=r, ref_labels=rl))
+    close(L.GeneralizedLiftedStructureLoss(0.1, 1.0)(e, l), pml_losses.GeneralizedLiftedStructureLoss(neg_margin=1.0, pos_margin=0.1)(e, l))
+
+
+def test_proxy_nca_and_normalized_softmax():
+    e, l = batch(9, n=32, dim=8, n_classes=5)
+    ours = L.ProxyNCALoss(5, 8).double()
+    theirs = pml_losses.ProxyNCALoss(5, 8).double()
+    theirs.proxies.data = ours.weight.data.clone()
+    close(ours(e, l), theirs(e, l))
+    ours = L.NormalizedSoftmaxLoss(5, 8, temperature=0.05).double()
+    theirs = pml_losses.NormalizedSoftmaxLoss(5, 8, temperature=0.05).double()
+    theirs.W.data = ours.weight.data.T.clone()
+    close(ours(e, l), theirs(e, l))

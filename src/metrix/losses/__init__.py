@@ -1,16 +1,23 @@
 """Metric-learning losses. Every loss is a pure function plus a thin ``nn.Module`` wrapper,
 called as ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None)`` → scalar."""
 
+from metrix.losses.circle import CircleLoss, circle_loss
+from metrix.losses.combined import MultipleLosses
 from metrix.losses.contrastive import ContrastiveLoss, contrastive_loss
+from metrix.losses.lifted import GeneralizedLiftedStructureLoss, generalized_lifted_structure_loss
 from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from metrix.losses.ntxent import NTXentLoss, ntxent_loss
 from metrix.losses.proxies import (
     ArcFaceLoss,
     CosFaceLoss,
+    NormalizedSoftmaxLoss,
     ProxyAnchorLoss,
+    ProxyNCALoss,
     arcface_loss,
     cosface_loss,
+    normalized_softmax_loss,
     proxy_anchor_loss,
+    proxy_nca_loss,
 )
 from metrix.losses.triplet import TRIPLET_SELECTIONS, TripletMarginLoss, triplet_margin_loss
 
@@ -23,6 +30,10 @@ LOSSES = {
     "arcface": (ArcFaceLoss, True),
     "cosface": (CosFaceLoss, True),
     "proxy_anchor": (ProxyAnchorLoss, True),
+    "circle": (CircleLoss, False),
+    "generalized_lifted": (GeneralizedLiftedStructureLoss, False),
+    "proxy_nca": (ProxyNCALoss, True),
+    "normalized_softmax": (NormalizedSoftmaxLoss, True),
 }
 
 
@@ -39,8 +50,9 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
-    "ArcFaceLoss", "ContrastiveLoss", "CosFaceLoss", "LOSSES", "MultiSimilarityLoss", "NTXentLoss",
-    "ProxyAnchorLoss", "TRIPLET_SELECTIONS", "TripletMarginLoss", "arcface_loss", "build_loss",
-    "contrastive_loss", "cosface_loss", "multi_similarity_loss", "ntxent_loss", "proxy_anchor_loss",
-    "triplet_margin_loss",
+    "ArcFaceLoss", "CircleLoss", "ContrastiveLoss", "CosFaceLoss", "GeneralizedLiftedStructureLoss", "LOSSES",
+    "MultiSimilarityLoss", "MultipleLosses", "NTXentLoss", "NormalizedSoftmaxLoss", "ProxyAnchorLoss",
+    "ProxyNCALoss", "TRIPLET_SELECTIONS", "TripletMarginLoss", "arcface_loss", "build_loss", "circle_loss",
+    "contrastive_loss", "cosface_loss", "generalized_lifted_structure_loss", "multi_similarity_loss",
+    "normalized_softmax_loss", "ntxent_loss", "proxy_anchor_loss", "proxy_nca_loss", "triplet_margin_loss",
 ]

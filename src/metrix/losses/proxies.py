@@ -151,3 +151,55 @@ class ProxyAnchorLoss(_ClassVectorLoss):
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
         _no_reference("ProxyAnchorLoss", ref_embeddings, ref_labels)
         return proxy_anchor_loss(embeddings, labels, self.weight, margin=self.margin, alpha=self.alpha)
+
+
+def proxy_nca_loss(embeddings, labels, proxies, *, scale: float = 1.0) -> torch.Tensor:
+    """ProxyNCA (Movshovitz-Attias et al., ICCV 2017) in the NCA softmax form:
+
+        L = mean_i −log( e^{−s·‖x̂_i − p̂_{y_i}‖²} / Σ_c e^{−s·‖x̂_i − p̂_c‖²} )
+
+    on L2-normalised embeddings and proxies. The original paper leaves the positive proxy out of the
+    denominator; like pytorch-metric-learning's ``ProxyNCALoss`` and ProxyNCA++ (Teh et al., 2020), it is kept
+    in, which makes the loss a proper cross-entropy. ``scale`` is ProxyNCA++'s inverse temperature (they use 9).
+    """
+    b = _prepare_class_batch(embeddings, labels, proxies)
+    # ‖x̂ − p̂‖² = 2 − 2 cos for unit vectors
+    logits = -scale * (2.0 - 2.0 * class_cosine(b.embeddings, proxies))
+    return F.cross_entropy(logits, b.labels)
+
+
+def normalized_softmax_loss(embeddings, labels, weight, *, temperature: float = 0.05) -> torch.Tensor:
+    """Normalized softmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC
+    2019): cross-entropy over ``cos(x, w_c) / T`` with L2-normalised embeddings and class weights."""
+    b = _prepare_class_batch(embeddings, labels, weight)
+    return F.cross_entropy(class_cosine(b.embeddings, weight) / temperature, b.labels)
+
+
+class ProxyNCALoss(_ClassVectorLoss):
+    """ProxyNCA with learnable proxies (see :func:`proxy_nca_loss`)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, scale: float = 1.0):
+        super().__init__(num_classes, embedding_dim)
+        self.scale = check_positive(scale, "scale")
+
+    def get_logits(self, embeddings):
+        return -self.scale * (2.0 - 2.0 * class_cosine(embeddings, self.weight))
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference("ProxyNCALoss", ref_embeddings, ref_labels)
+        return proxy_nca_loss(embeddings, labels, self.weight, scale=self.scale)
+
+
+class NormalizedSoftmaxLoss(_ClassVectorLoss):
+    """Normalized softmax with learnable class weights (see :func:`normalized_softmax_loss`)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05):
+        super().__init__(num_classes, embedding_dim)
+        self.temperature = check_positive(temperature, "temperature")
+
+    def get_logits(self, embeddings):
+        return class_cosine(embeddings, self.weight) / self.temperature
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference("NormalizedSoftmaxLoss", ref_embeddings, ref_labels)
+        return normalized_softmax_loss(embeddings, labels, self.weight, temperature=self.temperature)
