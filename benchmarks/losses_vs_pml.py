@@ -99,6 +99,8 @@ def main():
     arc = proxies(L.ArcFaceLoss, P.ArcFaceLoss, ours={"margin": 0.5, "scale": 64}, pml={"margin": 28.6479, "scale": 64}, attr="W")
     cos = proxies(L.CosFaceLoss, P.CosFaceLoss, ours={"margin": 0.35, "scale": 64}, pml={"margin": 0.35, "scale": 64}, attr="W")
     pa = proxies(L.ProxyAnchorLoss, P.ProxyAnchorLoss, ours={"margin": 0.1, "alpha": 32}, pml={"margin": 0.1, "alpha": 32}, attr="proxies")
+    pnca = proxies(L.ProxyNCALoss, P.ProxyNCALoss, ours={}, pml={}, attr="proxies")
+    nsm = proxies(L.NormalizedSoftmaxLoss, P.NormalizedSoftmaxLoss, ours={"temperature": 0.05}, pml={"temperature": 0.05}, attr="W")
 
     semihard_miner = PM.TripletMarginMiner(margin=0.05, type_of_triplets="semihard")
     ms_miner = PM.MultiSimilarityMiner(epsilon=0.1)
@@ -119,6 +121,11 @@ def main():
         ("ArcFace", proxy_floor, lambda x: arc[0](x, labels), lambda x: arc[1](x, labels)),
         ("CosFace", proxy_floor, lambda x: cos[0](x, labels), lambda x: cos[1](x, labels)),
         ("Proxy-Anchor", proxy_floor, lambda x: pa[0](x, labels), lambda x: pa[1](x, labels)),
+        ("circle", pair_floor, lambda x: L.CircleLoss()(x, labels), lambda x: P.CircleLoss()(x, labels)),
+        ("generalized lifted structure", pair_floor, lambda x: L.GeneralizedLiftedStructureLoss()(x, labels),
+         lambda x: P.GeneralizedLiftedStructureLoss()(x, labels)),
+        ("ProxyNCA", proxy_floor, lambda x: pnca[0](x, labels), lambda x: pnca[1](x, labels)),
+        ("normalized softmax", proxy_floor, lambda x: nsm[0](x, labels), lambda x: nsm[1](x, labels)),
     ]
 
     print(f"# losses_vs_pml: B={B}, D={D}, {CLASSES} classes x {B // CLASSES}, float32, forward+backward")
