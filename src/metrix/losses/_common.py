@@ -12,12 +12,24 @@ Conventions (all losses):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from metrix._validation import check_choice, check_embeddings, check_labels, check_pair
 
 REDUCTIONS = ("mean_nonzero", "mean", "sum")
+
+
+class Pairs(NamedTuple):
+    """Selected anchor–positive and anchor–negative pairs as float (B, R) masks or non-negative weights.
+
+    Miners return it; pair and triplet losses take it as ``pairs=`` and use only the label-valid pairs it
+    keeps (a triplet loss forms its triplets from the kept positives × kept negatives of each anchor).
+    """
+
+    pos: torch.Tensor
+    neg: torch.Tensor
 
 
 @dataclass
@@ -44,17 +56,25 @@ def prepare_batch(embeddings, labels, ref_embeddings=None, ref_labels=None) -> B
     return Batch(emb, lab, ref, ref_lab, False)
 
 
-def label_masks(batch: Batch, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def label_masks(batch: Batch, dtype: torch.dtype | None = None, pairs: Pairs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float 0/1 (B, R) masks of positive pairs (same label, not self) and negative pairs.
 
     Float masks on purpose: multiplying by a 0/1 matrix is ~15× faster on CPU than ``torch.where``
     or ``masked_fill`` with a boolean mask, and the losses' hot paths are element-wise over B×R.
+    With ``pairs`` (from a miner), only the pairs it selects are kept (``> 0`` counts as selected).
     """
     dtype = dtype or batch.embeddings.dtype
     same = (batch.labels[:, None] == batch.ref_labels[None, :]).to(dtype)
     neg = 1.0 - same
     if batch.same_set:
         same.fill_diagonal_(0)
+    if pairs is not None:
+        shape = tuple(same.shape)
+        for name, mask in (("pos", pairs.pos), ("neg", pairs.neg)):
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"pairs.{name} has shape {tuple(mask.shape)} but the batch needs {shape}")
+        same = same * (pairs.pos > 0).to(dtype)
+        neg = neg * (pairs.neg > 0).to(dtype)
     return same, neg
 
 

@@ -19,12 +19,13 @@ from metrix.distances import cosine_similarity
 from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
 
 
-def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: float = 0.4, gamma: float = 80.0):
+def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: float = 0.4, gamma: float = 80.0,
+                pairs=None):
     """Circle loss over all pairs of the B×R matrix; 0 (with a gradient path) if no anchor qualifies."""
     gamma = check_positive(gamma, "gamma")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     s = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings)
-    pos, neg = label_masks(b, s.dtype)
+    pos, neg = label_masks(b, s.dtype, pairs)
     sd = s.detach()
     logit_p = -gamma * torch.relu(1.0 + m - sd) * (s - (1.0 - m))
     logit_n = gamma * torch.relu(sd + m) * (s - m)
@@ -43,5 +44,5 @@ class CircleLoss(nn.Module):
         super().__init__()
         self.m, self.gamma = float(m), check_positive(gamma, "gamma")
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
-        return circle_loss(embeddings, labels, ref_embeddings, ref_labels, m=self.m, gamma=self.gamma)
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
+        return circle_loss(embeddings, labels, ref_embeddings, ref_labels, m=self.m, gamma=self.gamma, pairs=pairs)

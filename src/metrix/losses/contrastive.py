@@ -27,6 +27,7 @@ def contrastive_loss(
     metric: str = "euclidean",
     squared: bool = False,
     reduction: str = "mean_nonzero",
+    pairs=None,
 ) -> torch.Tensor:
     """Contrastive loss over every positive and negative pair of the B×R matrix.
 
@@ -34,7 +35,7 @@ def contrastive_loss(
     """
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     mat = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b)
+    pos, neg = label_masks(b, pairs=pairs)
     if is_similarity(metric):
         pos_loss, neg_loss = torch.relu(pos_margin - mat), torch.relu(mat - neg_margin)
     else:
@@ -64,8 +65,9 @@ class ContrastiveLoss(nn.Module):
         self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
         self.metric, self.squared, self.reduction = metric, squared, reduction
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
         return contrastive_loss(
             embeddings, labels, ref_embeddings, ref_labels, pos_margin=self.pos_margin,
             neg_margin=self.neg_margin, metric=self.metric, squared=self.squared, reduction=self.reduction,
+            pairs=pairs,
         )

@@ -24,11 +24,11 @@ def _masked_logsumexp(x, mask):
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
                                       pos_margin: float = 0.0, neg_margin: float = 1.0,
-                                      metric: str = "euclidean") -> torch.Tensor:
+                                      metric: str = "euclidean", pairs=None) -> torch.Tensor:
     """Generalized lifted structure loss, mean over anchors."""
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     d = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b, d.dtype)
+    pos, neg = label_masks(b, d.dtype, pairs)
     return torch.relu(_masked_logsumexp(d - pos_margin, pos) + _masked_logsumexp(neg_margin - d, neg)).mean()
 
 
@@ -39,7 +39,7 @@ class GeneralizedLiftedStructureLoss(nn.Module):
         super().__init__()
         self.pos_margin, self.neg_margin, self.metric = float(pos_margin), float(neg_margin), metric
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
         return generalized_lifted_structure_loss(embeddings, labels, ref_embeddings, ref_labels,
                                                  pos_margin=self.pos_margin, neg_margin=self.neg_margin,
-                                                 metric=self.metric)
+                                                 metric=self.metric, pairs=pairs)

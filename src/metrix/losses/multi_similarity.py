@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metrix.distances import is_similarity, pairwise_distance
-from metrix.losses._common import label_masks, log1p_sum_exp, mask_logits, prepare_batch
+from metrix.losses._common import label_masks, log1p_sum_exp, prepare_batch
 
 
 def multi_similarity_loss(
@@ -29,19 +29,18 @@ def multi_similarity_loss(
     mining: bool = True,
     epsilon: float = 0.1,
     metric: str = "cosine_similarity",
+    pairs=None,
 ) -> torch.Tensor:
     """Multi-Similarity loss; anchors with no selected pair contribute 0 to the mean."""
     if not is_similarity(metric):
         raise ValueError(f"multi_similarity_loss needs a similarity metric (cosine_similarity, dot), got {metric!r}")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     s = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b)
+    pos, neg = label_masks(b, s.dtype, pairs)
     if mining:
-        sd = s.detach()
-        hardest_neg = mask_logits(sd, neg).amax(dim=1, keepdim=True)  # -huge when no negative
-        hardest_pos = (-mask_logits(-sd, pos)).amin(dim=1, keepdim=True)  # +huge when no positive
-        pos = pos * (sd - epsilon < hardest_neg)
-        neg = neg * (sd + epsilon > hardest_pos)
+        from metrix.mining import multi_similarity_pairs  # the one definition of the MS rule
+
+        pos, neg = multi_similarity_pairs(s.detach(), pos, neg, epsilon)
     pos_term = log1p_sum_exp(-alpha * (s - base), pos) / alpha
     neg_term = log1p_sum_exp(beta * (s - base), neg) / beta
     return (pos_term + neg_term).mean()
@@ -56,8 +55,8 @@ class MultiSimilarityLoss(nn.Module):
         self.alpha, self.beta, self.base = float(alpha), float(beta), float(base)
         self.mining, self.epsilon, self.metric = bool(mining), float(epsilon), metric
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
         return multi_similarity_loss(
             embeddings, labels, ref_embeddings, ref_labels, alpha=self.alpha, beta=self.beta,
-            base=self.base, mining=self.mining, epsilon=self.epsilon, metric=self.metric,
+            base=self.base, mining=self.mining, epsilon=self.epsilon, metric=self.metric, pairs=pairs,
         )

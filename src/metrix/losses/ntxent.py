@@ -20,12 +20,13 @@ from metrix.distances import cosine_similarity
 from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
 
 
-def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, temperature: float = 0.1) -> torch.Tensor:
+def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, temperature: float = 0.1,
+                pairs=None) -> torch.Tensor:
     """Supervised NT-Xent; returns 0 (with a gradient path) if no anchor has a positive."""
     temperature = check_positive(temperature, "temperature")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     logits = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings) / temperature
-    pos, neg = label_masks(b, logits.dtype)
+    pos, neg = label_masks(b, logits.dtype, pairs)
     # denominator over everything but self; a row with nothing else gets a finite dummy (no positive: unused)
     denom = torch.logsumexp(mask_logits(logits, pos + neg), dim=1, keepdim=True)
     log_prob = logits - denom
@@ -49,5 +50,5 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = check_positive(temperature, "temperature")
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
-        return ntxent_loss(embeddings, labels, ref_embeddings, ref_labels, temperature=self.temperature)
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
+        return ntxent_loss(embeddings, labels, ref_embeddings, ref_labels, temperature=self.temperature, pairs=pairs)

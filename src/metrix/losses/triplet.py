@@ -107,6 +107,7 @@ def triplet_margin_loss(
     triplets: str = "all",
     metric: str = "euclidean",
     reduction: str = "mean_nonzero",
+    pairs=None,
 ) -> torch.Tensor:
     """Triplet margin loss over the triplets chosen by ``triplets`` (see module docstring).
 
@@ -118,7 +119,7 @@ def triplet_margin_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     d = dissimilarity(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b)
+    pos, neg = label_masks(b, pairs=pairs)
     graph = (b.embeddings, b.ref_embeddings)
     if triplets == "batch_hard":
         return _batch_hard(d, pos, neg, float(margin), reduction, graph)
@@ -144,8 +145,8 @@ class TripletMarginLoss(nn.Module):
         check_choice(reduction, "reduction", REDUCTIONS)
         self.margin, self.triplets, self.metric, self.reduction = float(margin), triplets, metric, reduction
 
-    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
         return triplet_margin_loss(
             embeddings, labels, ref_embeddings, ref_labels, margin=self.margin,
-            triplets=self.triplets, metric=self.metric, reduction=self.reduction,
+            triplets=self.triplets, metric=self.metric, reduction=self.reduction, pairs=pairs,
         )
