@@ -96,3 +96,29 @@ def test_nan_loss_is_reported():
     model, trainer = make(lr=1e12, optimizer="sgd", loss=TripletMarginLoss(margin=1.0, metric="dot"))
     with pytest.raises((FloatingPointError, ValueError)):
         trainer.fit(x, y)
+
+
+def test_cross_batch_memory_trains_and_resumes_exactly(tmp_path):
+    from metrix.memory import CrossBatchMemory
+
+    x, y = data(4)
+    make_loss = lambda: CrossBatchMemory(MultiSimilarityLoss(), embedding_dim=8, memory_size=48)  # noqa: E731
+    model_a, trainer_a = make(seed=2, epochs=4, checkpoint_dir=tmp_path / "a", loss=make_loss)
+    history = trainer_a.fit(x, y, val=(x, y))
+    assert history[-1]["map_at_r"] > history[0]["map_at_r"] and len(trainer_a.loss) == 48
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(trainer, epoch, row):
+        if epoch == 1:
+            raise Interrupt
+
+    _, trainer_b = make(seed=2, epochs=4, checkpoint_dir=tmp_path / "b", loss=make_loss, callbacks=[stop])
+    with pytest.raises(Interrupt):
+        trainer_b.fit(x, y, val=(x, y))
+    model_c, trainer_c = make(seed=2, init_seed=7, epochs=4, checkpoint_dir=tmp_path / "b", loss=make_loss)
+    trainer_c.fit(x, y, val=(x, y), resume=True)
+    for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()):
+        assert torch.equal(a, c)
+    assert torch.equal(trainer_a.loss.memory, trainer_c.loss.memory)
