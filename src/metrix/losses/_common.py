@@ -115,6 +115,11 @@ def mask_logits(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x + (mask - 1.0) * torch.finfo(x.dtype).max
 
 
+def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``log Σ_{mask} exp(x)`` along ``dim`` (float 0/1 ``mask``); an empty selection gives 0, not −inf."""
+    return torch.logsumexp(mask_logits(x, mask), dim=dim) * mask.amax(dim=dim)
+
+
 def log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``log(1 + Σ_{mask} exp(x))`` along ``dim`` (float 0/1 ``mask``), stable, 0 for empty masks.
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from metrix._validation import check_positive
 from metrix.distances import cosine_similarity
-from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
+from metrix.losses._common import label_masks, masked_logsumexp, prepare_batch, reduce
 
 
 def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: float = 0.4, gamma: float = 80.0,
@@ -29,11 +29,8 @@ def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: 
     sd = s.detach()
     logit_p = -gamma * torch.relu(1.0 + m - sd) * (s - (1.0 - m))
     logit_n = gamma * torch.relu(sd + m) * (s - m)
-    valid = pos.amax(dim=1) * neg.amax(dim=1)
-    # rows without positives or negatives get finite dummy sums and are masked out by `valid`
-    lse_p = torch.logsumexp(mask_logits(logit_p, pos), dim=1) * valid
-    lse_n = torch.logsumexp(mask_logits(logit_n, neg), dim=1) * valid
-    losses = F.softplus(lse_p + lse_n) * valid
+    valid = pos.amax(dim=1) * neg.amax(dim=1)  # anchors with at least one positive and one negative
+    losses = F.softplus(masked_logsumexp(logit_p, pos) + masked_logsumexp(logit_n, neg)) * valid
     return reduce(losses, torch.count_nonzero(valid), "mean", b.embeddings, b.ref_embeddings)
 
 

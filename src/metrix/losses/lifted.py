@@ -14,12 +14,7 @@ import torch
 from torch import nn
 
 from metrix.distances import pairwise_distance
-from metrix.losses._common import label_masks, mask_logits, prepare_batch
-
-
-def _masked_logsumexp(x, mask):
-    has_any = mask.amax(dim=1)
-    return torch.logsumexp(mask_logits(x, mask), dim=1) * has_any  # 0 for an empty sum, as documented
+from metrix.losses._common import label_masks, masked_logsumexp, prepare_batch
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
@@ -29,7 +24,7 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, r
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     d = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, d.dtype, pairs)
-    return torch.relu(_masked_logsumexp(d - pos_margin, pos) + _masked_logsumexp(neg_margin - d, neg)).mean()
+    return torch.relu(masked_logsumexp(d - pos_margin, pos) + masked_logsumexp(neg_margin - d, neg)).mean()
 
 
 class GeneralizedLiftedStructureLoss(nn.Module):
