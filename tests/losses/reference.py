@@ -212,3 +212,51 @@ def normalized_softmax(emb, labels, weight, temperature=0.05):
         logits = torch.stack([(_unit(emb[i]) @ _unit(weight[c])) / temperature for c in range(weight.shape[0])])
         losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
     return torch.stack(losses).mean()
+
+
+def lifted_structure(emb, labels, neg_margin=1.0):
+    n = len(labels)
+    terms = []
+    for i in range(n):
+        for j in range(n):
+            if i == j or labels[i] != labels[j]:
+                continue
+            s = sum((torch.exp(neg_margin - dist(emb[a], emb[k], "euclidean"))
+                     for a in (i, j) for k in range(n) if labels[k] != labels[a]), torch.zeros((), dtype=torch.float64))
+            if float(s.detach()) == 0:
+                terms.append(torch.zeros((), dtype=torch.float64))
+                continue
+            jij = torch.log(s) + dist(emb[i], emb[j], "euclidean")
+            terms.append(torch.relu(jij) ** 2 / 2)
+    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=torch.float64)
+
+
+def npair(emb, labels, l2_reg=0.0):
+    seen, pairs = {}, []
+    for idx, lab in enumerate(labels.tolist()):
+        seen.setdefault(lab, []).append(idx)
+    for lab in sorted(seen, key=lambda k: seen[k][0]):
+        if len(seen[lab]) >= 2:
+            pairs.append((seen[lab][0], seen[lab][1]))
+    losses = []
+    for a, _ in pairs:
+        logits = torch.stack([emb[a] @ emb[p2] for _, p2 in pairs])
+        target = [x for x, _ in pairs].index(a)
+        losses.append(-(logits[target] - torch.log(torch.exp(logits).sum())))
+    loss = torch.stack(losses).mean()
+    vecs = [emb[i] for pair in pairs for i in pair]
+    return loss + l2_reg * torch.stack([v @ v for v in vecs]).mean()
+
+
+def info_nce(q, p, negs, temperature):
+    losses = []
+    for i in range(q.shape[0]):
+        pos = _unit(q[i]) @ _unit(p[i]) / temperature
+        rows = negs[i] if negs.ndim == 3 else negs
+        others = [_unit(q[i]) @ _unit(n) / temperature for n in rows]
+        losses.append(-(pos - torch.log(torch.exp(pos) + sum(torch.exp(o) for o in others))))
+    return torch.stack(losses).mean()
+
+
+def center(emb, labels, centers):
+    return torch.stack([0.5 * ((emb[i] - centers[int(labels[i])]) ** 2).sum() for i in range(len(labels))]).mean()

@@ -5,16 +5,24 @@ from metrix.losses._common import Pairs
 from metrix.losses.circle import CircleLoss, circle_loss
 from metrix.losses.combined import MultipleLosses
 from metrix.losses.contrastive import ContrastiveLoss, contrastive_loss
-from metrix.losses.lifted import GeneralizedLiftedStructureLoss, generalized_lifted_structure_loss
+from metrix.losses.lifted import (
+    GeneralizedLiftedStructureLoss,
+    LiftedStructureLoss,
+    generalized_lifted_structure_loss,
+    lifted_structure_loss,
+)
 from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from metrix.losses.npair import InfoNCELoss, NPairLoss, info_nce_loss, npair_loss
 from metrix.losses.ntxent import NTXentLoss, ntxent_loss
 from metrix.losses.proxies import (
     ArcFaceLoss,
+    CenterLoss,
     CosFaceLoss,
     NormalizedSoftmaxLoss,
     ProxyAnchorLoss,
     ProxyNCALoss,
     arcface_loss,
+    center_loss,
     cosface_loss,
     normalized_softmax_loss,
     proxy_anchor_loss,
@@ -35,6 +43,9 @@ LOSSES = {
     "generalized_lifted": (GeneralizedLiftedStructureLoss, False),
     "proxy_nca": (ProxyNCALoss, True),
     "normalized_softmax": (NormalizedSoftmaxLoss, True),
+    "lifted_structure": (LiftedStructureLoss, False),
+    "npair": (NPairLoss, False),
+    "center": (CenterLoss, True),
 }
 
 
@@ -51,6 +62,8 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
+    "CenterLoss", "InfoNCELoss", "LiftedStructureLoss", "NPairLoss", "center_loss", "info_nce_loss",
+    "lifted_structure_loss", "npair_loss",
     "ArcFaceLoss", "CircleLoss", "ContrastiveLoss", "CosFaceLoss", "GeneralizedLiftedStructureLoss", "LOSSES",
     "MultiSimilarityLoss", "MultipleLosses", "NTXentLoss", "NormalizedSoftmaxLoss", "Pairs", "ProxyAnchorLoss",
     "ProxyNCALoss", "TRIPLET_SELECTIONS", "TripletMarginLoss", "arcface_loss", "build_loss", "circle_loss",

@@ -1,4 +1,14 @@
-"""Generalized lifted structure loss (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person
+"""Lifted structure losses.
+
+Original (Oh Song, Xiang, Jegelka & Savarese, "Deep Metric Learning via Lifted Structured Feature
+Embedding", CVPR 2016), for every ordered positive pair (i, j):
+
+    J_ij = log( Σ_{k∈N_i} e^{m − d_ik} + Σ_{l∈N_j} e^{m − d_jl} ) + d_ij,    L = mean_{(i,j)} [J_ij]_+² / 2
+
+computed densely from one masked log-sum-exp per row (``log(S_i + S_j) = logaddexp(lse_i, lse_j)``).
+Same values as pytorch-metric-learning's ``LiftedStructureLoss`` (``pos_margin=0``).
+
+Generalized lifted structure loss (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss for Person
 Re-Identification", 2017, eq. on p. 4; a smooth relaxation of Oh Song et al.'s lifted structure, CVPR 2016):
 
     L_i = [ log Σ_{p∈P_i} e^{d_ip − m_pos} + log Σ_{n∈N_i} e^{m_neg − d_in} ]_+
@@ -14,17 +24,53 @@ import torch
 from torch import nn
 
 from metrix.distances import pairwise_distance
-from metrix.losses._common import label_masks, masked_logsumexp, prepare_batch
+from metrix.losses._common import label_masks, mask_logits, masked_logsumexp, prepare_batch, reduce
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
                                       pos_margin: float = 0.0, neg_margin: float = 1.0,
                                       metric: str = "euclidean", pairs=None) -> torch.Tensor:
-    """Generalized lifted structure loss, mean over anchors."""
+    """Lifted structure losses.
+
+Original (Oh Song, Xiang, Jegelka & Savarese, "Deep Metric Learning via Lifted Structured Feature
+Embedding", CVPR 2016), for every ordered positive pair (i, j):
+
+    J_ij = log( Σ_{k∈N_i} e^{m − d_ik} + Σ_{l∈N_j} e^{m − d_jl} ) + d_ij,    L = mean_{(i,j)} [J_ij]_+² / 2
+
+computed densely from one masked log-sum-exp per row (``log(S_i + S_j) = logaddexp(lse_i, lse_j)``).
+Same values as pytorch-metric-learning's ``LiftedStructureLoss`` (``pos_margin=0``).
+
+Generalized lifted structure loss, mean over anchors."""
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     d = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, d.dtype, pairs)
     return torch.relu(masked_logsumexp(d - pos_margin, pos) + masked_logsumexp(neg_margin - d, neg)).mean()
+
+
+def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=None) -> torch.Tensor:
+    """Original lifted structure loss over the positive pairs of the batch (no reference set: the loss
+    needs each positive's own negatives within the batch). 0 when the batch has no positive pair."""
+    b = prepare_batch(embeddings, labels)
+    d = pairwise_distance(b.embeddings, None, "euclidean")
+    pos, neg = label_masks(b, d.dtype, pairs)
+    # per-row log Σ_neg e^{m − d}; an anchor without negatives gets a huge negative (finite) value
+    lse = torch.logsumexp(mask_logits(neg_margin - d, neg), dim=1)
+    j = torch.logaddexp(lse[:, None], lse[None, :]) + d
+    losses = torch.relu(j) ** 2 / 2 * pos
+    return reduce(losses, torch.count_nonzero(pos), "mean", b.embeddings)
+
+
+class LiftedStructureLoss(nn.Module):
+    """Module form of :func:`lifted_structure_loss`."""
+
+    def __init__(self, neg_margin: float = 1.0):
+        super().__init__()
+        self.neg_margin = float(neg_margin)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None, pairs=None):
+        if ref_embeddings is not None or ref_labels is not None:
+            raise ValueError("LiftedStructureLoss needs each positive's negatives within the batch; ref_embeddings is not supported")
+        return lifted_structure_loss(embeddings, labels, neg_margin=self.neg_margin, pairs=pairs)
 
 
 class GeneralizedLiftedStructureLoss(nn.Module):

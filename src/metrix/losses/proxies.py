@@ -203,3 +203,29 @@ class NormalizedSoftmaxLoss(_ClassVectorLoss):
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
         _no_reference("NormalizedSoftmaxLoss", ref_embeddings, ref_labels)
         return normalized_softmax_loss(embeddings, labels, self.weight, temperature=self.temperature)
+
+
+def center_loss(embeddings, labels, centers) -> torch.Tensor:
+    """Center loss (Wen et al., "A Discriminative Feature Learning Approach for Deep Face Recognition",
+    ECCV 2016): ``L = 1/2 · mean_i ‖x_i − c_{y_i}‖²``. Centers are learned by gradient descent here (the
+    paper's separate update rule with rate α is equivalent to a per-parameter learning rate, ``Trainer(loss_lr=...)``).
+    Combine it with a softmax-type loss through ``MultipleLosses``, as the paper does (weight λ)."""
+    b = _prepare_class_batch(embeddings, labels, centers)
+    return 0.5 * (b.embeddings - centers[b.labels]).pow(2).sum(dim=1).mean()
+
+
+class CenterLoss(_ClassVectorLoss):
+    """Center loss with learnable class centres (``self.weight``, initialised at 0 as in the paper)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int):
+        super().__init__(num_classes, embedding_dim)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def get_logits(self, embeddings):
+        """Negative squared distances to the centres (larger = more likely)."""
+        return -torch.cdist(embeddings.float(), self.weight).pow(2)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference("CenterLoss", ref_embeddings, ref_labels)
+        return center_loss(embeddings, labels, self.weight)

@@ -1,0 +1,91 @@
+"""Lifted structure (original), N-pair, InfoNCE with explicit negatives, center loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrix import losses as L
+from tests.losses import reference as ref
+from tests.losses.test_losses_reference import CASES, _check, make_batch
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+def test_lifted_structure_reference_and_pml(seed, n, c):
+    emb, lab = make_batch(seed, n, n_classes=c)
+    _check(lambda e: L.lifted_structure_loss(e, lab, neg_margin=1.2), lambda e: ref.lifted_structure(e, lab, neg_margin=1.2), [emb])
+    assert float(L.LiftedStructureLoss(1.0)(emb, lab)) == pytest.approx(float(pml_losses.LiftedStructureLoss(neg_margin=1.0)(emb, lab)), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+def test_npair_reference_and_pml(seed, n, c):
+    emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
+    _check(lambda e: L.npair_loss(e, lab, l2_reg=0.01), lambda e: ref.npair(e, lab, l2_reg=0.01), [emb])
+    unit = F.normalize(emb, dim=1)
+    assert float(L.NPairLoss(l2_reg=0.0)(unit, lab)) == pytest.approx(float(pml_losses.NPairsLoss()(unit, lab)), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", ["per_query", "shared"])
+def test_info_nce_reference(shape):
+    g = torch.Generator().manual_seed(1)
+    q, p = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    negs = torch.randn(5, 3, 4, generator=g, dtype=torch.float64) if shape == "per_query" else torch.randn(6, 4, generator=g, dtype=torch.float64)
+    _check(lambda a, b, c: L.info_nce_loss(a, b, c, temperature=0.5), lambda a, b, c: ref.info_nce(a, b, c, 0.5), [q, p, negs])
+    assert torch.autograd.gradcheck(lambda a, b, c: L.info_nce_loss(a, b, c, temperature=0.5),
+                                    (q.requires_grad_(), p.requires_grad_(), negs.requires_grad_()))
+
+
+def test_info_nce_in_batch_equals_ntxent_pairs_without_query_query_terms():
+    g = torch.Generator().manual_seed(2)
+    q, p = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    # in-batch negatives = the other rows' positives, i.e. explicit per-query negatives p[j], j != i
+    negs = torch.stack([torch.cat([p[:i], p[i + 1:]]) for i in range(6)])
+    assert float(L.info_nce_loss(q, p)) == pytest.approx(float(L.info_nce_loss(q, p, negs)), abs=1e-12)
+
+
+def test_info_nce_bad_input():
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="one positive per query"):
+        L.info_nce_loss(q, torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"negatives must be"):
+        L.info_nce_loss(q, torch.randn(4, 3), torch.randn(4, 2, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        L.info_nce_loss(q, torch.randn(4, 3), torch.full((4, 2, 3), float("nan")))
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+def test_center_loss_reference(seed, n, c):
+    emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
+    centers = torch.randn(c, emb.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _check(lambda e, cc: L.center_loss(e, lab, cc), lambda e, cc: ref.center(e, lab, cc), [emb, centers])
+    assert torch.autograd.gradcheck(lambda e, cc: L.center_loss(e, lab, cc), (emb.requires_grad_(), centers.requires_grad_()))
+
+
+def test_gradcheck_lifted_and_npair():
+    emb, lab = make_batch(4, 8, dim=3, n_classes=3, normalize=False)
+    assert torch.autograd.gradcheck(lambda e: L.lifted_structure_loss(e, lab, neg_margin=2.0), (emb.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda e: L.npair_loss(e, lab, l2_reg=0.1), (emb.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("make", [lambda: L.LiftedStructureLoss(), lambda: L.NPairLoss(), lambda: L.CenterLoss(3, 4)])
+@pytest.mark.parametrize("case", ["all_equal", "zero_vectors", "one_class", "no_positive_pair", "single_sample"])
+def test_degenerate_batches_are_finite(make, case):
+    from tests.losses.test_losses_edge_cases import DEGENERATE
+
+    emb, lab = DEGENERATE[case]
+    emb = emb.clone().requires_grad_()
+    value = make()(emb, lab)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad).all()
+
+
+def test_batch_only_losses_reject_reference_and_bad_input():
+    emb, lab = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    for loss in (L.LiftedStructureLoss(), L.NPairLoss()):
+        with pytest.raises(ValueError, match="not supported"):
+            loss(emb, lab, emb, lab)
+        with pytest.raises(ValueError, match="NaN"):
+            loss(torch.full((6, 4), float("nan")), lab)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        L.CenterLoss(3, 4)(emb, torch.tensor([0, 1, 2, 3, 0, 1]))
