@@ -260,3 +260,46 @@ def info_nce(q, p, negs, temperature):
 
 def center(emb, labels, centers):
     return torch.stack([0.5 * ((emb[i] - centers[int(labels[i])]) ** 2).sum() for i in range(len(labels))]).mean()
+
+
+def nca(emb, labels, ref=None, ref_labels=None, softmax_scale=1.0):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    losses = []
+    for i in range(len(labels)):
+        cols = [j for j in range(len(ref_labels)) if not (same and j == i)]
+        w = {j: torch.exp(-softmax_scale * ((_unit(emb[i]) - _unit(ref[j])) ** 2).sum()) for j in cols}
+        pos = [j for j in cols if ref_labels[j] == labels[i]]
+        if pos:
+            losses.append(-torch.log(sum(w[j] for j in pos) / sum(w.values())))
+    return torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
+
+
+def subcenter_arcface(emb, labels, weight, sub_centers=3, margin=0.5, scale=64.0):
+    losses = []
+    n_cls = weight.shape[0] // sub_centers
+    for i in range(len(labels)):
+        logits = []
+        for c in range(n_cls):
+            cos = max((_unit(emb[i]) @ _unit(weight[c * sub_centers + k]) for k in range(sub_centers)), key=float)
+            if c == int(labels[i]):
+                theta = torch.acos(cos)
+                cos = torch.cos(theta + margin) if float(theta) < math.pi - margin else cos - margin * math.sin(margin)
+            logits.append(scale * cos)
+        logits = torch.stack(logits)
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()
+
+
+def softtriple(emb, labels, centers, k=10, la=20.0, gamma=0.1, margin=0.01):
+    losses = []
+    n_cls = centers.shape[0] // k
+    for i in range(len(labels)):
+        logits = []
+        for c in range(n_cls):
+            sims = torch.stack([_unit(emb[i]) @ _unit(centers[c * k + j]) for j in range(k)])
+            s = (torch.softmax(sims / gamma, dim=0) * sims).sum()
+            logits.append(la * (s - (margin if c == int(labels[i]) else 0.0)))
+        logits = torch.stack(logits)
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()

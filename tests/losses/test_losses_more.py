@@ -89,3 +89,67 @@ def test_batch_only_losses_reject_reference_and_bad_input():
             loss(torch.full((6, 4), float("nan")), lab)
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
         L.CenterLoss(3, 4)(emb, torch.tensor([0, 1, 2, 3, 0, 1]))
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_nca_reference(seed, n, c, use_ref):
+    from tests.losses.test_losses_reference import _check_pair_loss
+
+    _check_pair_loss(L.nca_loss, ref.nca, dict(softmax_scale=2.0), use_ref, seed, n, c, normalize=False)
+
+
+def test_nca_pml_and_gradcheck():
+    emb, lab = make_batch(6, 20, n_classes=4)
+    assert float(L.NCALoss()(emb, lab)) == pytest.approx(float(pml_losses.NCALoss()(emb, lab)), abs=1e-9)
+    small, small_lab = make_batch(7, 8, dim=3, n_classes=3, normalize=False)
+    assert torch.autograd.gradcheck(lambda e: L.nca_loss(e, small_lab, softmax_scale=2.0), (small.requires_grad_(),))
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+def test_subcenter_arcface_and_softtriple_reference(seed, n, c):
+    emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
+    g = torch.Generator().manual_seed(seed + 3)
+    w = torch.randn(c * 3, emb.shape[1], dtype=torch.float64, generator=g)
+    _check(lambda e, ww: L.subcenter_arcface_loss(e, lab, ww, sub_centers=3, margin=0.4, scale=6.0),
+           lambda e, ww: ref.subcenter_arcface(e, lab, ww, 3, 0.4, 6.0), [emb, w])
+    centers = torch.randn(c * 4, emb.shape[1], dtype=torch.float64, generator=g)
+    _check(lambda e, cc: L.softtriple_loss(e, lab, cc, centers_per_class=4, la=5.0, gamma=0.2, margin=0.05),
+           lambda e, cc: ref.softtriple(e, lab, cc, 4, 5.0, 0.2, 0.05), [emb, centers])
+
+
+def test_subcenter_arcface_and_softtriple_pml_and_gradcheck():
+    import math
+
+    emb, lab = make_batch(8, 24, dim=8, n_classes=5)
+    ours = L.SubCenterArcFaceLoss(5, 8, sub_centers=3).double()
+    theirs = pml_losses.SubCenterArcFaceLoss(num_classes=5, embedding_size=8, sub_centers=3, margin=math.degrees(0.5), scale=64).double()
+    theirs.W.data = ours.weight.data.T.clone()
+    assert float(ours(emb, lab)) == pytest.approx(float(theirs(emb, lab)), abs=1e-6)
+    ours = L.SoftTripleLoss(5, 8, centers_per_class=10).double()
+    theirs = pml_losses.SoftTripleLoss(5, 8, centers_per_class=10, la=20, gamma=0.1, margin=0.01).double()
+    theirs.fc.data = ours.weight.data.T.clone()
+    assert float(ours(emb, lab)) == pytest.approx(float(theirs(emb, lab)), abs=1e-6)
+    small, small_lab = make_batch(9, 6, dim=3, n_classes=2, normalize=False)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, ww: L.softtriple_loss(e, small_lab, ww, centers_per_class=2, la=2.0, gamma=0.5), (small.requires_grad_(), w))
+    assert torch.autograd.gradcheck(lambda e, ww: L.subcenter_arcface_loss(e, small_lab, ww, sub_centers=2, scale=2.0), (small.detach().requires_grad_(), w))
+
+
+@pytest.mark.parametrize("make", [lambda: L.NCALoss(), lambda: L.SubCenterArcFaceLoss(3, 4), lambda: L.SoftTripleLoss(3, 4, centers_per_class=2)])
+@pytest.mark.parametrize("case", ["all_equal", "zero_vectors", "one_class", "no_positive_pair", "single_sample"])
+def test_more_degenerate_batches_are_finite(make, case):
+    from tests.losses.test_losses_edge_cases import DEGENERATE
+
+    emb, lab = DEGENERATE[case]
+    emb = emb.clone().requires_grad_()
+    value = make()(emb, lab)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad).all()
+
+
+def test_multi_center_losses_check_shapes_and_labels():
+    with pytest.raises(ValueError, match="not a multiple of sub_centers=3"):
+        L.subcenter_arcface_loss(torch.randn(2, 4), torch.tensor([0, 1]), torch.randn(7, 4), sub_centers=3)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
+        L.SoftTripleLoss(2, 4, centers_per_class=3)(torch.randn(2, 4), torch.tensor([0, 2]))

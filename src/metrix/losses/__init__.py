@@ -12,6 +12,7 @@ from metrix.losses.lifted import (
     lifted_structure_loss,
 )
 from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from metrix.losses.nca import NCALoss, nca_loss
 from metrix.losses.npair import InfoNCELoss, NPairLoss, info_nce_loss, npair_loss
 from metrix.losses.ntxent import NTXentLoss, ntxent_loss
 from metrix.losses.proxies import (
@@ -21,12 +22,16 @@ from metrix.losses.proxies import (
     NormalizedSoftmaxLoss,
     ProxyAnchorLoss,
     ProxyNCALoss,
+    SoftTripleLoss,
+    SubCenterArcFaceLoss,
     arcface_loss,
     center_loss,
     cosface_loss,
     normalized_softmax_loss,
     proxy_anchor_loss,
     proxy_nca_loss,
+    softtriple_loss,
+    subcenter_arcface_loss,
 )
 from metrix.losses.triplet import TRIPLET_SELECTIONS, TripletMarginLoss, triplet_margin_loss
 
@@ -46,6 +51,9 @@ LOSSES = {
     "lifted_structure": (LiftedStructureLoss, False),
     "npair": (NPairLoss, False),
     "center": (CenterLoss, True),
+    "nca": (NCALoss, False),
+    "subcenter_arcface": (SubCenterArcFaceLoss, True),
+    "softtriple": (SoftTripleLoss, True),
 }
 
 
@@ -62,6 +70,7 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
+    "NCALoss", "SoftTripleLoss", "SubCenterArcFaceLoss", "nca_loss", "softtriple_loss", "subcenter_arcface_loss",
     "CenterLoss", "InfoNCELoss", "LiftedStructureLoss", "NPairLoss", "center_loss", "info_nce_loss",
     "lifted_structure_loss", "npair_loss",
     "ArcFaceLoss", "CircleLoss", "ContrastiveLoss", "CosFaceLoss", "GeneralizedLiftedStructureLoss", "LOSSES",

@@ -62,21 +62,21 @@ def _margin_cross_entropy(embeddings, labels, weight, scale, target_fn):
     return F.cross_entropy(logits, b.labels)
 
 
+def _arcface_target(c: torch.Tensor, margin: float) -> torch.Tensor:
+    """``cos(θ + m)`` for target cosines ``c``, with InsightFace's monotonic fallback past ``θ = π − m``."""
+    c = c.clamp(-1.0, 1.0)
+    sin_t = safe_sqrt(1.0 - c * c)  # finite gradient at |cos| = 1
+    threshold, fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
+    return torch.where(c > threshold, c * math.cos(margin) - sin_t * math.sin(margin), c - fallback)
+
+
 def arcface_loss(embeddings, labels, weight, *, margin: float = 0.5, scale: float = 64.0) -> torch.Tensor:
     """Additive angular margin loss; ``margin`` in radians (pytorch-metric-learning takes degrees).
 
     As in the official InsightFace code, when ``θ + m`` would pass π (where ``cos(θ+m)`` stops
     decreasing) the target logit becomes ``cos θ − m·sin m`` so the penalty stays monotonic.
     """
-    cos_m, sin_m = math.cos(margin), math.sin(margin)
-    threshold, fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
-
-    def target(c):
-        c = c.clamp(-1.0, 1.0)
-        sin_t = safe_sqrt(1.0 - c * c)  # finite gradient at |cos| = 1
-        return torch.where(c > threshold, c * cos_m - sin_t * sin_m, c - fallback)
-
-    return _margin_cross_entropy(embeddings, labels, weight, scale, target)
+    return _margin_cross_entropy(embeddings, labels, weight, scale, lambda c: _arcface_target(c, margin))
 
 
 def cosface_loss(embeddings, labels, weight, *, margin: float = 0.35, scale: float = 64.0) -> torch.Tensor:
@@ -229,3 +229,90 @@ class CenterLoss(_ClassVectorLoss):
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
         _no_reference("CenterLoss", ref_embeddings, ref_labels)
         return center_loss(embeddings, labels, self.weight)
+
+
+def subcenter_cosine(embeddings, weight, sub_centers: int) -> torch.Tensor:
+    """Class cosine = the best of ``sub_centers`` consecutive rows of ``weight`` per class."""
+    cos = class_cosine(embeddings, weight)
+    return cos.view(cos.shape[0], weight.shape[0] // sub_centers, sub_centers).amax(dim=2)
+
+
+def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers: int = 3, margin: float = 0.5,
+                           scale: float = 64.0) -> torch.Tensor:
+    """Sub-center ArcFace (Deng et al., ECCV 2020): each class has ``sub_centers`` weight rows (rows
+    ``c·K … c·K+K−1``); the class cosine is their maximum, then the ArcFace margin applies. Noisy samples can
+    gather at a non-dominant sub-centre instead of pulling the class centre."""
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+    num_classes = weight.shape[0] // sub_centers
+    b = prepare_batch(embeddings, labels)
+    if weight.shape[1] != b.embeddings.shape[1]:
+        raise ValueError(f"embeddings have shape {tuple(b.embeddings.shape)} but the class vectors have shape {tuple(weight.shape)}")
+    _check_class_labels(b.labels, num_classes)
+    cos = subcenter_cosine(b.embeddings, weight, sub_centers)
+    idx = b.labels[:, None]
+    logits = cos.scatter(1, idx, _arcface_target(cos.gather(1, idx), margin)) * scale
+    return F.cross_entropy(logits, b.labels)
+
+
+def softtriple_similarity(embeddings, centers, centers_per_class: int, gamma: float) -> torch.Tensor:
+    """SoftTriple's relaxed similarity to each class: ``Σ_k softmax_k(s_ck / γ) · s_ck`` over its centres."""
+    cos = class_cosine(embeddings, centers)
+    cos = cos.view(cos.shape[0], centers.shape[0] // centers_per_class, centers_per_class)
+    return (F.softmax(cos / gamma, dim=2) * cos).sum(dim=2)
+
+
+def softtriple_loss(embeddings, labels, centers, *, centers_per_class: int = 10, la: float = 20.0,
+                    gamma: float = 0.1, margin: float = 0.01) -> torch.Tensor:
+    """SoftTriple (Qian et al., "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling", ICCV 2019):
+    ``CE(λ·(S − δ·1_y))`` with ``S`` the relaxed class similarities (paper defaults λ=20, γ=0.1, δ=0.01, K=10).
+    The paper's optional regulariser that merges redundant centres is not included (as in
+    pytorch-metric-learning, whose values this equals)."""
+    if centers.shape[0] % centers_per_class:
+        raise ValueError(f"centers has {centers.shape[0]} rows, not a multiple of centers_per_class={centers_per_class}")
+    b = prepare_batch(embeddings, labels)
+    if centers.shape[1] != b.embeddings.shape[1]:
+        raise ValueError(f"embeddings have shape {tuple(b.embeddings.shape)} but the centres have shape {tuple(centers.shape)}")
+    _check_class_labels(b.labels, centers.shape[0] // centers_per_class)
+    s = softtriple_similarity(b.embeddings, centers, centers_per_class, gamma)
+    s = s - margin * F.one_hot(b.labels, s.shape[1]).to(s.dtype)
+    return F.cross_entropy(la * s, b.labels)
+
+
+class SubCenterArcFaceLoss(_ClassVectorLoss):
+    """Sub-center ArcFace with ``sub_centers`` learnable vectors per class (paper defaults K=3, m=0.5, s=64)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, sub_centers: int = 3, margin: float = 0.5, scale: float = 64.0):
+        if int(sub_centers) < 1:
+            raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
+        super().__init__(int(num_classes) * int(sub_centers), embedding_dim)
+        self.num_classes, self.sub_centers = int(num_classes), int(sub_centers)
+        self.margin, self.scale = float(margin), check_positive(scale, "scale")
+
+    def get_logits(self, embeddings):
+        return subcenter_cosine(embeddings, self.weight, self.sub_centers) * self.scale
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference("SubCenterArcFaceLoss", ref_embeddings, ref_labels)
+        return subcenter_arcface_loss(embeddings, labels, self.weight, sub_centers=self.sub_centers,
+                                      margin=self.margin, scale=self.scale)
+
+
+class SoftTripleLoss(_ClassVectorLoss):
+    """SoftTriple with ``centers_per_class`` learnable centres per class (see :func:`softtriple_loss`)."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, centers_per_class: int = 10, la: float = 20.0,
+                 gamma: float = 0.1, margin: float = 0.01):
+        if int(centers_per_class) < 1:
+            raise ValueError(f"centers_per_class must be >= 1, got {centers_per_class}")
+        super().__init__(int(num_classes) * int(centers_per_class), embedding_dim)
+        self.num_classes, self.centers_per_class = int(num_classes), int(centers_per_class)
+        self.la, self.gamma, self.margin = float(la), check_positive(gamma, "gamma"), float(margin)
+
+    def get_logits(self, embeddings):
+        return self.la * softtriple_similarity(embeddings, self.weight, self.centers_per_class, self.gamma)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference("SoftTripleLoss", ref_embeddings, ref_labels)
+        return softtriple_loss(embeddings, labels, self.weight, centers_per_class=self.centers_per_class,
+                               la=self.la, gamma=self.gamma, margin=self.margin)
