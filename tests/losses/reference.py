@@ -303,3 +303,38 @@ def softtriple(emb, labels, centers, k=10, la=20.0, gamma=0.1, margin=0.01):
         logits = torch.stack(logits)
         losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
     return torch.stack(losses).mean()
+
+
+def large_margin_softmax(emb, labels, weight, m=4, scale=1.0, unit_weights=False):
+    losses = []
+    for i in range(len(labels)):
+        logits = []
+        for c in range(weight.shape[0]):
+            cos = _unit(emb[i]) @ _unit(weight[c])
+            norm = emb[i].norm() * (1.0 if unit_weights else weight[c].norm())
+            if c == int(labels[i]):
+                theta = torch.acos(cos)
+                k = math.floor(float(theta) * m / math.pi)
+                cos = (-1) ** k * torch.cos(m * theta) - 2 * k
+            logits.append(scale * norm * cos)
+        logits = torch.stack(logits)
+        losses.append(-(logits[int(labels[i])] - torch.log(torch.exp(logits).sum())))
+    return torch.stack(losses).mean()
+
+
+def margin(emb, labels, beta, alpha=0.2, per_class=False):
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    n = len(labels)
+    for a in range(n):
+        b = beta[int(labels[a])] if per_class else beta[0]
+        for p in range(n):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for k in range(n):
+                if labels[k] == labels[a]:
+                    continue
+                pl = torch.relu(dist(emb[a], emb[p], "euclidean") - b + alpha)
+                nl = torch.relu(b - dist(emb[a], emb[k], "euclidean") + alpha)
+                total = total + pl + nl
+                count += int(float(pl) > 0) + int(float(nl) > 0)
+    return total / count

@@ -153,3 +153,64 @@ def test_multi_center_losses_check_shapes_and_labels():
         L.subcenter_arcface_loss(torch.randn(2, 4), torch.tensor([0, 1]), torch.randn(7, 4), sub_centers=3)
     with pytest.raises(ValueError, match=r"class indices in \[0, 2\)"):
         L.SoftTripleLoss(2, 4, centers_per_class=3)(torch.randn(2, 4), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("unit", [False, True])
+def test_lsoftmax_and_sphereface_reference(seed, n, c, m, unit):
+    emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
+    w = torch.randn(c, emb.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 5))
+    fn = L.sphereface_loss if unit else L.large_margin_softmax_loss
+    _check(lambda e, ww: fn(e, lab, ww, margin=m, scale=0.7),
+           lambda e, ww: ref.large_margin_softmax(e, lab, ww, m, 0.7, unit), [emb, w])
+
+
+def test_lsoftmax_sphereface_pml_and_gradcheck():
+    emb, lab = make_batch(11, 20, dim=8, n_classes=5, normalize=False)
+    for ours_cls, pml_cls in ((L.LargeMarginSoftmaxLoss, pml_losses.LargeMarginSoftmaxLoss), (L.SphereFaceLoss, pml_losses.SphereFaceLoss)):
+        ours = ours_cls(5, 8, margin=4, scale=1.0).double()
+        theirs = pml_cls(num_classes=5, embedding_size=8, margin=4, scale=1).double()
+        theirs.W.data = ours.weight.data.T.clone()
+        assert float(ours(emb, lab)) == pytest.approx(float(theirs(emb, lab)), abs=1e-6, rel=1e-6)
+    small, small_lab = make_batch(12, 6, dim=3, n_classes=3, normalize=False)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, ww: L.large_margin_softmax_loss(e, small_lab, ww, margin=3), (small.requires_grad_(), w))
+    with pytest.raises(ValueError, match="positive integer"):
+        L.LargeMarginSoftmaxLoss(3, 4, margin=1.5)
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("per_class", [False, True])
+def test_margin_loss_reference(seed, n, c, per_class):
+    emb, lab = make_batch(seed, n, n_classes=c)
+    loss = L.MarginLoss(margin=0.2, beta=1.0, num_classes=c if per_class else None).double()
+    with torch.no_grad():
+        loss.beta.copy_(torch.linspace(0.9, 1.3, len(loss.beta), dtype=torch.float64))
+    _check(lambda e: loss(e, lab), lambda e: ref.margin(e, lab, loss.beta.detach(), 0.2, per_class), [emb])
+
+
+@pytest.mark.parametrize("num_classes", [None, 4])
+def test_margin_loss_pml_and_beta_gradient(num_classes):
+    emb, lab = make_batch(13, 24, n_classes=4)
+    ours = L.MarginLoss(margin=0.2, beta=1.2, learn_beta=True, num_classes=num_classes, nu=0.1).double()
+    theirs = pml_losses.MarginLoss(margin=0.2, nu=0.1, beta=1.2, learn_beta=True, num_classes=num_classes).double()
+    value = ours(emb, lab)
+    assert float(value) == pytest.approx(float(theirs(emb, lab)), abs=1e-9)
+    value.backward()
+    assert ours.beta.grad is not None and torch.isfinite(ours.beta.grad).all()
+    small, small_lab = make_batch(14, 8, dim=3, n_classes=3)
+    fixed = L.MarginLoss(margin=0.3, beta=1.0, learn_beta=False).double()
+    assert torch.autograd.gradcheck(lambda e: fixed(e, small_lab), (small.requires_grad_(),))
+
+
+@pytest.mark.parametrize("make", [lambda: L.LargeMarginSoftmaxLoss(3, 4), lambda: L.SphereFaceLoss(3, 4), lambda: L.MarginLoss()])
+@pytest.mark.parametrize("case", ["all_equal", "zero_vectors", "one_class", "no_positive_pair", "single_sample"])
+def test_margin_family_degenerate_batches_are_finite(make, case):
+    from tests.losses.test_losses_edge_cases import DEGENERATE
+
+    emb, lab = DEGENERATE[case]
+    emb = emb.clone().requires_grad_()
+    value = make()(emb, lab)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad).all()

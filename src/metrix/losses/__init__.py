@@ -11,6 +11,7 @@ from metrix.losses.lifted import (
     generalized_lifted_structure_loss,
     lifted_structure_loss,
 )
+from metrix.losses.margin import MarginLoss
 from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from metrix.losses.nca import NCALoss, nca_loss
 from metrix.losses.npair import InfoNCELoss, NPairLoss, info_nce_loss, npair_loss
@@ -19,18 +20,22 @@ from metrix.losses.proxies import (
     ArcFaceLoss,
     CenterLoss,
     CosFaceLoss,
+    LargeMarginSoftmaxLoss,
     NormalizedSoftmaxLoss,
     ProxyAnchorLoss,
     ProxyNCALoss,
     SoftTripleLoss,
+    SphereFaceLoss,
     SubCenterArcFaceLoss,
     arcface_loss,
     center_loss,
     cosface_loss,
+    large_margin_softmax_loss,
     normalized_softmax_loss,
     proxy_anchor_loss,
     proxy_nca_loss,
     softtriple_loss,
+    sphereface_loss,
     subcenter_arcface_loss,
 )
 from metrix.losses.triplet import TRIPLET_SELECTIONS, TripletMarginLoss, triplet_margin_loss
@@ -54,6 +59,9 @@ LOSSES = {
     "nca": (NCALoss, False),
     "subcenter_arcface": (SubCenterArcFaceLoss, True),
     "softtriple": (SoftTripleLoss, True),
+    "large_margin_softmax": (LargeMarginSoftmaxLoss, True),
+    "sphereface": (SphereFaceLoss, True),
+    "margin": (MarginLoss, False),
 }
 
 
@@ -70,6 +78,7 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
+    "LargeMarginSoftmaxLoss", "MarginLoss", "SphereFaceLoss", "large_margin_softmax_loss", "sphereface_loss",
     "NCALoss", "SoftTripleLoss", "SubCenterArcFaceLoss", "nca_loss", "softtriple_loss", "subcenter_arcface_loss",
     "CenterLoss", "InfoNCELoss", "LiftedStructureLoss", "NPairLoss", "center_loss", "info_nce_loss",
     "lifted_structure_loss", "npair_loss",

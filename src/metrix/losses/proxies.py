@@ -316,3 +316,76 @@ class SoftTripleLoss(_ClassVectorLoss):
         _no_reference("SoftTripleLoss", ref_embeddings, ref_labels)
         return softtriple_loss(embeddings, labels, self.weight, centers_per_class=self.centers_per_class,
                                la=self.la, gamma=self.gamma, margin=self.margin)
+
+
+def _chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
+    """``cos(m·θ)`` as the polynomial ``T_m(cos θ)`` (finite gradients, unlike ``cos(m·acos(c))``)."""
+    prev, cur = torch.ones_like(c), c
+    if m == 0:
+        return prev
+    for _ in range(m - 1):
+        prev, cur = cur, 2 * c * cur - prev
+    return cur
+
+
+def _psi(c: torch.Tensor, m: int) -> torch.Tensor:
+    """L-Softmax's monotonic ψ(θ) = (−1)^k cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m]."""
+    with torch.no_grad():
+        k = torch.floor(torch.acos(c.clamp(-1.0, 1.0)) * m / math.pi)
+    return (1.0 - 2.0 * torch.remainder(k, 2)) * _chebyshev(c, m) - 2.0 * k
+
+
+def _multiplicative_margin_loss(embeddings, labels, weight, margin, scale, unit_weights):
+    b = _prepare_class_batch(embeddings, labels, weight)
+    if int(margin) != margin or margin < 1:
+        raise ValueError(f"margin must be a positive integer (the angle multiplier m), got {margin}")
+    x = b.embeddings.to(torch.promote_types(b.embeddings.dtype, torch.float32))
+    cos = class_cosine(x, weight).clamp(-1.0, 1.0)
+    norms = x.norm(dim=1, keepdim=True)
+    if not unit_weights:
+        norms = norms * weight.to(x.dtype).norm(dim=1)[None, :]
+    idx = b.labels[:, None]
+    target = _psi(cos.gather(1, idx), int(margin))
+    logits = cos.scatter(1, idx, target) * norms * scale
+    return F.cross_entropy(logits, b.labels)
+
+
+def large_margin_softmax_loss(embeddings, labels, weight, *, margin: int = 4, scale: float = 1.0) -> torch.Tensor:
+    """L-Softmax (Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016): the
+    target logit ``‖w_y‖‖x‖cos θ_y`` becomes ``‖w_y‖‖x‖ψ(θ_y)`` with an integer angle multiplier ``m`` (paper:
+    2–4). The paper's λ-annealing from plain softmax is not built in (as in pytorch-metric-learning)."""
+    return _multiplicative_margin_loss(embeddings, labels, weight, margin, scale, unit_weights=False)
+
+
+def sphereface_loss(embeddings, labels, weight, *, margin: int = 4, scale: float = 1.0) -> torch.Tensor:
+    """SphereFace / A-Softmax (Liu et al., CVPR 2017): L-Softmax with unit-norm class weights, so the margin
+    acts on angles only: target logit ``‖x‖ψ(θ_y)``, others ``‖x‖cos θ_j``."""
+    return _multiplicative_margin_loss(embeddings, labels, weight, margin, scale, unit_weights=True)
+
+
+class LargeMarginSoftmaxLoss(_ClassVectorLoss):
+    """L-Softmax with learnable class weights (see :func:`large_margin_softmax_loss`)."""
+
+    unit_weights = False
+
+    def __init__(self, num_classes: int, embedding_dim: int, margin: int = 4, scale: float = 1.0):
+        super().__init__(num_classes, embedding_dim)
+        if int(margin) != margin or margin < 1:
+            raise ValueError(f"margin must be a positive integer, got {margin}")
+        self.margin, self.scale = int(margin), check_positive(scale, "scale")
+
+    def get_logits(self, embeddings):
+        norms = embeddings.float().norm(dim=1, keepdim=True)
+        if not self.unit_weights:
+            norms = norms * self.weight.norm(dim=1)[None, :]
+        return class_cosine(embeddings, self.weight) * norms * self.scale
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        _no_reference(type(self).__name__, ref_embeddings, ref_labels)
+        return _multiplicative_margin_loss(embeddings, labels, self.weight, self.margin, self.scale, self.unit_weights)
+
+
+class SphereFaceLoss(LargeMarginSoftmaxLoss):
+    """SphereFace (A-Softmax) with learnable class weights (see :func:`sphereface_loss`)."""
+
+    unit_weights = True
