@@ -38,6 +38,16 @@ from metrix.losses.proxies import (
     sphereface_loss,
     subcenter_arcface_loss,
 )
+from metrix.losses.ranking import (
+    NegativeSamplingLoss,
+    RankingLoss,
+    listmle_loss,
+    listnet_loss,
+    negative_sampling_loss,
+    pairwise_margin_loss,
+    pointwise_loss,
+    ranknet_loss,
+)
 from metrix.losses.triplet import TRIPLET_SELECTIONS, TripletMarginLoss, triplet_margin_loss
 
 # name -> (class, needs num_classes/embedding_dim)
@@ -78,6 +88,8 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
+    "NegativeSamplingLoss", "RankingLoss", "listmle_loss", "listnet_loss", "negative_sampling_loss",
+    "pairwise_margin_loss", "pointwise_loss", "ranknet_loss",
     "LargeMarginSoftmaxLoss", "MarginLoss", "SphereFaceLoss", "large_margin_softmax_loss", "sphereface_loss",
     "NCALoss", "SoftTripleLoss", "SubCenterArcFaceLoss", "nca_loss", "softtriple_loss", "subcenter_arcface_loss",
     "CenterLoss", "InfoNCELoss", "LiftedStructureLoss", "NPairLoss", "center_loss", "info_nce_loss",
