@@ -131,7 +131,8 @@ def test_annealed_miner_moves_from_easy_to_hard():
 
 
 @pytest.mark.parametrize("loss", [L.ContrastiveLoss(), L.TripletMarginLoss(0.1), L.MultiSimilarityLoss(mining=False),
-                                  L.NTXentLoss(), L.CircleLoss(), L.GeneralizedLiftedStructureLoss()])
+                                  L.NTXentLoss(), L.CircleLoss(), L.GeneralizedLiftedStructureLoss(), L.NCALoss(),
+                                  L.AngularLoss(), L.SmoothAPLoss(), L.MarginLoss(learn_beta=False)])
 def test_every_pair_loss_accepts_mined_pairs(loss):
     emb, labels = batch(4)
     emb = emb.clone().requires_grad_()

@@ -338,3 +338,39 @@ def margin(emb, labels, beta, alpha=0.2, per_class=False):
                 total = total + pl + nl
                 count += int(float(pl) > 0) + int(float(nl) > 0)
     return total / count
+
+
+def angular(emb, labels, ref=None, ref_labels=None, alpha_degrees=40.0):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    t2 = math.tan(math.radians(alpha_degrees)) ** 2
+    terms = []
+    for a in range(len(labels)):
+        xa = _unit(emb[a])
+        for p in range(len(ref_labels)):
+            if (same and p == a) or ref_labels[p] != labels[a]:
+                continue
+            xp = _unit(ref[p])
+            negs = [_unit(ref[n]) for n in range(len(ref_labels)) if ref_labels[n] != labels[a]]
+            inner = sum((torch.exp(4 * t2 * (xa + xp) @ xn - 2 * (1 + t2) * xa @ xp) for xn in negs), torch.zeros((), dtype=torch.float64))
+            terms.append(torch.log(1 + inner))
+    return torch.stack(terms).mean()
+
+
+def smooth_ap(emb, labels, ref=None, ref_labels=None, temperature=0.01):
+    same = ref is None
+    ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    aps = []
+    for a in range(len(labels)):
+        omega = [j for j in range(len(ref_labels)) if not (same and j == a)]
+        P = [j for j in omega if ref_labels[j] == labels[a]]
+        if not P:
+            continue
+        s = {j: _unit(emb[a]) @ _unit(ref[j]) for j in omega}
+        ap = 0.0
+        for i in P:
+            r_all = 1 + sum(torch.sigmoid((s[j] - s[i]) / temperature) for j in omega if j != i)
+            r_pos = 1 + sum((torch.sigmoid((s[j] - s[i]) / temperature) for j in P if j != i), torch.zeros((), dtype=torch.float64))
+            ap = ap + r_pos / r_all
+        aps.append(1 - ap / len(P))
+    return torch.stack(aps).mean()

@@ -214,3 +214,46 @@ def test_margin_family_degenerate_batches_are_finite(make, case):
     value = make()(emb, lab)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_angular_and_smooth_ap_reference(seed, n, c, use_ref):
+    from tests.losses.test_losses_reference import _check_pair_loss
+
+    _check_pair_loss(L.angular_loss, ref.angular, dict(alpha_degrees=35.0), use_ref, seed, n, c, normalize=False)
+    _check_pair_loss(L.smooth_ap_loss, ref.smooth_ap, dict(temperature=0.1), use_ref, seed, n, c, normalize=False)
+
+
+def test_angular_pml_and_gradcheck_and_chunking(monkeypatch):
+    import tests.losses.reference  # noqa: F401
+    import metrix.losses.per_positive as pp
+
+    emb, lab = make_batch(15, 24, n_classes=4)
+    assert float(L.AngularLoss(40)(emb, lab)) == pytest.approx(float(pml_losses.AngularLoss(alpha=40)(emb, lab)), abs=1e-9)
+    full_a, full_s = L.angular_loss(emb, lab), L.smooth_ap_loss(emb, lab)
+    monkeypatch.setattr(pp, "_CHUNK_ELEMENTS", 30)  # one anchor per chunk
+    assert float(L.angular_loss(emb, lab)) == pytest.approx(float(full_a), abs=1e-12)
+    assert float(L.smooth_ap_loss(emb, lab)) == pytest.approx(float(full_s), abs=1e-12)
+    small, small_lab = make_batch(16, 8, dim=3, n_classes=3, normalize=False)
+    assert torch.autograd.gradcheck(lambda e: L.angular_loss(e, small_lab, alpha_degrees=30.0), (small.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda e: L.smooth_ap_loss(e, small_lab, temperature=0.5), (small.clone().requires_grad_(),))
+
+
+def test_smooth_ap_is_one_minus_exact_ap_when_sharp():
+    # well separated classes and a tiny temperature: Smooth-AP -> 1 - AP, and AP = 1 here
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]], dtype=torch.float64)
+    lab = torch.tensor([0, 0, 1, 1])
+    assert float(L.smooth_ap_loss(emb, lab, temperature=1e-4)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: L.AngularLoss(), lambda: L.SmoothAPLoss()])
+@pytest.mark.parametrize("case", ["all_equal", "zero_vectors", "one_class", "no_positive_pair", "single_sample"])
+def test_per_positive_degenerate_batches_are_finite(make, case):
+    from tests.losses.test_losses_edge_cases import DEGENERATE
+
+    emb, lab = DEGENERATE[case]
+    emb = emb.clone().requires_grad_()
+    value = make()(emb, lab)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad).all()

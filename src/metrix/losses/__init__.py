@@ -16,6 +16,7 @@ from metrix.losses.multi_similarity import MultiSimilarityLoss, multi_similarity
 from metrix.losses.nca import NCALoss, nca_loss
 from metrix.losses.npair import InfoNCELoss, NPairLoss, info_nce_loss, npair_loss
 from metrix.losses.ntxent import NTXentLoss, ntxent_loss
+from metrix.losses.per_positive import AngularLoss, SmoothAPLoss, angular_loss, smooth_ap_loss
 from metrix.losses.proxies import (
     ArcFaceLoss,
     CenterLoss,
@@ -72,6 +73,8 @@ LOSSES = {
     "large_margin_softmax": (LargeMarginSoftmaxLoss, True),
     "sphereface": (SphereFaceLoss, True),
     "margin": (MarginLoss, False),
+    "angular": (AngularLoss, False),
+    "smooth_ap": (SmoothAPLoss, False),
 }
 
 
@@ -88,6 +91,7 @@ def build_loss(name: str, num_classes: int | None = None, embedding_dim: int | N
 
 
 __all__ = [
+    "AngularLoss", "SmoothAPLoss", "angular_loss", "smooth_ap_loss",
     "NegativeSamplingLoss", "RankingLoss", "listmle_loss", "listnet_loss", "negative_sampling_loss",
     "pairwise_margin_loss", "pointwise_loss", "ranknet_loss",
     "LargeMarginSoftmaxLoss", "MarginLoss", "SphereFaceLoss", "large_margin_softmax_loss", "sphereface_loss",
