@@ -93,7 +93,7 @@ def main():
         ours = ours_cls(CLASSES, D, **kw["ours"])
         pml = pml_cls(num_classes=CLASSES, embedding_size=D, **kw["pml"])
         attr = kw["attr"]
-        getattr(pml, attr).data = ours.weight.data.T.clone() if attr == "W" else ours.weight.data.clone()
+        getattr(pml, attr).data = ours.weight.data.T.clone() if attr in ("W", "fc") else ours.weight.data.clone()
         return ours, pml
 
     arc = proxies(L.ArcFaceLoss, P.ArcFaceLoss, ours={"margin": 0.5, "scale": 64}, pml={"margin": 28.6479, "scale": 64}, attr="W")
@@ -101,6 +101,10 @@ def main():
     pa = proxies(L.ProxyAnchorLoss, P.ProxyAnchorLoss, ours={"margin": 0.1, "alpha": 32}, pml={"margin": 0.1, "alpha": 32}, attr="proxies")
     pnca = proxies(L.ProxyNCALoss, P.ProxyNCALoss, ours={}, pml={}, attr="proxies")
     nsm = proxies(L.NormalizedSoftmaxLoss, P.NormalizedSoftmaxLoss, ours={"temperature": 0.05}, pml={"temperature": 0.05}, attr="W")
+    soft = proxies(L.SoftTripleLoss, P.SoftTripleLoss, ours={}, pml={}, attr="fc")
+    sub = proxies(L.SubCenterArcFaceLoss, P.SubCenterArcFaceLoss, ours={}, pml={"margin": 28.6479}, attr="W")
+    lsm = proxies(L.LargeMarginSoftmaxLoss, P.LargeMarginSoftmaxLoss, ours={"margin": 4}, pml={"margin": 4}, attr="W")
+    margin_ours, margin_pml = L.MarginLoss(learn_beta=True), P.MarginLoss(learn_beta=True)
 
     semihard_miner = PM.TripletMarginMiner(margin=0.05, type_of_triplets="semihard")
     ms_miner = PM.MultiSimilarityMiner(epsilon=0.1)
@@ -126,6 +130,17 @@ def main():
          lambda x: P.GeneralizedLiftedStructureLoss()(x, labels)),
         ("ProxyNCA", proxy_floor, lambda x: pnca[0](x, labels), lambda x: pnca[1](x, labels)),
         ("normalized softmax", proxy_floor, lambda x: nsm[0](x, labels), lambda x: nsm[1](x, labels)),
+        # PML's LiftedStructureLoss builds a (positive pairs × negative pairs) matrix: 15,360 × 983,040
+        # floats (~60 GB) here, which the OOM killer stops; it is not run
+        ("lifted structure (original)", pair_floor, lambda x: L.LiftedStructureLoss()(x, labels), None),
+        ("N-pair", pair_floor, lambda x: L.NPairLoss(l2_reg=0.0)(x, labels), lambda x: P.NPairsLoss()(x, labels)),
+        ("NCA", pair_floor, lambda x: L.NCALoss()(x, labels), lambda x: P.NCALoss()(x, labels)),
+        ("margin (learnable beta)", pair_floor, lambda x: margin_ours(x, labels), lambda x: margin_pml(x, labels)),
+        ("angular", pair_floor, lambda x: L.AngularLoss()(x, labels), lambda x: P.AngularLoss()(x, labels)),
+        ("Smooth-AP (metrix only)", pair_floor, lambda x: L.SmoothAPLoss()(x, labels), None),
+        ("SoftTriple", proxy_floor * 10, lambda x: soft[0](x, labels), lambda x: soft[1](x, labels)),
+        ("sub-center ArcFace", proxy_floor * 3, lambda x: sub[0](x, labels), lambda x: sub[1](x, labels)),
+        ("L-Softmax", proxy_floor, lambda x: lsm[0](x, labels), lambda x: lsm[1](x, labels)),
     ]
 
     print(f"# losses_vs_pml: B={B}, D={D}, {CLASSES} classes x {B // CLASSES}, float32, forward+backward")
@@ -133,6 +148,9 @@ def main():
           f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s")
     print("# NT-Xent with 16 positives per anchor: PML's NTXentLoss needs ~63 GB here and is not run; "
           "its SupConLoss computes the same quantity and is the comparison")
+    print("# lifted structure (original): PML's LiftedStructureLoss needs ~60 GB here (positive x negative pair "
+          "matrix) and is not run; Smooth-AP: PML's SmoothAPLoss needs grouped equal-size classes and ranks the "
+          "query in its own gallery, a different quantity")
     header = f"| {'loss':<36} | {'metrix ms':>9} | {'PML ms':>9} | {'speed-up':>8} | {'metrix MB':>9} | {'PML MB':>8} | {'x GEMM floor':>12} | {'abs diff':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -141,7 +159,7 @@ def main():
         if theirs is None:
             t_theirs = mb_theirs = v_theirs = None
         else:
-            slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi"))
+            slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi", "margin", "angular"))
             t_theirs, mb_theirs, v_theirs = measure(theirs, emb, 1 if slow else args.reps)
         cells = [
             f"{name:<36}", f"{t_ours * 1e3:>9.1f}",
