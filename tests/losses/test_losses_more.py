@@ -257,3 +257,14 @@ def test_per_positive_degenerate_batches_are_finite(make, case):
     value = make()(emb, lab)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(emb.grad).all()
+
+
+def test_nca_keeps_anchors_whose_probability_underflows():
+    # far-apart positives and a huge scale: the softmax probability of the positives underflows in float32;
+    # the loss must stay finite and equal the float64 value instead of dropping those anchors
+    emb = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.9, 0.1], [-0.9, 0.1]])
+    lab = torch.tensor([0, 0, 1, 1])
+    ours = L.nca_loss(emb, lab, softmax_scale=60.0)
+    exact = L.nca_loss(emb.double(), lab, softmax_scale=60.0)
+    assert torch.isfinite(ours) and float(ours) == pytest.approx(float(exact), rel=1e-4)
+    assert float(ours) > 100  # the positives really are improbable: a large, honest loss

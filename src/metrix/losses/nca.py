@@ -25,8 +25,14 @@ def nca_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, softma
     r = None if b.same_set else F.normalize(b.ref_embeddings, dim=1)
     logits = -softmax_scale * squared_euclidean(x, r)
     pos, neg = label_masks(b, logits.dtype, pairs)
-    log_p = torch.logsumexp(mask_logits(logits, pos), dim=1) - torch.logsumexp(mask_logits(logits, pos + neg), dim=1)
     has_pos = pos.amax(dim=1)
+    # fast path: one softmax over the allowed references (as pytorch-metric-learning does) ...
+    probs = torch.softmax(mask_logits(logits, pos + neg), dim=1)
+    p = (probs * pos).sum(dim=1)
+    if bool((p[has_pos > 0] > 1e-30).all()):
+        log_p = torch.log(p + (1.0 - has_pos))  # rows without positives: log 1 = 0, masked below
+    else:  # ... but where a probability underflows, log-space sums keep every anchor (PML drops them)
+        log_p = torch.logsumexp(mask_logits(logits, pos), dim=1) - torch.logsumexp(mask_logits(logits, pos + neg), dim=1)
     return reduce(-log_p * has_pos, torch.count_nonzero(has_pos), "mean", b.embeddings, b.ref_embeddings)
 
 
