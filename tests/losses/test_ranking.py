@@ -124,3 +124,10 @@ def test_negative_sampling_matches_formula_and_gradcheck():
     assert torch.autograd.gradcheck(L.negative_sampling_loss, (a.requires_grad_(), p.requires_grad_(), negs.requires_grad_()))
     with pytest.raises(ValueError, match="negatives must be"):
         L.negative_sampling_loss(a, p, torch.randn(3, 5, 3))
+
+
+@pytest.mark.parametrize("fn", [L.pointwise_loss, L.ranknet_loss, L.pairwise_margin_loss, L.listnet_loss, L.listmle_loss])
+def test_float32_with_padding_equals_float64(fn):
+    scores, rel, mask = lists(4)
+    ours = fn(scores.float(), rel.float(), mask)
+    assert float(ours) == pytest.approx(float(fn(scores, rel, mask)), rel=1e-5, abs=1e-6)

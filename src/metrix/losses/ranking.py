@@ -22,9 +22,6 @@ from torch import nn
 
 from metrix._validation import check_choice, check_embeddings, check_pair
 
-_HUGE = torch.finfo(torch.float64).max
-
-
 def _check_lists(scores, relevance, mask):
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a 2-D floating tensor (queries, items), got {getattr(scores, 'shape', type(scores))}")
@@ -91,7 +88,7 @@ def listmle_loss(scores, relevance, mask=None) -> torch.Tensor:
     """
     relevance, mask = _check_lists(scores, relevance, mask)
     # padded items sort last and are left out of every suffix sum
-    key = relevance.masked_fill(~mask, -_HUGE)
+    key = relevance.masked_fill(~mask, torch.finfo(relevance.dtype).min)
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     s = scores.gather(1, order)
     real = mask.gather(1, order)
