@@ -29,9 +29,25 @@ CLASS_LOSSES = {
 }
 
 
+# losses whose other properties are tested in test_losses_more.py (batch-only or multi-centre class losses)
+OTHER_LOSSES = {
+    "lifted_structure": lambda: L.LiftedStructureLoss(),
+    "npair": lambda: L.NPairLoss(),
+    "center": lambda: L.CenterLoss(3, 4),
+    "nca": lambda: L.NCALoss(),
+    "subcenter_arcface": lambda: L.SubCenterArcFaceLoss(3, 4),
+    "softtriple": lambda: L.SoftTripleLoss(3, 4, centers_per_class=2),
+    "large_margin_softmax": lambda: L.LargeMarginSoftmaxLoss(3, 4),
+    "sphereface": lambda: L.SphereFaceLoss(3, 4),
+    "margin": lambda: L.MarginLoss(),
+    "angular": lambda: L.AngularLoss(),
+    "smooth_ap": lambda: L.SmoothAPLoss(),
+}
+
+
 def all_losses():
     yield from PAIR_LOSSES.items()
-    for name, make in CLASS_LOSSES.items():
+    for name, make in {**CLASS_LOSSES, **OTHER_LOSSES}.items():
         yield name, make()
 
 
