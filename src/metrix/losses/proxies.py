@@ -44,19 +44,23 @@ def class_cosine(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
         return F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(weight.to(dtype), dim=1).T
 
 
-def _prepare_class_batch(embeddings, labels, weight):
+def _prepare_class_batch(embeddings, labels, weight, rows_per_class: int = 1, rows_name: str = "rows_per_class"):
+    """Validate a batch against a class matrix holding ``rows_per_class`` consecutive rows per class."""
     b = prepare_batch(embeddings, labels)
     if weight.ndim != 2 or weight.shape[1] != b.embeddings.shape[1]:
         raise ValueError(
             f"embeddings have shape {tuple(b.embeddings.shape)} but the class vectors have shape {tuple(weight.shape)}"
         )
-    _check_class_labels(b.labels, weight.shape[0])
+    if weight.shape[0] % rows_per_class:
+        raise ValueError(f"the class matrix has {weight.shape[0]} rows, not a multiple of {rows_name}={rows_per_class}")
+    _check_class_labels(b.labels, weight.shape[0] // rows_per_class)
     return b
 
 
-def _margin_cross_entropy(embeddings, labels, weight, scale, target_fn):
-    b = _prepare_class_batch(embeddings, labels, weight)
-    cos = class_cosine(b.embeddings, weight)
+def _margin_cross_entropy(embeddings, labels, weight, scale, target_fn, sub_centers: int = 1):
+    """Cross-entropy over ``scale·cos`` with the target class's cosine replaced by ``target_fn(cos)``."""
+    b = _prepare_class_batch(embeddings, labels, weight, sub_centers, "sub_centers")
+    cos = class_cosine(b.embeddings, weight) if sub_centers == 1 else subcenter_cosine(b.embeddings, weight, sub_centers)
     idx = b.labels[:, None]
     logits = cos.scatter(1, idx, target_fn(cos.gather(1, idx))) * scale
     return F.cross_entropy(logits, b.labels)
@@ -242,17 +246,7 @@ def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers: int = 3, 
     """Sub-center ArcFace (Deng et al., ECCV 2020): each class has ``sub_centers`` weight rows (rows
     ``c·K … c·K+K−1``); the class cosine is their maximum, then the ArcFace margin applies. Noisy samples can
     gather at a non-dominant sub-centre instead of pulling the class centre."""
-    if weight.shape[0] % sub_centers:
-        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
-    num_classes = weight.shape[0] // sub_centers
-    b = prepare_batch(embeddings, labels)
-    if weight.shape[1] != b.embeddings.shape[1]:
-        raise ValueError(f"embeddings have shape {tuple(b.embeddings.shape)} but the class vectors have shape {tuple(weight.shape)}")
-    _check_class_labels(b.labels, num_classes)
-    cos = subcenter_cosine(b.embeddings, weight, sub_centers)
-    idx = b.labels[:, None]
-    logits = cos.scatter(1, idx, _arcface_target(cos.gather(1, idx), margin)) * scale
-    return F.cross_entropy(logits, b.labels)
+    return _margin_cross_entropy(embeddings, labels, weight, scale, lambda c: _arcface_target(c, margin), sub_centers)
 
 
 def softtriple_similarity(embeddings, centers, centers_per_class: int, gamma: float) -> torch.Tensor:
@@ -268,12 +262,7 @@ def softtriple_loss(embeddings, labels, centers, *, centers_per_class: int = 10,
     ``CE(λ·(S − δ·1_y))`` with ``S`` the relaxed class similarities (paper defaults λ=20, γ=0.1, δ=0.01, K=10).
     The paper's optional regulariser that merges redundant centres is not included (as in
     pytorch-metric-learning, whose values this equals)."""
-    if centers.shape[0] % centers_per_class:
-        raise ValueError(f"centers has {centers.shape[0]} rows, not a multiple of centers_per_class={centers_per_class}")
-    b = prepare_batch(embeddings, labels)
-    if centers.shape[1] != b.embeddings.shape[1]:
-        raise ValueError(f"embeddings have shape {tuple(b.embeddings.shape)} but the centres have shape {tuple(centers.shape)}")
-    _check_class_labels(b.labels, centers.shape[0] // centers_per_class)
+    b = _prepare_class_batch(embeddings, labels, centers, centers_per_class, "centers_per_class")
     s = softtriple_similarity(b.embeddings, centers, centers_per_class, gamma)
     s = s - margin * F.one_hot(b.labels, s.shape[1]).to(s.dtype)
     return F.cross_entropy(la * s, b.labels)
