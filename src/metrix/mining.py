@@ -20,6 +20,7 @@ import torch
 from metrix._validation import check_positive
 from metrix.distances import dissimilarity, pairwise_distance
 from metrix.losses._common import Pairs, label_masks, mask_logits, prepare_batch
+from metrix.losses.multi_similarity import multi_similarity_pairs
 
 
 # ---------------------------------------------------------------------------- selection functions
@@ -49,14 +50,6 @@ def random_pairs(pos: torch.Tensor, neg: torch.Tensor, pos_fraction: float, neg_
     keep_pos = (torch.rand(pos.shape, generator=generator, dtype=pos.dtype) < pos_fraction).to(pos.dtype)
     keep_neg = (torch.rand(neg.shape, generator=generator, dtype=neg.dtype) < neg_fraction).to(neg.dtype)
     return Pairs(pos * keep_pos, neg * keep_neg)
-
-
-def multi_similarity_pairs(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, epsilon: float = 0.1) -> Pairs:
-    """Wang et al.'s MS mining on similarities: a negative is kept if ``s_n + ε > min_p s_p``, a positive if
-    ``s_p − ε < max_n s_n`` (nothing is kept for an anchor without positives or without negatives)."""
-    hardest_neg = mask_logits(s, neg).amax(dim=1, keepdim=True)  # −huge when there is no negative
-    hardest_pos = (-mask_logits(-s, pos)).amin(dim=1, keepdim=True)  # +huge when there is no positive
-    return Pairs(pos * (s - epsilon < hardest_neg), neg * (s + epsilon > hardest_pos))
 
 
 def distance_weighted_negatives(d: torch.Tensor, neg: torch.Tensor, dim: int, n_neg: int = 1, cutoff: float = 0.5,

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from metrix.distances import is_similarity, pairwise_distance
-from metrix.losses._common import label_masks, log1p_sum_exp, prepare_batch
+from metrix.losses._common import Pairs, label_masks, log1p_sum_exp, mask_logits, prepare_batch
+
+
+def multi_similarity_pairs(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, epsilon: float = 0.1) -> Pairs:
+    """Wang et al.'s MS mining on similarities: a negative is kept if ``s_n + ε > min_p s_p``, a positive if
+    ``s_p − ε < max_n s_n`` (nothing is kept for an anchor without positives or without negatives)."""
+    hardest_neg = mask_logits(s, neg).amax(dim=1, keepdim=True)  # −huge when there is no negative
+    hardest_pos = (-mask_logits(-s, pos)).amin(dim=1, keepdim=True)  # +huge when there is no positive
+    return Pairs(pos * (s - epsilon < hardest_neg), neg * (s + epsilon > hardest_pos))
 
 
 def multi_similarity_loss(
@@ -38,8 +46,6 @@ def multi_similarity_loss(
     s = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, s.dtype, pairs)
     if mining:
-        from metrix.mining import multi_similarity_pairs  # the one definition of the MS rule
-
         pos, neg = multi_similarity_pairs(s.detach(), pos, neg, epsilon)
     pos_term = log1p_sum_exp(-alpha * (s - base), pos) / alpha
     neg_term = log1p_sum_exp(beta * (s - base), neg) / beta
