@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.datasets import Dataset, encode_labels, load_dataset, stratified_split
+from metrix.datasets import encode_labels, load_dataset, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, save_json
 from metrix.losses import TRIPLET_SELECTIONS, build_loss
@@ -169,17 +169,12 @@ def _plots(run_dir: Path, history: list[dict], emb: np.ndarray, labels: np.ndarr
     return ["curves.png", "embedding.png"]
 
 
-def _split(ds: Dataset, test_size: float, seed: int):
-    train_idx, test_idx = stratified_split(ds.y, test_size, seed)
-    return train_idx, test_idx
-
-
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run the whole job; returns ``{"run_dir", "before", "after", "seconds"}``."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, cfg.label_column, None if cfg.image_size is None else tuple(cfg.image_size))
-    train_idx, test_idx = _split(ds, cfg.test_size, cfg.seed)
+    train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
     X_train, y_train, X_test, y_test = ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx]
     classes = np.unique(y_train)
     echo(f"data: {ds.name}, {len(ds)} samples, {len(classes)} classes, input shape {tuple(ds.X.shape[1:])}; "
@@ -241,10 +236,10 @@ def _eval_split(config: dict, data: str | None, split: str, label_column: str):
     if split == "auto":
         split = "test" if spec == config["split"]["data"] else "all"
     if split == "test":
-        train_idx, test_idx = _split(ds, config["split"]["test_size"], config["split"]["seed"])
-        return ds, (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
+        train_idx, test_idx = stratified_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
+        return (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
     if split == "all":
-        return ds, (ds.X, ds.y, None, None), split
+        return (ds.X, ds.y, None, None), split
     raise ValueError(f"split must be 'auto', 'test' or 'all', got {split!r}")
 
 
@@ -252,7 +247,7 @@ def evaluate(run_dir, data: str | None = None, split: str = "auto", label_column
     """Re-evaluate a saved run. ``split="test"`` recreates the run's own test-vs-train split;
     ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
     model, config = load_model(run_dir)
-    _, (xq, yq, xr, yr), used = _eval_split(config, data, split, label_column)
+    (xq, yq, xr, yr), used = _eval_split(config, data, split, label_column)
     metrics = retrieval_metrics(model.embed(xq), yq, None if xr is None else model.embed(xr), yr)
     metrics["split"] = used
     return metrics

@@ -190,7 +190,6 @@ def test_angular_and_smooth_ap_reference(seed, n, c, use_ref):
 
 
 def test_angular_pml_and_gradcheck_and_chunking(monkeypatch):
-    import tests.losses.reference  # noqa: F401
     import metrix.losses.per_positive as pp
 
     emb, lab = make_batch(15, 24, n_classes=4)

@@ -20,7 +20,6 @@ def lists(seed, q=4, n=6, levels=3):
 
 
 def ref_pairwise(scores, rel, mask, term):
-    total, count = 0.0, 0
     out = []
     for q in range(scores.shape[0]):
         items = [i for i in range(scores.shape[1]) if mask[q, i]]
