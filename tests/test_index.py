@@ -194,3 +194,16 @@ def test_faiss_errors():
     idx.add(np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32))
     with pytest.raises(ValueError, match="needs at least 64 vectors"):
         idx.search(np.zeros((1, 8), dtype=np.float32), k=1)
+
+
+def test_vectors_and_ids_are_copies_in_insertion_order(data):
+    x, _ = data
+    index = VectorIndex(8)
+    index.add(x[:5], ids=[9, 3, 7, 1, 5])
+    index.remove([7])
+    np.testing.assert_array_equal(index.vectors(), x[[0, 1, 3, 4]])
+    np.testing.assert_array_equal(index.ids, [9, 3, 1, 5])
+    index.vectors()[0] = 99.0
+    index.ids[0] = -1
+    np.testing.assert_array_equal(index.vectors()[0], x[0])  # the store is not writable through them
+    assert index.ids[0] == 9

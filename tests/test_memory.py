@@ -98,3 +98,13 @@ def test_momentum_encoder_update():
     assert not ema(torch.randn(4, 3)).requires_grad
     with pytest.raises(ValueError, match="momentum"):
         MomentumEncoder(model, momentum=1.0)
+
+
+def test_reset_empties_the_memory():
+    emb, labels = batch(7)
+    loss = L.TripletMarginLoss(0.2)
+    xbm = CrossBatchMemory(loss, embedding_dim=5, memory_size=32).double()
+    xbm.enqueue(*batch(8))
+    xbm.reset()
+    assert len(xbm) == 0
+    assert float(xbm(emb, labels)) == pytest.approx(float(loss(emb, labels)), abs=1e-12)  # as if never filled
