@@ -113,11 +113,14 @@ def test_rank_deficient_digits(name):
     X, y = X[:400].astype(float), y[:400]
     assert (X.std(0) == 0).any()
     X = np.hstack([X, X[:, 10:11]])  # and a duplicated column
-    est = ESTIMATORS[name]().fit(X, target_for(name, X, y))
-    Z = est.transform(X)
+    cls = ESTIMATORS[name]
+    est = cls(**({"random_state": 0} if "random_state" in cls().get_params() else {}))
+    Z = est.fit(X, target_for(name, X, y)).transform(X)
     assert np.isfinite(Z).all()
     acc = KNeighborsClassifier(3).fit(Z[:300], y[:300]).score(Z[300:], y[300:])
-    assert acc > 0.8, acc
+    # unsupervised whitening and Xing et al.'s MMC objective (sum of dissimilar distances) are
+    # weaker k-NN metrics on digits than the discriminative learners
+    assert acc > {"MMC": 0.7, "Covariance": 0.85}.get(name, 0.9), acc
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
