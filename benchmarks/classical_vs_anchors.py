@@ -32,7 +32,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 DATASETS = {"iris": load_iris, "wine": load_wine, "digits": load_digits}
-ALGORITHMS = ["Covariance", "NCA", "LMNN", "ITML", "MMC", "MMC-diagonal", "LFDA", "FDA", "RCA", "MLKR"]
+ALGORITHMS = ["Covariance", "NCA", "LMNN", "ITML", "MMC", "MMC-diagonal", "LFDA", "FDA", "FDA-ratio", "RCA", "MLKR"]
 HERE = Path(__file__).resolve().parent
 ANCHOR_VENV = HERE / ".venv-metric-learn"
 
@@ -94,12 +94,14 @@ def metrix_makers():
         "MMC-diagonal": lambda: mc.MMC(diagonal=True, random_state=0),
         "LFDA": lambda: mc.LFDA(),
         "FDA": lambda: mc.FDA(),
+        "FDA-ratio": lambda: mc.FDA(objective="ratio"),
         "RCA": lambda: mc.RCA(),
         "MLKR": lambda: mc.MLKR(random_state=0),
     }
     sklearn_anchors = {
         "NCA": lambda: NeighborhoodComponentsAnalysis(random_state=0),
-        "FDA": lambda: LinearDiscriminantAnalysis(),
+        "FDA": lambda: LinearDiscriminantAnalysis(),  # Fisher's own criterion: the natural anchor
+        "FDA-ratio": lambda: LinearDiscriminantAnalysis(),
     }
     return ours, sklearn_anchors
 

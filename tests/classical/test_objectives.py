@@ -151,6 +151,6 @@ def test_nca_matches_scikit_learn():
 
     X, y = load_iris(return_X_y=True)
     X = StandardScaler().fit_transform(X)
-    ours = NCA(n_components=2, init="pca", random_state=0).fit(X, y)
+    ours = NCA(n_components=2, init="pca", max_iter=50, tol=1e-5, random_state=0).fit(X, y)
     theirs = NeighborhoodComponentsAnalysis(n_components=2, init="pca", random_state=0).fit(X, y)
     np.testing.assert_allclose(ours.components_, theirs.components_, rtol=1e-5, atol=1e-6)

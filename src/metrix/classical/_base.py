@@ -111,7 +111,10 @@ class MahalanobisLearner(TransformerMixin, BaseEstimator):
             X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=not self._classification,
                                  ensure_min_samples=2)
         start = time.perf_counter()
-        with _threads_for(X.shape[0]):
+        if "max_iter" in self.get_params():  # iterative: torch + SciPy's L-BFGS in one loop
+            with _threads_for(X.shape[0]):
+                components = self._learn(X, y)
+        else:
             components = self._learn(X, y)
         self.components_ = np.ascontiguousarray(components, dtype=np.float64)
         self.fit_time_ = time.perf_counter() - start

@@ -2,8 +2,8 @@
 
 Maximises the expected number of correctly classified points under stochastic 1-NN:
 ``p_ij = exp(−||Lx_i − Lx_j||²) / Σ_{k≠i} exp(−||Lx_i − Lx_k||²)``, objective ``Σ_i Σ_{j: y_j = y_i} p_ij``.
-Same objective, initialisation and stopping rule as scikit-learn's ``NeighborhoodComponentsAnalysis``
-(so results agree), with the gradient as two matrix products.
+Same objective and initialisation as scikit-learn's ``NeighborhoodComponentsAnalysis`` (with its
+``max_iter=50, tol=1e-5`` the results agree to 1e-6), with the gradient as a few matrix products.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class _NCAProblem:
 
     Samples are sorted by class once, so "same class" is a set of diagonal blocks and needs no
     n × n mask. The row term ``||Lx_i||²`` of the distance cancels in a row softmax, so the logits
-    are one GEMM with a broadcast bias.
+    are one GEMM of augmented matrices, and the softmax runs in place in a buffer kept for the fit.
     """
 
     def __init__(self, X: np.ndarray, codes: np.ndarray):
@@ -33,15 +33,20 @@ class _NCAProblem:
         self.X = as_torch(X[order])
         counts = np.bincount(codes[order])
         self.blocks = [(int(s), int(s + c)) for s, c in zip(np.cumsum(counts) - counts, counts) if c]
+        # one n × n buffer for the whole fit: a fresh one per evaluation costs page faults
+        self._buffer = torch.empty(len(X), len(X), dtype=torch.float64)
 
     def __call__(self, L: np.ndarray):
         X = self.X
         E = X @ as_torch(L).T
         sq = (E * E).sum(1)
-        logits = torch.addmm(-sq[None, :], E, E.T, alpha=2.0)
-        logits.fill_diagonal_(-float("inf"))  # a point never picks itself
-        P = torch.softmax(logits, dim=1)
-        del logits
+        ones = torch.ones(len(E), 1, dtype=E.dtype)
+        # logits_ij = 2 e_i·e_j − ||e_j||² as one GEMM of augmented matrices [2E, 1]·[E, −sq]ᵀ
+        P = torch.mm(torch.cat([2.0 * E, ones], 1), torch.cat([E, -sq[:, None]], 1).T, out=self._buffer)
+        P.fill_diagonal_(-float("inf"))  # a point never picks itself
+        # row softmax in place
+        P.sub_(P.amax(1, keepdim=True)).exp_()
+        P.div_(P.sum(1, keepdim=True))
         diagonal_blocks = [P[a:b, a:b].clone() for a, b in self.blocks]
         p = torch.cat([blk.sum(1) for blk in diagonal_blocks])
         # ∂(−p_i)/∂D_ik = P_ik (same_ik − p_i): scale every row by −p_i, add P back on the class blocks
@@ -62,9 +67,11 @@ class NCA(MahalanobisLearner):
         Output dimension (default: n_features).
     init : 'auto', 'pca', 'lda', 'identity', 'random' or array (n_components, n_features)
     max_iter : int
-        L-BFGS iterations (scikit-learn's default, 50).
+        L-BFGS iterations (default 100, metric-learn's).
     tol : float
-        L-BFGS tolerance.
+        L-BFGS tolerance (default 1e-6; scikit-learn's 1e-5 stops after about 10 iterations on
+        digits while the objective is still falling; much tighter tolerances over-fit the train
+        split, as NCA has no regulariser).
     random_state : int or None
     verbose : int
         Print the objective at each iteration when > 0.
@@ -82,7 +89,7 @@ class NCA(MahalanobisLearner):
     (150, 2)
     """
 
-    def __init__(self, n_components=None, init="auto", max_iter=50, tol=1e-5, random_state=None, verbose=0):
+    def __init__(self, n_components=None, init="auto", max_iter=100, tol=1e-6, random_state=None, verbose=0):
         self.n_components = n_components
         self.init = init
         self.max_iter = max_iter

@@ -98,8 +98,9 @@ class FDA(MahalanobisLearner):
     ``S_s − S_d`` with the smallest eigenvalues (by default: all negative ones, i.e. every direction
     in which dissimilar pairs spread more than similar ones).
 
-    ``objective='ratio'`` is classical Fisher discriminant analysis (maximise between-class over
-    within-class scatter, a generalised eigenproblem; eigenvectors scaled by √λ).
+    ``objective='ratio'`` is classical Fisher discriminant analysis: maximise between-class over
+    within-class scatter (a generalised eigenproblem), keep ``c − 1`` directions by default, scaled
+    so that the within-class covariance is the identity.
 
     Example
     -------
@@ -127,10 +128,12 @@ class FDA(MahalanobisLearner):
         within = within_class_scatter(Z, codes) * n  # Σ_c Σ_{x∈c} (x − m_c)(x − m_c)ᵀ
         total = Z.T @ Z  # Z is centred
         if self.objective == "ratio":
-            n_components = min(self._n_components(X.shape[1]), r)
-            vals, V = whitened_generalized_eigh(total - within, within, self.regularization)
-            V = V[:, :n_components] * np.sqrt(np.clip(vals[:n_components], 0.0, None))
-            return (U @ V).T
+            # Fisher's criterion: at most c − 1 directions, scaled so that the within-class
+            # scatter is white (scikit-learn's LinearDiscriminantAnalysis.transform convention)
+            default = min(len(counts) - 1, r)
+            n_components = default if self.n_components is None else min(self._n_components(X.shape[1]), r)
+            _, V = whitened_generalized_eigh(total - within, within / n, self.regularization)
+            return (U @ V[:, :n_components]).T
         # Σ over ordered pairs (i, j) of (z_i − z_j)(z_i − z_j)ᵀ: 2 n_c·(class scatter) inside a
         # class, 2 n·(total scatter) over all pairs
         per_class = np.zeros((r, r))

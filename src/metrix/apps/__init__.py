@@ -1,0 +1,1 @@
+"""Applications of learned metrics: verification/identification, OOD detection, few-shot."""

@@ -1,0 +1,273 @@
+"""Face-style verification (1:1) and identification (1:N) with an enrolled gallery.
+
+FaceNet-style deployment: a trained embedding is fixed; people are *enrolled* by storing the
+embeddings of a few of their samples, and a probe is compared by distance against a calibrated
+threshold. New people need no retraining.
+
+Distances are Euclidean (or cosine) between embeddings; "same" means distance ≤ threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrix.io import CorruptFileError, load_tensors, save_tensors
+
+FAR_TARGETS = (1e-1, 1e-2, 1e-3)
+
+
+def _as_1d(a, name, dtype=np.float64):
+    a = np.asarray(a, dtype=dtype).ravel()
+    if a.size == 0:
+        raise ValueError(f"{name} is empty")
+    return a
+
+
+def _check_scores(distances, same):
+    d = _as_1d(distances, "distances")
+    s = np.asarray(same).ravel()
+    if s.shape != d.shape:
+        raise ValueError(f"{d.size} distances but {s.size} same/different flags")
+    if not np.isfinite(d).all():
+        raise ValueError("distances contain NaN or infinity")
+    s = s.astype(bool)
+    if s.all() or not s.any():
+        raise ValueError("verification metrics need both genuine (same) and impostor (different) pairs")
+    return d, s
+
+
+def roc_curve(distances, same):
+    """False-accept rate, true-accept rate and thresholds, accepting ``distance <= threshold``.
+
+    Returns arrays ``far, tar, thresholds`` starting at (0, 0) (threshold below every distance).
+    """
+    d, s = _check_scores(distances, same)
+    order = np.argsort(d, kind="stable")
+    d, s = d[order], s[order]
+    last = np.concatenate([d[1:] != d[:-1], [True]])  # cut only between distinct distances
+    tar = np.concatenate([[0.0], np.cumsum(s)[last] / s.sum()])
+    far = np.concatenate([[0.0], np.cumsum(~s)[last] / (~s).sum()])
+    thresholds = np.concatenate([[d[0] - 1.0], d[last]])
+    return far, tar, thresholds
+
+
+def verification_metrics(distances, same) -> dict:
+    """ROC AUC, equal error rate and TAR at FAR ∈ {1e-1, 1e-2, 1e-3} of distance-scored pairs.
+
+    TAR@FAR is the true-accept rate at the largest threshold whose false-accept rate is at most
+    FAR; ``num_impostor_pairs`` says whether the small FARs are resolved (1e-3 needs ≥ 1,000).
+    """
+    far, tar, thr = roc_curve(distances, same)
+    auc = float(np.trapezoid(np.concatenate([tar, [1.0]]), np.concatenate([far, [1.0]])))
+    frr = 1.0 - tar
+    i = int(np.argmin(np.abs(far - frr)))
+    out = {
+        "roc_auc": auc,
+        "eer": float((far[i] + frr[i]) / 2),
+        "eer_threshold": float(thr[i]),
+        "num_genuine_pairs": int(np.asarray(same).astype(bool).sum()),
+        "num_impostor_pairs": int((~np.asarray(same).astype(bool)).sum()),
+    }
+    for target in FAR_TARGETS:
+        ok = np.flatnonzero(far <= target + 1e-15)
+        out[f"tar_at_far_{target:g}"] = float(tar[ok[-1]])
+    return out
+
+
+def calibrate_threshold(distances, same, target_far: float | None = None) -> float:
+    """Distance threshold: best pair accuracy, or the largest one with false-accept rate ≤ ``target_far``."""
+    far, tar, thr = roc_curve(distances, same)
+    s = np.asarray(same).astype(bool).ravel()
+    if target_far is None:
+        accuracy = (tar * s.sum() + (1 - far) * (~s).sum()) / s.size
+        i = int(np.argmax(accuracy))
+    else:
+        if not 0.0 <= target_far <= 1.0:
+            raise ValueError(f"target_far must be in [0, 1], got {target_far}")
+        i = int(np.flatnonzero(far <= target_far + 1e-15)[-1])
+    return float(thr[i])
+
+
+def plot_roc(curves: dict, path, title: str = "ROC") -> Path:
+    """Save ROC curves ``{name: (far, tar)}`` on a log-FAR axis (needs the ``plots`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plot_roc needs matplotlib: pip install 'metrix[plots]'") from exc
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, (far, tar) in curves.items():
+        ax.plot(np.maximum(far, 1e-4), tar, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class Gallery:
+    """Enrolled identities for 1:1 verification and 1:N open-set identification.
+
+    Parameters
+    ----------
+    threshold : float or None
+        Accept distance (``distance <= threshold`` means "same person"). Needed by ``verify``
+        and for "unknown" answers in ``identify``; set it with :func:`calibrate_threshold`.
+    metric : 'euclidean' or 'cosine'
+    match : 'nearest' (distance to the closest enrolled sample) or 'mean' (to the mean of the
+        identity's samples, a prototype).
+
+    Example
+    -------
+    >>> g = Gallery(threshold=0.5)
+    >>> g.enroll("ada", [[0.0, 1.0], [0.1, 0.9]])
+    >>> g.identify([[0.0, 0.95]], k=1)[0]["identity"]
+    'ada'
+    """
+
+    def __init__(self, threshold: float | None = None, metric: str = "euclidean", match: str = "nearest"):
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+        if match not in ("nearest", "mean"):
+            raise ValueError(f"match must be 'nearest' or 'mean', got {match!r}")
+        self.threshold = threshold
+        self.metric = metric
+        self.match = match
+        self._samples: dict[str, np.ndarray] = {}
+        self._lock = threading.RLock()
+
+    # -- enrolment -------------------------------------------------------------------------
+    def _check(self, x, name="samples") -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty (n, dim) array of embeddings, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} contain NaN or infinity")
+        if self.dim is not None and x.shape[1] != self.dim:
+            raise ValueError(f"{name} have dimension {x.shape[1]}, the gallery holds dimension {self.dim}")
+        return x
+
+    @property
+    def dim(self) -> int | None:
+        return next(iter(self._samples.values())).shape[1] if self._samples else None
+
+    @property
+    def identities(self) -> list[str]:
+        return list(self._samples)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def enroll(self, identity: str, samples, replace: bool = False) -> None:
+        """Add embeddings of ``identity`` (appended to earlier ones unless ``replace``)."""
+        identity = str(identity)
+        with self._lock:
+            x = self._check(samples)
+            if identity in self._samples and not replace:
+                x = np.concatenate([self._samples[identity], x])
+            self._samples[identity] = x
+
+    def remove(self, identity: str) -> None:
+        with self._lock:
+            if str(identity) not in self._samples:
+                raise KeyError(f"identity {identity!r} is not enrolled")
+            del self._samples[str(identity)]
+
+    # -- comparison ------------------------------------------------------------------------
+    def _distances(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Probe × identity distance matrix under the gallery's metric and match rule."""
+        if not self._samples:
+            raise ValueError("the gallery is empty: enroll identities first")
+        names = list(self._samples)
+        q = torch.from_numpy(x)
+        if self.match == "mean":
+            refs = torch.from_numpy(np.stack([s.mean(0) for s in self._samples.values()]))
+            return self._pairwise(q, refs).numpy(), names
+        refs = torch.from_numpy(np.concatenate(list(self._samples.values())))
+        owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(s) for s in self._samples.values()]))
+        D = self._pairwise(q, refs)
+        out = torch.full((len(q), len(names)), float("inf"))
+        out.scatter_reduce_(1, owner.expand(len(q), -1), D, reduce="amin")
+        return out.numpy(), names
+
+    def _pairwise(self, q, r):
+        if self.metric == "cosine":
+            qn = torch.nn.functional.normalize(q, dim=1)
+            rn = torch.nn.functional.normalize(r, dim=1)
+            return 1.0 - qn @ rn.T
+        return torch.cdist(q, r)
+
+    def distance(self, x, identity: str) -> np.ndarray:
+        """Distance of each probe to ``identity``."""
+        with self._lock:
+            x = self._check(x, "probes")
+            if str(identity) not in self._samples:
+                raise KeyError(f"identity {identity!r} is not enrolled")
+            D, names = self._distances(x)
+            return D[:, names.index(str(identity))]
+
+    def verify(self, x, identity: str) -> tuple[np.ndarray, np.ndarray]:
+        """1:1 — is each probe ``identity``? Returns ``(accepted, distances)``."""
+        if self.threshold is None:
+            raise ValueError("verify needs a threshold: set Gallery(threshold=...) or use calibrate_threshold")
+        d = self.distance(x, identity)
+        return d <= self.threshold, d
+
+    def identify(self, x, k: int = 1) -> list[dict]:
+        """1:N — the ``k`` closest identities of each probe; ``identity`` is None ("unknown") when
+        the best distance is beyond the threshold (open set)."""
+        with self._lock:
+            x = self._check(x, "probes")
+            D, names = self._distances(x)
+        k = min(int(k), len(names))
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        top = np.argsort(D, axis=1, kind="stable")[:, :k]
+        results = []
+        for row, idx in zip(D, top):
+            best = float(row[idx[0]])
+            known = self.threshold is None or best <= self.threshold
+            results.append({
+                "identity": names[idx[0]] if known else None,
+                "candidates": [{"identity": names[j], "distance": float(row[j])} for j in idx],
+            })
+        return results
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """One safetensors file (embeddings per identity + JSON settings), atomic and checksummed."""
+        with self._lock:
+            names = list(self._samples)
+            tensors = {f"identity.{i}": torch.from_numpy(s) for i, s in enumerate(self._samples.values())}
+            meta = {"metrix_gallery": json.dumps({"identities": names, "threshold": self.threshold,
+                                                  "metric": self.metric, "match": self.match})}
+            return save_tensors(path, tensors, metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> "Gallery":
+        tensors, meta = load_tensors(path)
+        if "metrix_gallery" not in meta:
+            raise CorruptFileError(f"{path} is not a metrix gallery file")
+        info = json.loads(meta["metrix_gallery"])
+        gallery = cls(info["threshold"], info["metric"], info["match"])
+        for i, name in enumerate(info["identities"]):
+            key = f"identity.{i}"
+            if key not in tensors:
+                raise CorruptFileError(f"{path}: embeddings of {name!r} are missing")
+            gallery._samples[name] = tensors[key].numpy().astype(np.float32)
+        return gallery
