@@ -81,8 +81,11 @@ def _threads_for(n_samples: int):
     if n_samples < _SINGLE_THREAD_BELOW and previous > 1:
         torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
+        if n_samples < _SINGLE_THREAD_BELOW:
+            yield  # BLAS work is tiny here, and limiting the pools costs about a millisecond
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
