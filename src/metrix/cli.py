@@ -193,6 +193,95 @@ def transform_linear(
     typer.echo(f"wrote {path} ({dim}-d)")
 
 
+gallery_app = typer.Typer(no_args_is_help=True, help="Enrol identities with a trained run, then verify (1:1) and identify (1:N).")
+app.add_typer(gallery_app, name="gallery")
+
+
+@gallery_app.command("enroll")
+def gallery_enroll(
+    gallery: Path = typer.Argument(..., help="Gallery file (created if missing; safetensors, checksummed)."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
+    data: str = typer.Option(..., help="Samples: a folder of class sub-folders (each folder = one identity), .npz, .csv, or a .npy with --identity."),
+    identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+) -> None:
+    """Add identities to a gallery (no retraining needed for new people)."""
+    from metrix.apps.jobs import enroll
+
+    try:
+        counts = enroll(gallery, run, data, identity, label_column)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"enrolled {len(counts)} identities ({sum(counts.values())} samples) -> {gallery}")
+
+
+@gallery_app.command("calibrate")
+def gallery_calibrate(
+    gallery: Path = typer.Argument(..., help="Gallery file."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
+    data: str = typer.Option(..., help="Labelled samples (people not in the gallery are fine): all their pairs are scored."),
+    far: Optional[float] = typer.Option(None, help="Target false-accept rate (default: the threshold of best pair accuracy)."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+) -> None:
+    """Choose the accept threshold on labelled pairs, for a target false-accept rate."""
+    from metrix.apps.jobs import calibrate
+
+    try:
+        r = calibrate(gallery, run, data, far, label_column)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"threshold {r['threshold']:.4f}: FAR {r['far']:.4f}, TAR {r['tar']:.4f} on {r['pairs']} pairs -> {gallery}")
+
+
+@gallery_app.command("verify")
+def gallery_verify(
+    gallery: Path = typer.Argument(..., help="Gallery file with a threshold (see 'calibrate')."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
+    data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
+    identity: str = typer.Option(..., help="Claimed identity."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """1:1 — is each probe the claimed identity?"""
+    from metrix.apps.jobs import verify
+
+    try:
+        results = verify(gallery, run, data, identity, label_column)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        typer.echo(f"sample {r['sample']:>5}  {'ACCEPT' if r['accepted'] else 'reject'}  distance {r['distance']:.4f}")
+
+
+@gallery_app.command("identify")
+def gallery_identify(
+    gallery: Path = typer.Argument(..., help="Gallery file."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
+    data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
+    k: int = typer.Option(1, "-k", "--k", help="Candidates per probe."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N probes."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """1:N — who is each probe? 'unknown' when the best match is beyond the threshold."""
+    from metrix.apps.jobs import identify
+
+    try:
+        results = identify(gallery, run, data, k, label_column, limit)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        truth = f" (label {r['label']})" if "label" in r else ""
+        cands = ", ".join(f"{c['identity']} {c['distance']:.3f}" for c in r["candidates"])
+        typer.echo(f"sample {r['sample']:>5}{truth}: {r['identity'] or 'unknown'}   [{cands}]")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv)
 

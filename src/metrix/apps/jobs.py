@@ -1,0 +1,80 @@
+"""What the ``metrix gallery`` commands do: embed inputs with a trained run, then use a Gallery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from metrix.apps.verification import Gallery, calibrate_threshold
+
+
+def _embed(run_dir, data: str, label_column: str = "label"):
+    from metrix.experiment import _load_inputs
+    from metrix.models import load_model
+
+    model, _ = load_model(run_dir)
+    x, y = _load_inputs(data, label_column)
+    return model.embed(x).numpy(), y
+
+
+def _open(path, create: bool = False) -> Gallery:
+    path = Path(path)
+    if path.exists():
+        return Gallery.load(path)
+    if create:
+        return Gallery()
+    raise FileNotFoundError(f"no gallery at {path}: create one with 'metrix gallery enroll'")
+
+
+def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_column: str = "label") -> dict:
+    """Enrol ``data``: every label as an identity, or all samples as ``identity``. Returns counts."""
+    emb, labels = _embed(run_dir, data, label_column)
+    gallery = _open(gallery_path, create=True)
+    counts: dict[str, int] = {}
+    if identity is not None:
+        gallery.enroll(identity, emb)
+        counts[identity] = len(emb)
+    else:
+        if labels is None:
+            raise ValueError(f"{data} has no labels: give --identity to enrol all its samples as one person")
+        for name in np.unique(labels):
+            rows = emb[labels == name]
+            gallery.enroll(str(name), rows)
+            counts[str(name)] = len(rows)
+    gallery.save(gallery_path)
+    return counts
+
+
+def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_column: str = "label") -> dict:
+    """Set the gallery threshold from labelled data: all pairs of its samples (same label = genuine)."""
+    emb, labels = _embed(run_dir, data, label_column)
+    if labels is None:
+        raise ValueError("calibration needs labelled data")
+    gallery = _open(gallery_path)
+    a, b = np.triu_indices(len(emb), 1)
+    d = np.linalg.norm(emb[a] - emb[b], axis=1) if gallery.metric == "euclidean" else \
+        1 - np.sum(emb[a] * emb[b], 1) / (np.linalg.norm(emb[a], axis=1) * np.linalg.norm(emb[b], axis=1))
+    same = labels[a] == labels[b]
+    gallery.threshold = calibrate_threshold(d, same, target_far)
+    gallery.save(gallery_path)
+    return {"threshold": gallery.threshold, "far": float(np.mean(d[~same] <= gallery.threshold)),
+            "tar": float(np.mean(d[same] <= gallery.threshold)), "pairs": int(len(d))}
+
+
+def verify(gallery_path, run_dir, data: str, identity: str, label_column: str = "label") -> list[dict]:
+    emb, _ = _embed(run_dir, data, label_column)
+    accepted, dist = _open(gallery_path).verify(emb, identity)
+    return [{"sample": i, "accepted": bool(a), "distance": float(d)} for i, (a, d) in enumerate(zip(accepted, dist))]
+
+
+def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "label", limit: int | None = None) -> list[dict]:
+    emb, labels = _embed(run_dir, data, label_column)
+    if limit is not None:
+        emb = emb[:limit]
+    out = _open(gallery_path).identify(emb, k)
+    for i, r in enumerate(out):
+        r["sample"] = i
+        if labels is not None:
+            r["label"] = labels[i].item() if hasattr(labels[i], "item") else labels[i]
+    return out
