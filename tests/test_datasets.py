@@ -77,3 +77,36 @@ def test_encode_and_split():
         stratified_split(np.array([0, 0, 1]), 0.3)
     with pytest.raises(ValueError, match="at least 2 classes"):
         stratified_split(np.zeros(5), 0.3)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "fashion_mnist").is_dir(), reason="shared Fashion-MNIST not present")
+def test_fashion_mnist_local_copy():
+    from metrix.datasets import load_fashion_mnist
+
+    test = load_fashion_mnist(SHARED_DATA / "fashion_mnist", "test")
+    assert test.X.shape == (10000, 1, 28, 28) and test.X.dtype == np.float32
+    assert np.bincount(test.y).tolist() == [1000] * 10
+    assert 0.0 <= test.X.min() and test.X.max() <= 1.0
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    from metrix.datasets import load_fashion_mnist, read_idx
+
+    (tmp_path / "x").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "x")
+    (tmp_path / "y").write_bytes(b"hello")
+    with pytest.raises(ValueError, match="IDX"):
+        read_idx(tmp_path / "y")
+    with pytest.raises(FileNotFoundError, match="download_missing"):
+        load_fashion_mnist(tmp_path, "train")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "omniglot").is_dir(), reason="shared Omniglot not present")
+def test_omniglot_local_copy():
+    from metrix.datasets import load_omniglot
+
+    ev = load_omniglot(SHARED_DATA / "omniglot", "evaluation")
+    assert ev.X.shape == (13180, 1, 28, 28)
+    assert len(np.unique(ev.y)) == 659
+    assert ev.X.mean() < 0.5  # strokes are 1 on a 0 background after inversion
