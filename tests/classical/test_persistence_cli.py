@@ -94,5 +94,9 @@ def test_fit_linear_errors():
     assert result.exit_code == 2 and "unknown algorithm" in result.output
     result = runner.invoke(app, ["fit-linear", "nca", "--param", "bad"])
     assert result.exit_code == 2 and "key=value" in result.output
+    result = runner.invoke(app, ["fit-linear", "itml", "--n-components", "5"])
+    assert result.exit_code == 2 and "ITML has no parameter 'n_components'" in result.output
+    result = runner.invoke(app, ["fit-linear", "nca", "--param", "colour=1"])
+    assert result.exit_code == 2 and "no parameter 'colour'" in result.output
     result = runner.invoke(app, ["fit-linear", "nca", "--data", "/no/such/file.npz"])
     assert result.exit_code == 2

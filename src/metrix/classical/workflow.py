@@ -52,7 +52,12 @@ def fit_linear(algorithm: str, data: str = "digits", out: str | Path | None = No
     kwargs = dict(params or {})
     if n_components is not None:
         kwargs["n_components"] = n_components
-    if "random_state" in cls().get_params():
+    valid = cls().get_params()
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters are: {', '.join(sorted(valid))}")
+    if "random_state" in valid:
         kwargs.setdefault("random_state", seed)
     estimator = cls(**kwargs)
     target = y[train].astype(np.float64) if cls is ESTIMATORS["MLKR"] else y[train]
