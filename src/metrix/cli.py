@@ -282,6 +282,31 @@ def gallery_identify(
         typer.echo(f"sample {r['sample']:>5}{truth}: {r['identity'] or 'unknown'}   [{cands}]")
 
 
+@app.command("ood")
+def ood(
+    run: Path = typer.Option(..., help="Run folder whose model embeds every set."),
+    fit_data: str = typer.Option(..., help="In-distribution training data (labelled for the Mahalanobis detector)."),
+    in_data: str = typer.Option(..., help="Held-out in-distribution samples."),
+    ood_data: str = typer.Option(..., help="Out-of-distribution samples (a dataset or a .npy of raw inputs)."),
+    detector: str = typer.Option("mahalanobis", help="'mahalanobis' (class means + shared shrunk covariance) or 'knn' (k-th neighbour distance)."),
+    k: int = typer.Option(10, "-k", "--k", help="Neighbour used by the knn detector."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Score OOD detection in a learned space: AUROC and FPR at 95% TPR."""
+    from metrix.apps.jobs import ood_evaluate
+
+    try:
+        r = ood_evaluate(run, fit_data, in_data, ood_data, detector, k, label_column)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(f"{detector}: AUROC {r['auroc']:.4f}, FPR@95%TPR {r['fpr_at_95_tpr']:.4f} "
+               f"({r['num_in']} in-distribution, {r['num_ood']} OOD samples)")
+
+
 fewshot_app = typer.Typer(no_args_is_help=True, help="Prototypical networks: episodic training and N-way K-shot evaluation.")
 app.add_typer(fewshot_app, name="fewshot")
 

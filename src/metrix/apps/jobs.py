@@ -78,3 +78,23 @@ def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "
         if labels is not None:
             r["label"] = labels[i].item() if hasattr(labels[i], "item") else labels[i]
     return out
+
+
+def ood_evaluate(run_dir, fit_data: str, in_data: str, ood_data: str, detector: str = "mahalanobis", k: int = 10,
+                 label_column: str = "label") -> dict:
+    """Fit a detector on the embeddings of ``fit_data`` and report AUROC / FPR@95TPR of
+    ``in_data`` (in-distribution) against ``ood_data``."""
+    from metrix.apps.ood import KNNDetector, MahalanobisDetector, ood_metrics
+
+    emb, labels = _embed(run_dir, fit_data, label_column)
+    if detector == "mahalanobis":
+        if labels is None:
+            raise ValueError("the Mahalanobis detector needs labelled fit data (class means)")
+        det = MahalanobisDetector().fit(emb, labels)
+    elif detector == "knn":
+        det = KNNDetector(k=k).fit(emb)
+    else:
+        raise ValueError(f"detector must be 'mahalanobis' or 'knn', got {detector!r}")
+    s_in = det.score(_embed(run_dir, in_data, label_column)[0])
+    s_out = det.score(_embed(run_dir, ood_data, label_column)[0])
+    return {"detector": detector, "num_in": int(len(s_in)), "num_ood": int(len(s_out)), **ood_metrics(s_in, s_out)}
