@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metrix.classical._base import MahalanobisLearner
+from metrix.classical._base import MahalanobisLearner, initial_components
 from metrix.classical._optimize import as_torch, lbfgs
 from metrix.classical._pairs import PairClassifierMixin
 
@@ -88,8 +88,6 @@ class MMC(PairClassifierMixin, MahalanobisLearner):
         self.verbose = verbose
 
     def _learn_pairs(self, V, labels, points):
-        from metrix.classical._base import initial_components
-
         if not (labels == 1).any() or not (labels == -1).any():
             raise ValueError("MMC needs both similar and dissimilar pairs")
         if not np.any(V[labels == 1]):
