@@ -284,7 +284,7 @@ def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int =
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float((err * err).sum())
+            total += float((err.detach() ** 2).sum())
         history.append(total / len(users))
     return history
 
