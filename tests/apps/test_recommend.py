@@ -115,3 +115,38 @@ def test_movielens_local_copy():
 def test_missing_files_say_how_to_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="download_missing"):
         load_movielens_100k(tmp_path)
+
+
+def test_save_load_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from metrix.apps.recommend import load_recommender, save_recommender
+    from metrix.cli import app
+    from metrix.io import CorruptFileError
+
+    model = CML(10, 12, 4, margin=0.7, seed=1)
+    path = save_recommender(model, tmp_path / "m.safetensors", extra={"a": 1})
+    loaded, extra = load_recommender(path)
+    assert extra == {"a": 1} and loaded.margin == 0.7
+    assert torch.equal(loaded.scores(torch.arange(3)), model.scores(torch.arange(3)))
+    (tmp_path / "bad").write_bytes(path.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(CorruptFileError):
+        load_recommender(tmp_path / "bad")
+    # the CLI on a tiny MovieLens-format folder
+    root = tmp_path / "ml"
+    root.mkdir()
+    data = planted(30, 40)
+    lines = [f"{u + 1}\t{i + 1}\t{int(r)}\t{t}" for u, i, r, t in zip(data.users, data.items, data.ratings, data.timestamps)]
+    (root / "u.data").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    out = tmp_path / "cml.safetensors"
+    r = runner.invoke(app, ["recommend", "train", "--root", str(root), "--split", "loo", "--dim", "8",
+                            "--epochs", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "recall@10" in r.output
+    r = runner.invoke(app, ["recommend", "eval", str(out), "--root", str(root), "--split", "loo", "--json"])
+    assert r.exit_code == 0 and "ndcg@10" in r.output, r.output
+    r = runner.invoke(app, ["recommend", "for-user", str(out), "--user", "1", "-k", "3", "--root", str(root), "--split", "loo"])
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3, r.output
+    r = runner.invoke(app, ["recommend", "train", "--root", str(root), "--model", "knn"])
+    assert r.exit_code == 2 and "model must be" in r.output

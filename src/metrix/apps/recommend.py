@@ -339,3 +339,44 @@ def rating_metrics(model, test: Interactions) -> dict:
     pred = model(torch.from_numpy(test.users), torch.from_numpy(test.items)).clamp(1.0, 5.0).double()
     err = pred - torch.from_numpy(test.ratings).double()
     return {"rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean())}
+
+
+# --- persistence and jobs ---------------------------------------------------------------------
+
+MODELS = {"cml": CML, "bpr": BPR, "metric": MetricRatingModel, "mf": BiasedMF}
+IMPLICIT = {"cml", "bpr"}
+
+
+def save_recommender(model: nn.Module, path, extra: dict | None = None) -> Path:
+    """Weights as safetensors and the constructor arguments as JSON (checksummed, atomic)."""
+    import json
+
+    from metrix.io import save_tensors
+
+    kind = next((k for k, cls in MODELS.items() if type(model) is cls), None)
+    if kind is None:
+        raise TypeError(f"cannot save {type(model).__name__}")
+    config = {"kind": kind, "n_users": model.users.shape[0], "n_items": model.items.shape[0], "dim": model.users.shape[1]}
+    if kind == "cml":
+        config.update(margin=model.margin, cov_weight=model.cov_weight, use_rank_weight=model.use_rank_weight)
+    meta = {"metrix_recommender": json.dumps(config), "extra": json.dumps(extra or {})}
+    return save_tensors(path, dict(model.state_dict()), metadata=meta)
+
+
+def load_recommender(path):
+    """Inverse of :func:`save_recommender`; returns ``(model, extra)``."""
+    import json
+
+    from metrix.io import CorruptFileError, load_tensors
+
+    tensors, meta = load_tensors(path)
+    if "metrix_recommender" not in meta:
+        raise CorruptFileError(f"{path} is not a metrix recommender")
+    config = json.loads(meta["metrix_recommender"])
+    cls = MODELS[config.pop("kind")]
+    model = cls(**config)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CorruptFileError(f"{path}: weights do not fit the model: {exc}") from exc
+    return model.eval(), json.loads(meta.get("extra", "{}"))
