@@ -35,7 +35,7 @@ IMAGE_SIZE = (56, 46)  # half resolution of the 112 × 92 originals
 
 
 def pair_distances(gallery: Gallery, probes, probe_ids):
-    D, names = gallery._distances(np.asarray(probes, dtype=np.float32))
+    D, names = gallery.distance_matrix(probes)
     same = np.asarray(probe_ids)[:, None] == np.asarray(names)[None, :]
     return D, same, names
 

@@ -85,6 +85,9 @@ def test_gallery_enrol_verify_identify(tmp_path):
     ok, dist = g.verify(probes[:2], "p1")
     assert ok.tolist() == [False, True]
     # nearest-sample distance is the minimum over that identity's enrolled samples
+    D, names = g.distance_matrix(probes[:2])
+    assert names == g.identities and D.shape == (2, 5)
+    np.testing.assert_allclose(D[:, 1], dist)
     enrolled = g._samples["p1"]
     assert dist[0] == pytest.approx(np.linalg.norm(enrolled - probes[0], axis=1).min(), rel=1e-5)
     mean = Gallery(match="mean")

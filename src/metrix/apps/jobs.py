@@ -46,12 +46,17 @@ def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_
     return counts
 
 
-def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_column: str = "label") -> dict:
-    """Set the gallery threshold from labelled data: all pairs of its samples (same label = genuine)."""
+def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_column: str = "label",
+              max_samples: int = 3000) -> dict:
+    """Set the gallery threshold from labelled data: all pairs of its samples (same label = genuine),
+    from a seeded sample of ``max_samples`` when there are more."""
     emb, labels = _embed(run_dir, data, label_column)
     if labels is None:
         raise ValueError("calibration needs labelled data")
     gallery = _open(gallery_path)
+    if len(emb) > max_samples:  # all pairs of 3,000 samples are 4.5 M distances: plenty, and bounded memory
+        keep = np.random.default_rng(0).choice(len(emb), max_samples, replace=False)
+        emb, labels = emb[keep], labels[keep]
     a, b = np.triu_indices(len(emb), 1)
     d = np.linalg.norm(emb[a] - emb[b], axis=1) if gallery.metric == "euclidean" else \
         1 - np.sum(emb[a] * emb[b], 1) / (np.linalg.norm(emb[a], axis=1) * np.linalg.norm(emb[b], axis=1))

@@ -189,8 +189,12 @@ class Gallery:
             del self._samples[str(identity)]
 
     # -- comparison ------------------------------------------------------------------------
+    def distance_matrix(self, x) -> tuple[np.ndarray, list[str]]:
+        """Probe × identity distances under the gallery's metric and match rule, and the identity order."""
+        with self._lock:
+            return self._distances(self._check(x, "probes"))
+
     def _distances(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Probe × identity distance matrix under the gallery's metric and match rule."""
         if not self._samples:
             raise ValueError("the gallery is empty: enroll identities first")
         names = list(self._samples)
