@@ -92,6 +92,23 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, user_meta
 
 
+def save_tagged(path, tensors: dict[str, torch.Tensor], tag: str, info: dict) -> Path:
+    """:func:`save_tensors` with a JSON ``info`` object under the header key ``tag`` (what the file is)."""
+    return save_tensors(path, tensors, metadata={tag: json.dumps(info)})
+
+
+def load_tagged(path, tag: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a file written by :func:`save_tagged`; a file without ``tag`` is not a ``what``."""
+    tensors, meta = load_tensors(path)
+    if tag not in meta:
+        raise CorruptFileError(f"{path} is not a metrix {what}")
+    try:
+        info = json.loads(meta[tag])
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path}: unreadable {what} header: {exc}") from exc
+    return tensors, info
+
+
 def _json_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

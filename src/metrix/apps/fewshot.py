@@ -8,7 +8,6 @@ runs the same episodes on the training classes and minimises the query cross-ent
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metrix.io import CorruptFileError, load_tensors, save_tensors
+from metrix.io import CorruptFileError, load_tagged, save_tagged
 
 
 class EpisodeSampler:
@@ -146,15 +145,11 @@ class PrototypicalNetwork:
     def save(self, path) -> Path:
         """Encoder weights (safetensors, checksummed); only the default conv net can be rebuilt on load."""
         state = {k: v for k, v in self.encoder.state_dict().items()}
-        meta = {"metrix_fewshot": json.dumps({"input_shape": list(self.input_shape), "encoder": "convnet"})}
-        return save_tensors(path, state, metadata=meta)
+        return save_tagged(path, state, "metrix_fewshot", {"input_shape": list(self.input_shape), "encoder": "convnet"})
 
     @classmethod
     def load(cls, path) -> "PrototypicalNetwork":
-        tensors, meta = load_tensors(path)
-        if "metrix_fewshot" not in meta:
-            raise CorruptFileError(f"{path} is not a metrix few-shot model")
-        info = json.loads(meta["metrix_fewshot"])
+        tensors, info = load_tagged(path, "metrix_fewshot", "few-shot model")
         net = cls(input_shape=info["input_shape"])
         try:
             net.encoder.load_state_dict(tensors)

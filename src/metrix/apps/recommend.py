@@ -349,9 +349,7 @@ IMPLICIT = {"cml", "bpr"}
 
 def save_recommender(model: nn.Module, path, extra: dict | None = None) -> Path:
     """Weights as safetensors and the constructor arguments as JSON (checksummed, atomic)."""
-    import json
-
-    from metrix.io import save_tensors
+    from metrix.io import save_tagged
 
     kind = next((k for k, cls in MODELS.items() if type(model) is cls), None)
     if kind is None:
@@ -359,24 +357,19 @@ def save_recommender(model: nn.Module, path, extra: dict | None = None) -> Path:
     config = {"kind": kind, "n_users": model.users.shape[0], "n_items": model.items.shape[0], "dim": model.users.shape[1]}
     if kind == "cml":
         config.update(margin=model.margin, cov_weight=model.cov_weight, use_rank_weight=model.use_rank_weight)
-    meta = {"metrix_recommender": json.dumps(config), "extra": json.dumps(extra or {})}
-    return save_tensors(path, dict(model.state_dict()), metadata=meta)
+    return save_tagged(path, dict(model.state_dict()), "metrix_recommender", {"model": config, "extra": extra or {}})
 
 
 def load_recommender(path):
     """Inverse of :func:`save_recommender`; returns ``(model, extra)``."""
-    import json
+    from metrix.io import CorruptFileError, load_tagged
 
-    from metrix.io import CorruptFileError, load_tensors
-
-    tensors, meta = load_tensors(path)
-    if "metrix_recommender" not in meta:
-        raise CorruptFileError(f"{path} is not a metrix recommender")
-    config = json.loads(meta["metrix_recommender"])
+    tensors, info = load_tagged(path, "metrix_recommender", "recommender")
+    config = dict(info["model"])
     cls = MODELS[config.pop("kind")]
     model = cls(**config)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CorruptFileError(f"{path}: weights do not fit the model: {exc}") from exc
-    return model.eval(), json.loads(meta.get("extra", "{}"))
+    return model.eval(), info["extra"]

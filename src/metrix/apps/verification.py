@@ -9,14 +9,13 @@ Distances are Euclidean (or cosine) between embeddings; "same" means distance â‰
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, load_tensors, save_tensors
+from metrix.io import CorruptFileError, load_tagged, save_tagged
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -258,16 +257,12 @@ class Gallery:
         with self._lock:
             names = list(self._samples)
             tensors = {f"identity.{i}": torch.from_numpy(s) for i, s in enumerate(self._samples.values())}
-            meta = {"metrix_gallery": json.dumps({"identities": names, "threshold": self.threshold,
-                                                  "metric": self.metric, "match": self.match})}
-            return save_tensors(path, tensors, metadata=meta)
+            info = {"identities": names, "threshold": self.threshold, "metric": self.metric, "match": self.match}
+            return save_tagged(path, tensors, "metrix_gallery", info)
 
     @classmethod
     def load(cls, path) -> "Gallery":
-        tensors, meta = load_tensors(path)
-        if "metrix_gallery" not in meta:
-            raise CorruptFileError(f"{path} is not a metrix gallery file")
-        info = json.loads(meta["metrix_gallery"])
+        tensors, info = load_tagged(path, "metrix_gallery", "gallery file")
         gallery = cls(info["threshold"], info["metric"], info["match"])
         for i, name in enumerate(info["identities"]):
             key = f"identity.{i}"

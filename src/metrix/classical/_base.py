@@ -20,6 +20,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from metrix.classical._optimize import lbfgs
+
 
 class MahalanobisDistance:
     """Picklable callable ``f(u, v) = ||L(u - v)||`` for scikit-learn's ``metric=`` arguments."""
@@ -164,6 +166,13 @@ class MahalanobisLearner(TransformerMixin, BaseEstimator):
         if n > n_features:
             raise ValueError(f"n_components={n} is larger than the number of features ({n_features})")
         return int(n)
+
+    def _minimize(self, objective, L0, bounds=None):
+        """L-BFGS with the learner's ``max_iter``/``tol``/``verbose``; records ``n_iter_`` and
+        ``objective_history_`` and returns the minimiser."""
+        result = lbfgs(objective, L0, max_iter=self.max_iter, tol=self.tol, log=self._log, bounds=bounds)
+        self.n_iter_, self.objective_history_ = result.n_iter, result.history
+        return result.L
 
     def _log(self, message: str) -> None:
         if getattr(self, "verbose", 0):

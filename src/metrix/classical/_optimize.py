@@ -1,9 +1,10 @@
 """Numerical pieces shared by the iterative learners: L-BFGS over ``L`` and dense distance algebra.
 
-All objectives are written in terms of the squared distances ``D_ij = ||L x_i - L x_j||²`` of a
-dense n × n matrix and a weight matrix ``W = ∂f/∂D``. The gradient with respect to ``L`` is then
-two matrix products, ``∂f/∂L = 2 Lᵀ... = 2 Eᵀ (diag(W1 + Wᵀ1) − W − Wᵀ) X`` with ``E = X Lᵀ``,
-so no per-pair or per-triplet outer products are ever formed.
+The n × n objectives are written in terms of the squared distances ``D_ij = ||L x_i - L x_j||²``
+and a weight matrix ``W = ∂f/∂D``; the gradient with respect to ``L`` is then a few matrix
+products, ``∂f/∂L = 2 Eᵀ (diag(W1 + Wᵀ1) − W − Wᵀ) X`` with ``E = X Lᵀ`` (:func:`scatter_gradient`;
+NCA and LMNN use the same identity, specialised to their sparse or row-stochastic ``W``), so no
+per-pair or per-triplet outer products are ever formed.
 """
 
 from __future__ import annotations

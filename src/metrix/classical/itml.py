@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from metrix.classical._base import MahalanobisLearner
-from metrix.classical._optimize import as_torch, lbfgs
+from metrix.classical._optimize import as_torch
 from metrix.classical._pairs import PairClassifierMixin
 
 
@@ -155,6 +155,4 @@ class ITML(PairClassifierMixin, MahalanobisLearner):
         self.bounds_ = (float(u), float(l))
         L0 = np.linalg.cholesky(A0).T  # M₀ = L₀ᵀL₀: start at the prior
         problem = _ITMLProblem(V, labels, np.linalg.inv(A0), u, l, self.gamma)
-        result = lbfgs(problem, L0, max_iter=self.max_iter, tol=self.tol, log=self._log)
-        self.n_iter_, self.objective_history_ = result.n_iter, result.history
-        return result.L
+        return self._minimize(problem, L0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from metrix.classical._base import MahalanobisLearner, encode_classes, initial_components
-from metrix.classical._optimize import as_torch, lbfgs, scatter_gradient, squared_distances
+from metrix.classical._optimize import as_torch, squared_distances
 
 
 def target_neighbors(X: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
@@ -169,6 +169,4 @@ class LMNN(MahalanobisLearner):
         n_components = self._n_components(X.shape[1])
         L0 = initial_components(self.init, X, codes, n_components, self.random_state)
         problem = _LMNNProblem(X, codes, targets, float(self.regularization))
-        result = lbfgs(problem, L0, max_iter=self.max_iter, tol=self.tol, log=self._log)
-        self.n_iter_, self.objective_history_ = result.n_iter, result.history
-        return result.L
+        return self._minimize(problem, L0)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from metrix.classical._base import MahalanobisLearner, initial_components
-from metrix.classical._optimize import as_torch, lbfgs, scatter_gradient, squared_distances
+from metrix.classical._optimize import as_torch, scatter_gradient, squared_distances
 
 
 def mlkr_objective(L: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -65,7 +65,4 @@ class MLKR(MahalanobisLearner):
         n_components = self._n_components(X.shape[1])
         L0 = initial_components(self.init, X, None, n_components, self.random_state)
         Xt, yt = as_torch(X), as_torch(y)
-        result = lbfgs(lambda L: _mlkr_value_grad(as_torch(L), Xt, yt), L0,
-                       max_iter=self.max_iter, tol=self.tol, log=self._log)
-        self.n_iter_, self.objective_history_ = result.n_iter, result.history
-        return result.L
+        return self._minimize(lambda L: _mlkr_value_grad(as_torch(L), Xt, yt), L0)

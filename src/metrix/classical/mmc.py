@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from metrix.classical._base import MahalanobisLearner, initial_components
-from metrix.classical._optimize import as_torch, lbfgs
+from metrix.classical._optimize import as_torch
 from metrix.classical._pairs import PairClassifierMixin
 
 
@@ -96,13 +96,9 @@ class MMC(PairClassifierMixin, MahalanobisLearner):
         scale = np.mean(V * V) * d  # keeps eps relative to the data's squared distances
         problem = _MMCProblem(V, labels, self.diagonal, 1e-12 * max(scale, 1e-300))
         if self.diagonal:
-            result = lbfgs(problem, np.ones(d), max_iter=self.max_iter, tol=self.tol, log=self._log,
-                           bounds=[(0.0, None)] * d)
-            L = np.diag(np.sqrt(np.clip(result.L, 0.0, None)))
+            L = np.diag(np.sqrt(np.clip(self._minimize(problem, np.ones(d), bounds=[(0.0, None)] * d), 0.0, None)))
         else:
             L0 = initial_components(self.init, points, None, d, self.random_state)
-            result = lbfgs(problem, L0, max_iter=self.max_iter, tol=self.tol, log=self._log)
-            L = result.L
-        self.n_iter_, self.objective_history_ = result.n_iter, result.history
+            L = self._minimize(problem, L0)
         Z = V[labels == 1] @ L.T
         return L / np.sqrt((Z * Z).sum())  # Σ_S d_M² = 1, Xing et al.'s constraint

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from metrix.classical._base import MahalanobisLearner, encode_classes, initial_components
-from metrix.classical._optimize import as_torch, lbfgs, scatter_gradient, squared_distances
+from metrix.classical._optimize import as_torch
 
 
 def nca_objective(L: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -101,6 +101,4 @@ class NCA(MahalanobisLearner):
         _, codes = encode_classes(y)
         n_components = self._n_components(X.shape[1])
         L0 = initial_components(self.init, X, codes, n_components, self.random_state)
-        result = lbfgs(_NCAProblem(X, codes), L0, max_iter=self.max_iter, tol=self.tol, log=self._log)
-        self.n_iter_, self.objective_history_ = result.n_iter, result.history
-        return result.L
+        return self._minimize(_NCAProblem(X, codes), L0)

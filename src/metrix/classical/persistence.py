@@ -7,13 +7,11 @@ checksummed header (see :mod:`metrix.io`): loading a damaged file fails with ``C
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from metrix.io import CorruptFileError, load_tensors, save_tensors
+from metrix.io import CorruptFileError, load_tagged, save_tagged
 
 #: fitted attributes besides components_ that survive a save/load round trip
 _FITTED_SCALARS = ("n_features_in_", "threshold_", "bounds_", "n_iter_", "fit_time_", "objective_history_")
@@ -52,20 +50,18 @@ def save_estimator(estimator, path, extra: dict | None = None):
     fitted = {k: _json_value(getattr(estimator, k)) for k in _FITTED_SCALARS if hasattr(estimator, k)}
     header = {"class": name, "params": params, "fitted": fitted, "extra": extra or {}}
     try:
-        text = json.dumps(header)
+        return save_tagged(path, tensors, "metrix_classical", header)
     except TypeError as exc:
         raise TypeError(f"cannot save {name}: a hyper-parameter is not JSON-serialisable ({exc})") from exc
-    return save_tensors(path, tensors, metadata={"metrix_classical": text})
 
 
 def load_estimator(path, return_extra: bool = False):
     """Load a learner saved by :func:`save_estimator` (ready to ``transform``)."""
     from metrix.classical import ESTIMATORS
 
-    tensors, meta = load_tensors(path)
-    if "metrix_classical" not in meta or "components" not in tensors:
-        raise CorruptFileError(f"{path} is not a metrix classical estimator file")
-    header = json.loads(meta["metrix_classical"])
+    tensors, header = load_tagged(path, "metrix_classical", "classical estimator file")
+    if "components" not in tensors:
+        raise CorruptFileError(f"{path} is not a metrix classical estimator file (no components)")
     cls = ESTIMATORS.get(header.get("class"))
     if cls is None:
         raise CorruptFileError(f"{path}: unknown estimator class {header.get('class')!r}")
