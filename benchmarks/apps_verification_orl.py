@@ -40,28 +40,27 @@ def pair_distances(gallery: Gallery, probes, probe_ids):
     return D, same, names
 
 
-def evaluate(embed, X, y, train_ids, test_ids, n_enrol, rng):
-    """Identification and verification of the unseen identities with ``n_enrol`` images each."""
+def enrol(embed, X, y, identities, n_enrol, rng):
+    """A gallery of ``n_enrol`` random images per identity; the other images become probes."""
     gallery = Gallery()
     probes, probe_ids = [], []
-    for ident in test_ids:
+    for ident in identities:
         idx = rng.permutation(np.flatnonzero(y == ident))
         gallery.enroll(str(ident), embed(X[idx[:n_enrol]]))
         probes.append(embed(X[idx[n_enrol:]]))
         probe_ids += [str(ident)] * (len(idx) - n_enrol)
-    probes = np.concatenate(probes)
+    return gallery, np.concatenate(probes), probe_ids
+
+
+def evaluate(embed, X, y, train_ids, test_ids, n_enrol, rng):
+    """Identification and verification of the unseen identities with ``n_enrol`` images each."""
+    gallery, probes, probe_ids = enrol(embed, X, y, test_ids, n_enrol, rng)
     D, same, names = pair_distances(gallery, probes, probe_ids)
     rank1 = float(np.mean(np.asarray(names)[D.argmin(1)] == np.asarray(probe_ids)))
     out = {"rank1": rank1, **verification_metrics(D.ravel(), same.ravel())}
-    # threshold for FAR 1e-2 from pairs of the training identities (one image enrolled per identity)
-    train_gallery = Gallery()
-    t_probes, t_ids = [], []
-    for ident in train_ids:
-        idx = rng.permutation(np.flatnonzero(y == ident))
-        train_gallery.enroll(str(ident), embed(X[idx[:n_enrol]]))
-        t_probes.append(embed(X[idx[n_enrol:]]))
-        t_ids += [str(ident)] * (len(idx) - n_enrol)
-    Dt, St, _ = pair_distances(train_gallery, np.concatenate(t_probes), t_ids)
+    # threshold for FAR 1e-2 from the same kind of pairs among the training identities
+    train_gallery, train_probes, train_ids_of_probes = enrol(embed, X, y, train_ids, n_enrol, rng)
+    Dt, St, _ = pair_distances(train_gallery, train_probes, train_ids_of_probes)
     t = calibrate_threshold(Dt.ravel(), St.ravel(), target_far=1e-2)
     out["calibrated_far"] = float(np.mean(D[~same] <= t))
     out["calibrated_tar"] = float(np.mean(D[same] <= t))

@@ -90,6 +90,11 @@ def test_gallery_enrol_verify_identify(tmp_path):
     np.testing.assert_allclose(D[:, 1], dist)
     enrolled = g._samples["p1"]
     assert dist[0] == pytest.approx(np.linalg.norm(enrolled - probes[0], axis=1).min(), rel=1e-5)
+    cos = Gallery(metric="cosine")
+    cos.enroll("a", enrolled)
+    unit = enrolled / np.linalg.norm(enrolled, axis=1, keepdims=True)
+    expected = (1 - unit @ (probes[0] / np.linalg.norm(probes[0]))).min()
+    assert cos.distance(probes[:1], "a")[0] == pytest.approx(expected, abs=1e-6)
     mean = Gallery(match="mean")
     mean.enroll("a", enrolled)
     assert mean.distance(probes[:1], "a")[0] == pytest.approx(np.linalg.norm(enrolled.mean(0) - probes[0]), rel=1e-5)

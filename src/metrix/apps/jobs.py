@@ -57,9 +57,11 @@ def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_
     if len(emb) > max_samples:  # all pairs of 3,000 samples are 4.5 M distances: plenty, and bounded memory
         keep = np.random.default_rng(0).choice(len(emb), max_samples, replace=False)
         emb, labels = emb[keep], labels[keep]
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
     a, b = np.triu_indices(len(emb), 1)
-    d = np.linalg.norm(emb[a] - emb[b], axis=1) if gallery.metric == "euclidean" else \
-        1 - np.sum(emb[a] * emb[b], 1) / (np.linalg.norm(emb[a], axis=1) * np.linalg.norm(emb[b], axis=1))
+    d = gallery.pairwise_distances(x, x).numpy()[a, b]  # the metric the gallery will compare with
     same = labels[a] == labels[b]
     gallery.threshold = calibrate_threshold(d, same, target_far)
     gallery.save(gallery_path)

@@ -195,8 +195,8 @@ class BPR(nn.Module):
         return self.users[users] @ self.items.T + self.item_bias
 
 
-class MetricRatingModel(nn.Module):
-    """Explicit ratings ``μ + b_u + b_i − ||L(x_u − y_i)||²`` (the metric ``W = LᵀL`` is learned)."""
+class _BiasedRatingModel(nn.Module):
+    """``μ + b_u + b_i`` plus an interaction term of the user and item embeddings (subclasses)."""
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, global_mean: float = 3.5, seed: int = 0):
         super().__init__()
@@ -205,30 +205,32 @@ class MetricRatingModel(nn.Module):
         self.user_bias, self.item_bias = nn.Parameter(torch.zeros(n_users)), nn.Parameter(torch.zeros(n_items))
         self.users = _init_embedding(n_users, dim, 0.1, g)
         self.items = _init_embedding(n_items, dim, 0.1, g)
-        self.L = nn.Parameter(torch.eye(dim))
 
     def forward(self, users, items):
+        return self.mu + self.user_bias[users] + self.item_bias[items] + self.interaction(users, items)
+
+
+class MetricRatingModel(_BiasedRatingModel):
+    """Explicit ratings ``μ + b_u + b_i − ||L(x_u − y_i)||²`` (the metric ``W = LᵀL`` is learned)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, global_mean: float = 3.5, seed: int = 0):
+        super().__init__(n_users, n_items, dim, global_mean, seed)
+        self.L = nn.Parameter(torch.eye(dim))
+
+    def interaction(self, users, items):
         diff = (self.users[users] - self.items[items]) @ self.L.T
-        return self.mu + self.user_bias[users] + self.item_bias[items] - (diff * diff).sum(1)
+        return -(diff * diff).sum(1)
 
     def metric(self) -> torch.Tensor:
         """The learned PSD matrix ``W = LᵀL``."""
         return self.L.T @ self.L
 
 
-class BiasedMF(nn.Module):
+class BiasedMF(_BiasedRatingModel):
     """Biased matrix factorisation ``μ + b_u + b_i + p_u·q_i`` (Koren et al. 2009)."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 64, global_mean: float = 3.5, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.mu = nn.Parameter(torch.tensor(float(global_mean)))
-        self.user_bias, self.item_bias = nn.Parameter(torch.zeros(n_users)), nn.Parameter(torch.zeros(n_items))
-        self.users = _init_embedding(n_users, dim, 0.1, g)
-        self.items = _init_embedding(n_items, dim, 0.1, g)
-
-    def forward(self, users, items):
-        return self.mu + self.user_bias[users] + self.item_bias[items] + (self.users[users] * self.items[items]).sum(1)
+    def interaction(self, users, items):
+        return (self.users[users] * self.items[items]).sum(1)
 
 
 # --- training ---------------------------------------------------------------------------------

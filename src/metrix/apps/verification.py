@@ -200,15 +200,16 @@ class Gallery:
         q = torch.from_numpy(x)
         if self.match == "mean":
             refs = torch.from_numpy(np.stack([s.mean(0) for s in self._samples.values()]))
-            return self._pairwise(q, refs).numpy(), names
+            return self.pairwise_distances(q, refs).numpy(), names
         refs = torch.from_numpy(np.concatenate(list(self._samples.values())))
         owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(s) for s in self._samples.values()]))
-        D = self._pairwise(q, refs)
+        D = self.pairwise_distances(q, refs)
         out = torch.full((len(q), len(names)), float("inf"))
         out.scatter_reduce_(1, owner.expand(len(q), -1), D, reduce="amin")
         return out.numpy(), names
 
-    def _pairwise(self, q, r):
+    def pairwise_distances(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Distances between the rows of two embedding tensors under the gallery's metric."""
         if self.metric == "cosine":
             qn = torch.nn.functional.normalize(q, dim=1)
             rn = torch.nn.functional.normalize(r, dim=1)
