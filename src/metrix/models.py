@@ -128,6 +128,8 @@ class EmbeddingModel(nn.Module):
     backbone_kwargs : options of a registry backbone (e.g. ``hidden_dims=(512,)``)
     input_mean, input_std : optional per-feature statistics; inputs are standardised inside the
         model, so a saved model works on raw data
+    head_hidden_dim : if given, the head is an MLP (Linear → BatchNorm → ReLU → Linear), the projection
+        head of SimCLR/MoCo v2; downstream tasks then use :meth:`features` (the backbone's output)
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class EmbeddingModel(nn.Module):
         backbone_kwargs: dict | None = None,
         input_mean: torch.Tensor | None = None,
         input_std: torch.Tensor | None = None,
+        head_hidden_dim: int | None = None,
     ):
         super().__init__()
         if int(embedding_dim) < 1:
@@ -164,7 +167,14 @@ class EmbeddingModel(nn.Module):
             if input_mean is None or input_std is None:
                 raise ValueError("give both input_mean and input_std")
             self.preprocess = Standardize(input_mean, input_std)
-        self.head = nn.Linear(features, self.embedding_dim)
+        self.head_hidden_dim = None if head_hidden_dim is None else int(head_hidden_dim)
+        if self.head_hidden_dim is None:
+            self.head = nn.Linear(features, self.embedding_dim)
+        else:
+            if self.head_hidden_dim < 1:
+                raise ValueError(f"head_hidden_dim must be >= 1, got {head_hidden_dim}")
+            h = self.head_hidden_dim
+            self.head = nn.Sequential(nn.Linear(features, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Linear(h, self.embedding_dim))
 
     def _backbone_dim(self) -> int:
         dim = getattr(self.backbone, "output_dim", None)
@@ -181,23 +191,31 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"the backbone must return (batch, features), got shape {tuple(out.shape)}")
         return int(out.shape[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output (before the head): the representation self-supervised models hand on."""
         if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"expected inputs of shape (batch, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if self.preprocess is not None:
             x = self.preprocess(x)
-        e = self.head(self.backbone(x))
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.head(self.features(x))
         return F.normalize(e, dim=1) if self.normalize else e
 
     @torch.no_grad()
-    def embed(self, x, batch_size: int = 1024) -> torch.Tensor:
-        """Embed a large array in eval mode, batch by batch; returns a float32 CPU tensor."""
+    def embed(self, x, batch_size: int = 1024, features: bool = False) -> torch.Tensor:
+        """Embed a large array in eval mode, batch by batch; returns a float32 CPU tensor.
+
+        ``features=True`` returns the backbone's output (:meth:`features`) instead of the embedding.
+        """
         x = torch.as_tensor(x, dtype=torch.float32)
+        fn = self.features if features else self
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            return torch.cat([self(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+            return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
         finally:
             self.train(was_training)
 
@@ -212,6 +230,7 @@ class EmbeddingModel(nn.Module):
             "input_shape": list(self.input_shape),
             "backbone_kwargs": self.backbone_kwargs,
             "standardize": self.preprocess is not None,
+            "head_hidden_dim": self.head_hidden_dim,
         }
 
 
@@ -223,7 +242,8 @@ def build_model(config: dict) -> EmbeddingModel:
         placeholder = {"input_mean": torch.zeros(shape), "input_std": torch.ones(shape)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("backbone_kwargs", {}).items()}
     return EmbeddingModel(
-        config["backbone"], config["embedding_dim"], config.get("normalize", True), shape, kwargs, **placeholder
+        config["backbone"], config["embedding_dim"], config.get("normalize", True), shape, kwargs, **placeholder,
+        head_hidden_dim=config.get("head_hidden_dim"),
     )
 
 
