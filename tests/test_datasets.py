@@ -110,3 +110,103 @@ def test_omniglot_local_copy():
     assert ev.X.shape == (13180, 1, 28, 28)
     assert len(np.unique(ev.y)) == 659
     assert ev.X.mean() < 0.5  # strokes are 1 on a 0 background after inversion
+
+
+# --- text datasets ------------------------------------------------------------------------------
+
+class _FakeResponse:
+    def __init__(self, data):
+        self.data = data
+
+    def read(self):
+        return self.data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _serve(monkeypatch, files: dict[str, bytes]):
+    """Answer urlopen(url) with files[url] (the official addresses), recording what was asked."""
+    import urllib.request
+
+    asked = []
+
+    def fake_urlopen(url, timeout=None):
+        asked.append(url)
+        return _FakeResponse(files[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    return asked
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "banking77").is_dir(), reason="shared BANKING77 not present")
+def test_banking77_local_copy_and_checksummed_download(tmp_path, monkeypatch):
+    from metrix.datasets import BANKING77_URL, load_banking77
+
+    train, test = load_banking77(SHARED_DATA / "banking77", "train"), load_banking77(SHARED_DATA / "banking77", "test")
+    assert (len(train), len(test)) == (10003, 3080) and len(train.classes) == 77
+    assert np.bincount(test.y, minlength=77).tolist() == [40] * 77
+    assert any("," in t for t in train.texts)  # quoted CSV fields are read whole
+    files = {BANKING77_URL + n: (SHARED_DATA / "banking77" / n).read_bytes() for n in ("test.csv", "categories.json")}
+    asked = _serve(monkeypatch, files)
+    again = load_banking77(tmp_path, "test", download_missing=True)
+    assert again.texts == test.texts and sorted(asked) == sorted(files)
+    files[BANKING77_URL + "test.csv"] = b"text,category\nforged,card_arrival\n"
+    with pytest.raises(ValueError, match="sha256"):
+        load_banking77(tmp_path / "other", "test", download_missing=True)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "trec").is_dir(), reason="shared TREC not present")
+def test_trec_local_copy_and_download(tmp_path, monkeypatch):
+    from metrix.datasets import TREC_FILES, TREC_URL, load_trec
+
+    coarse, fine = load_trec(SHARED_DATA / "trec", "test"), load_trec(SHARED_DATA / "trec", "test", fine=True)
+    assert len(coarse) == len(fine) == 500 and len(coarse.classes) == 6 and len(fine.classes) == 50
+    assert np.bincount(coarse.y).tolist() == [9, 138, 94, 65, 81, 113]  # ABBR DESC ENTY HUM LOC NUM
+    assert load_trec(SHARED_DATA / "trec", "train").texts[0] == "How did serfdom develop in and then leave Russia ?"
+    files = {TREC_URL + name: (SHARED_DATA / "trec" / name).read_bytes() for name, _ in TREC_FILES.values()}
+    _serve(monkeypatch, files)
+    assert load_trec(tmp_path, "test", download_missing=True).texts == coarse.texts
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "stsb").is_dir(), reason="shared STS-B not present")
+def test_stsb_local_copy_and_archive_download(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    import metrix.datasets as d
+
+    test = d.load_stsb(SHARED_DATA / "stsb", "test")
+    assert len(test) == 1379 and test.scores.min() == 0 and test.scores.max() == 5
+    assert (test.first[0], test.second[0], test.scores[0]) == ("A girl is styling her hair.", "A girl is brushing her hair.", 2.5)
+    buf = io.BytesIO()  # an archive laid out like the official one
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for split in ("train", "dev", "test"):
+            tar.add(SHARED_DATA / "stsb" / f"sts-{split}.csv", arcname=f"stsbenchmark/sts-{split}.csv")
+    monkeypatch.setattr(d, "STSB_MD5", hashlib.md5(buf.getvalue()).hexdigest())
+    _serve(monkeypatch, {d.STSB_URL: buf.getvalue()})
+    again = d.load_stsb(tmp_path, "test", download_missing=True)
+    assert again.first == test.first and np.array_equal(again.scores, test.scores)
+    assert (tmp_path / "sts-train.csv").is_file()
+
+
+def test_text_loaders_reject_bad_files(tmp_path):
+    from metrix.datasets import load_stsb, load_text_csv, load_trec
+
+    (tmp_path / "sts-test.csv").write_text("genre\tfile\t2012\t1\t2.5\tonly one sentence\n")
+    with pytest.raises(ValueError, match="7 tab-separated"):
+        load_stsb(tmp_path, "test")
+    with pytest.raises(ValueError, match="split"):
+        load_stsb(tmp_path, "validation")
+    (tmp_path / "train_5500.label").write_text("no label here\n", encoding="latin-1")
+    with pytest.raises(ValueError, match="COARSE"):
+        load_trec(tmp_path, "train")
+    (tmp_path / "t.csv").write_text("sentence,label\nhi,a\n")
+    with pytest.raises(ValueError, match="columns"):
+        load_text_csv(tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError, match="download_missing"):
+        load_trec(tmp_path / "none", "test")

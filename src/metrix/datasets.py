@@ -173,8 +173,8 @@ OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/py
 OMNIGLOT_FILES = {"background": "images_background.zip", "evaluation": "images_evaluation.zip"}
 
 
-def download(url: str, path: Path, md5: str | None = None) -> Path:
-    """Fetch ``url`` to ``path`` atomically, checking ``md5`` when given."""
+def download(url: str, path: Path, md5: str | None = None, sha256: str | None = None) -> Path:
+    """Fetch ``url`` to ``path`` atomically, checking ``md5`` / ``sha256`` when given."""
     import hashlib
     import urllib.request
 
@@ -184,6 +184,8 @@ def download(url: str, path: Path, md5: str | None = None) -> Path:
         data = response.read()
     if md5 is not None and hashlib.md5(data).hexdigest() != md5:  # noqa: S324 - published checksum
         raise ValueError(f"download of {url} is corrupt (md5 mismatch)")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"download of {url} is corrupt (sha256 mismatch)")
     return atomic_write_bytes(path, data)
 
 
@@ -265,3 +267,166 @@ def load_omniglot(root, split: str = "background", image_size: int = 28, downloa
         raise ValueError(f"{path} holds no PNG images")
     return Dataset(np.stack(images)[:, None], np.asarray(labels), f"omniglot-{split}",
                    {"image_shape": [image_size, image_size]})
+
+
+# --- text benchmark datasets --------------------------------------------------------------------
+
+@dataclass
+class TextDataset:
+    """Labelled texts (intent / question-type classification, used for retrieval)."""
+
+    texts: list[str]
+    y: np.ndarray  # int64 class indices into ``classes``
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class SentencePairs:
+    """Sentence pairs with a graded similarity (STS: 0 = unrelated … 5 = equivalent)."""
+
+    first: list[str]
+    second: list[str]
+    scores: np.ndarray  # float64
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+STSB_URL = "http://ixa2.si.ehu.eus/stswiki/images/4/48/Stsbenchmark.tar.gz"
+STSB_MD5 = "4eb0065aba063ef77873d3a9c8088811"
+BANKING77_URL = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/banking_data/"
+BANKING77_FILES = {  # name -> sha256
+    "train.csv": "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b",
+    "test.csv": "d12d6e3bc4c3103966ae786dc435913c0c563dfa328f5a3646d0e62cfeeb474d",
+    "categories.json": "53261da888122daf2d120d925458631d9619e15d82e56052e7a42e535ce32b63",
+}
+TREC_URL = "https://cogcomp.seas.upenn.edu/Data/QA/QC/"
+TREC_FILES = {  # split -> (name, sha256)
+    "train": ("train_5500.label", "9e4c8bdcaffb96ed61041bd64b564183d52793a8e91d84fc3a8646885f466ec3"),
+    "test": ("TREC_10.label", "033f22c028c2bbba9ca682f68ffe204dc1aa6e1cf35dd6207f2d4ca67f0d0e8e"),
+}
+
+
+def _check_split(split: str, allowed: tuple[str, ...]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {allowed}, got {split!r}")
+
+
+def _fetch_stsb(root: Path) -> None:
+    """Download the official STS-B archive and extract its three CSV files into ``root``."""
+    import tarfile
+    import tempfile
+
+    from metrix.io import atomic_write_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = download(STSB_URL, Path(tmp) / "Stsbenchmark.tar.gz", md5=STSB_MD5)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if member.isfile() and name in ("sts-train.csv", "sts-dev.csv", "sts-test.csv"):
+                    atomic_write_bytes(root / name, tar.extractfile(member).read())
+
+
+def load_stsb(root, split: str = "test", download_missing: bool = False) -> SentencePairs:
+    """STS Benchmark (Cer et al., SemEval 2017) from ``root/sts-{split}.csv`` (tab-separated, no quoting).
+
+    Fields 5–7 of each line are score, sentence 1, sentence 2; some lines carry two extra source fields.
+    """
+    _check_split(split, ("train", "dev", "test"))
+    root = Path(root)
+    path = root / f"sts-{split}.csv"
+    if not path.is_file():
+        if not download_missing:
+            raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch the official archive)")
+        _fetch_stsb(root)
+    first, second, scores = [], [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 7:
+            raise ValueError(f"{path}:{number}: expected at least 7 tab-separated fields, found {len(fields)}")
+        scores.append(float(fields[4]))
+        first.append(fields[5])
+        second.append(fields[6])
+    if not scores:
+        raise ValueError(f"{path} holds no sentence pairs")
+    return SentencePairs(first, second, np.asarray(scores), f"stsb-{split}")
+
+
+def load_banking77(root, split: str = "train", download_missing: bool = False) -> TextDataset:
+    """BANKING77 (Casanueva et al. 2020): customer queries in 77 intents, from the official CSV files.
+
+    Labels are indices into ``categories.json``'s list (mapped by name, never by position in the CSV).
+    """
+    import json
+
+    _check_split(split, ("train", "test"))
+    root = Path(root)
+    for name in (f"{split}.csv", "categories.json"):
+        if not (root / name).is_file():
+            if not download_missing:
+                raise FileNotFoundError(f"{root / name} is missing (pass download_missing=True to fetch it)")
+            download(BANKING77_URL + name, root / name, sha256=BANKING77_FILES[name])
+    classes = json.loads((root / "categories.json").read_text(encoding="utf-8"))
+    index = {c: i for i, c in enumerate(classes)}
+    texts, y = [], []
+    with open(root / f"{split}.csv", newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("category") not in index:
+                raise ValueError(f"{root / (split + '.csv')}: unknown intent {row.get('category')!r}")
+            texts.append(row["text"])
+            y.append(index[row["category"]])
+    return TextDataset(texts, np.asarray(y, dtype=np.int64), list(classes), f"banking77-{split}")
+
+
+def load_trec(root, split: str = "train", fine: bool = False, download_missing: bool = False) -> TextDataset:
+    """TREC question classification (Li & Roth 2002): 6 coarse or 50 fine question types (Latin-1 files).
+
+    Classes are the label strings seen in the training file, sorted (test-only classes cannot occur: the
+    test set's 42 fine types are all in train).
+    """
+    _check_split(split, ("train", "test"))
+    root = Path(root)
+
+    def read(which):
+        name, digest = TREC_FILES[which]
+        path = root / name
+        if not path.is_file():
+            if not download_missing:
+                raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch it)")
+            download(TREC_URL + name, path, sha256=digest)
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+            label, _, text = line.partition(" ")
+            if ":" not in label or not text:
+                raise ValueError(f"{path}:{number}: expected '<COARSE>:<fine> question', got {line[:40]!r}")
+            rows.append((label if fine else label.split(":")[0], text))
+        return rows
+
+    train_rows = read("train")
+    rows = train_rows if split == "train" else read("test")
+    classes = sorted({label for label, _ in train_rows})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = {label for label, _ in rows} - set(index)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} of the {split} split are not in the training file")
+    return TextDataset([t for _, t in rows], np.asarray([index[lab] for lab, _ in rows], dtype=np.int64), classes,
+                       f"trec{'50' if fine else '6'}-{split}")
+
+
+def load_text_csv(path, text_column: str = "text", label_column: str = "category") -> TextDataset:
+    """Labelled texts from a CSV file with a header (BANKING77's layout by default); classes sorted by name."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or text_column not in rows[0] or label_column not in rows[0]:
+        raise ValueError(f"{path} needs a header with columns {text_column!r} and {label_column!r} and at least one row")
+    classes = sorted({r[label_column] for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    return TextDataset([r[text_column] for r in rows], np.asarray([index[r[label_column]] for r in rows], dtype=np.int64),
+                       classes, path.stem)
