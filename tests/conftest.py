@@ -23,3 +23,10 @@ def clustered(n_classes=6, per_class=8, dim=16, spread=0.6, seed=0, dtype=torch.
     x = centres[labels] + spread * torch.randn(len(labels), dim, generator=g, dtype=dtype)
     perm = torch.randperm(len(labels), generator=g)
     return x[perm], labels[perm]
+
+
+def flip_byte(path, offset: int = -3) -> None:
+    """Damage a saved file in place (one byte inverted), as a disk or a bad copy would."""
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))

@@ -40,6 +40,16 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 SCHEDULERS = ("cosine", "none")
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: str = "") -> float:
+    """Backward pass and one optimiser step; a non-finite loss stops training instead of poisoning the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss became {float(loss)}{' at ' + where if where else ''}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _model_config(model: nn.Module) -> dict | None:
     try:
         return model.config()
@@ -187,13 +197,8 @@ class Trainer:
         for batch in sampler:
             idx = torch.as_tensor(batch)
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
-            value = self.loss(self.model(xb), yb)
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"loss became {float(value)} at epoch {epoch + 1}; lower the learning rate")
-            self.optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            self.optimizer.step()
-            total += float(value.detach()) * len(batch)
+            value = optimizer_step(self.loss(self.model(xb), yb), self.optimizer, f"epoch {epoch + 1}")
+            total += value * len(batch)
             n_seen += len(batch)
             bar.update(1)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -15,6 +15,7 @@ from metrix.apps.selfsup import (ContrastiveLearner, check_images, default_model
                                  random_encoder_features)
 from metrix.cli import app
 from metrix.io import CorruptFileError
+from tests.conftest import flip_byte
 
 GEOMETRY_ONLY = dict(brightness=0.0, contrast=0.0, blur=0.0, noise=0.0)
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, degrees=0.0, **GEOMETRY_ONLY)
@@ -234,10 +235,7 @@ def test_save_load_round_trip_and_corruption(tmp_path):
     again = ContrastiveLearner.load(tmp_path / "m")
     assert again.method == "moco" and again.temperature == learner.temperature
     np.testing.assert_array_equal(again.features(X), learner.features(X))
-    weights = tmp_path / "m" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(tmp_path / "m" / "model.safetensors")
     with pytest.raises(CorruptFileError):
         ContrastiveLearner.load(tmp_path / "m")
 

@@ -24,7 +24,8 @@ from metrix.apps.text import (  # noqa: E402
     retrieval_scores,
     sts_correlation,
 )
-from metrix.io import CorruptFileError  # noqa: E402
+from metrix.io import CorruptFileError
+from tests.conftest import flip_byte  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow"]
 ANIMALS = ["cat", "dog", "horse", "cow"]
@@ -205,10 +206,7 @@ def test_save_load_round_trip_and_corruption(tiny_model_dir, tmp_path):
     again = SentenceEncoder.load(tmp_path / "enc")
     assert again.max_length == 16
     np.testing.assert_allclose(again.encode(texts), enc.encode(texts), atol=1e-6)
-    weights = tmp_path / "enc" / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
-    raw[-3] ^= 0xFF
-    weights.write_bytes(bytes(raw))
+    flip_byte(tmp_path / "enc" / "model.safetensors")
     with pytest.raises(CorruptFileError):
         SentenceEncoder.load(tmp_path / "enc")
     with pytest.raises(FileNotFoundError):

@@ -37,6 +37,7 @@ from metrix.apps.augment import ImageAugment
 from metrix.losses import NTXentLoss
 from metrix.memory import CrossBatchMemory, MomentumEncoder
 from metrix.models import EmbeddingModel, load_model, save_model
+from metrix.training import optimizer_step
 
 METHODS = ("simclr", "moco")
 
@@ -135,15 +136,10 @@ class ContrastiveLearner:
                 else:
                     ids = torch.arange(step * batch_size, (step + 1) * batch_size)  # never reused: queue holds no positive
                     loss = queue(model(v1), ids, keys(v2), ids)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                history.append(optimizer_step(loss, opt, f"step {step}"))
                 sched.step()
                 if self.method == "moco":
                     keys.update(model)
-                history.append(loss.item())
                 step += 1
                 if log_every and step % log_every == 0:
                     echo(f"step {step:6d}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")

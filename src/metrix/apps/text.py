@@ -184,6 +184,8 @@ class SentenceEncoder(nn.Module):
 def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step_loss: Callable, epochs: int,
               lr: float, warmup: float, weight_decay: float, log_every: int, echo) -> list[float]:
     """AdamW with linear warm-up then linear decay (the BERT schedule); one call of step_loss per batch."""
+    from metrix.training import optimizer_step
+
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     check_positive(lr, "lr")
@@ -200,14 +202,8 @@ def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step
     history, start = [], time.perf_counter()
     for epoch_batches in plan:
         for batch in epoch_batches:
-            loss = step_loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {len(history)}; lower the learning rate")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}"))
             sched.step()
-            history.append(loss.item())
             if log_every and len(history) % log_every == 0:
                 echo(f"step {len(history):5d}/{total}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
     encoder.eval()
