@@ -311,3 +311,12 @@ def test_cli_selfsup_train_and_eval_on_digits(tmp_path):
     assert r.exit_code == 2 and "method" in r.output
     r = runner.invoke(app, ["selfsup", "eval", str(tmp_path / "missing"), "--data", "digits"])
     assert r.exit_code == 2
+
+
+def test_building_a_learner_leaves_the_global_random_state_alone():
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    ContrastiveLearner("simclr", input_shape=(1, 8, 8), seed=7)
+    random_encoder_features(np.zeros((2, 1, 8, 8), np.float32), (1, 8, 8), seed=7)
+    assert torch.equal(torch.rand(3), expected)

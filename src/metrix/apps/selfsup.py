@@ -56,6 +56,13 @@ def check_images(X, name: str = "X") -> np.ndarray:
     return X
 
 
+def _seeded(build, seed: int, *args, **kwargs):
+    """Build with a fixed seed without disturbing the caller's global torch random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build(*args, **kwargs)
+
+
 def default_model(input_shape, embedding_dim: int = 128, channels: int = 32, blocks: int = 3,
                   head_hidden_dim: int = 512, pixel_mean: float = 0.5, pixel_std: float = 0.25) -> EmbeddingModel:
     """Conv-net encoder (3×3 conv → BN → ReLU → pool blocks) + SimCLR's MLP projection head."""
@@ -88,10 +95,9 @@ class ContrastiveLearner:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method, self.seed = method, int(seed)
-        torch.manual_seed(self.seed)
         # the default model standardises pixels with the training images' statistics (set in fit)
         self._own_model = model is None
-        self.model = model if model is not None else default_model(input_shape)
+        self.model = model if model is not None else _seeded(default_model, self.seed, input_shape)
         self.temperature = check_positive(temperature if temperature is not None else (0.5 if method == "simclr" else 0.2), "temperature")
         self.queue_size, self.momentum = int(queue_size), float(momentum)
         self.augment = augment if augment is not None else ImageAugment(seed=self.seed)
@@ -225,8 +231,8 @@ def evaluate_features(train, train_labels, test, test_labels, k: int = 20, metri
 
 def random_encoder_features(X, input_shape, seed: int = 0, **model_kwargs) -> np.ndarray:
     """Features of an untrained :func:`default_model` (the baseline every learned encoder must beat)."""
-    torch.manual_seed(seed)
-    return default_model(input_shape, **model_kwargs).embed(check_images(X), features=True).numpy()
+    model = _seeded(default_model, seed, input_shape, **model_kwargs)
+    return model.embed(check_images(X), features=True).numpy()
 
 
 __all__ = ["ContrastiveLearner", "default_model", "linear_probe", "evaluate_features", "random_encoder_features",
