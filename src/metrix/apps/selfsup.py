@@ -122,25 +122,27 @@ class ContrastiveLearner:
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         model, batch_size = self.model, int(batch_size)
+        device = next(model.parameters()).device
         steps_per_epoch = len(X) // batch_size
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
         ntxent = NTXentLoss(self.temperature)
         if self.method == "moco":  # kept as attributes after fit, for inspection
             keys = self.key_encoder_ = MomentumEncoder(model, self.momentum)
-            queue = self.queue_ = CrossBatchMemory(ntxent, model.embedding_dim, self.queue_size)
+            queue = self.queue_ = CrossBatchMemory(ntxent, model.embedding_dim, self.queue_size).to(device)
         model.train()
         history, start, step = [], time.perf_counter(), 0
         for _ in range(int(epochs)):
             order = rng.permutation(len(X))
             for s in range(steps_per_epoch):
-                x = torch.from_numpy(X[order[s * batch_size : (s + 1) * batch_size]])
+                x = torch.from_numpy(X[order[s * batch_size : (s + 1) * batch_size]]).to(device)
                 v1, v2 = self.augment(x), self.augment(x)
                 if self.method == "simclr":
                     z = model(torch.cat([v1, v2]))
-                    loss = ntxent(z, torch.arange(batch_size).repeat(2))
+                    loss = ntxent(z, torch.arange(batch_size, device=device).repeat(2))
                 else:
-                    ids = torch.arange(step * batch_size, (step + 1) * batch_size)  # never reused: queue holds no positive
+                    # ids never reused: the queue never holds a positive
+                    ids = torch.arange(step * batch_size, (step + 1) * batch_size, device=device)
                     loss = queue(model(v1), ids, keys(v2), ids)
                 history.append(optimizer_step(loss, opt, f"step {step}"))
                 sched.step()
