@@ -25,7 +25,7 @@ from metrix.apps.ood import KNNDetector, MahalanobisDetector, max_softmax_score,
 from metrix.datasets import load_fashion_mnist, load_omniglot
 from metrix.losses import NTXentLoss
 from metrix.models import EmbeddingModel
-from metrix.training import Trainer
+from metrix.training import Trainer, optimizer_step
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -43,10 +43,7 @@ def train_classifier(X, y, n_classes, epochs, seed, batch=256):
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(X), generator=g).split(batch):
-            loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            optimizer_step(nn.functional.cross_entropy(model(Xt[idx]), yt[idx]), opt)
             sched.step()
     model.eval()
     return body, head

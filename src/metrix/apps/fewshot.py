@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from metrix.io import CorruptFileError, load_tagged, save_tagged
+from metrix.training import optimizer_step
 
 
 class EpisodeSampler:
@@ -115,12 +116,9 @@ class PrototypicalNetwork:
         history, start = [], time.perf_counter()
         for step, (support, query) in enumerate(EpisodeSampler(labels, n_way, k_shot, n_query, episodes, seed), 1):
             loss, logits, target = self._episode_loss(X, support, query, n_way, n_query)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            history.append(optimizer_step(loss, opt, f"episode {step}"))
             if sched is not None:
                 sched.step()
-            history.append(loss.item())
             if log_every and step % log_every == 0:
                 acc = float((logits.argmax(1) == target).float().mean())
                 echo(f"episode {step:5d}  loss {np.mean(history[-log_every:]):.4f}  acc {acc:.3f}  "

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from metrix.training import optimizer_step
+
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MOVIELENS_100K_SHAPE = (943, 1682)
 
@@ -258,12 +260,8 @@ def fit_implicit(model, train: Interactions, epochs: int = 30, batch_size: int =
                 if not clash.any():
                     break
                 neg[clash] = torch.randint(0, train.n_items, (int(clash.sum()),), generator=g)
-            loss = model.implicit_loss(u, p, neg)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            total += optimizer_step(model.implicit_loss(u, p, neg), opt) * len(idx)
             model.after_step()
-            total += loss.item() * len(idx)
         history.append(total / len(users))
     return history
 
@@ -282,10 +280,7 @@ def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int =
             u, i = users[idx], items[idx]
             err = model(u, i) - ratings[idx]
             reg = (model.users[u] ** 2).sum(1) + (model.items[i] ** 2).sum(1) + model.user_bias[u] ** 2 + model.item_bias[i] ** 2
-            loss = (err * err).mean() + l2 * reg.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            optimizer_step((err * err).mean() + l2 * reg.mean(), opt)
             total += float((err.detach() ** 2).sum())
         history.append(total / len(users))
     return history
