@@ -195,7 +195,11 @@ def linear_probe(train, train_labels, test, test_labels, weight_decay: float = 1
     minimised with full-batch L-BFGS (strong-Wolfe line search), so the result does not depend on a learning
     rate or batch order.
     """
-    xtr, ytr, xte, yte = _check_features(train, train_labels, test, test_labels)
+    return _probe_accuracy(*_check_features(train, train_labels, test, test_labels), weight_decay, max_iter)
+
+
+def _probe_accuracy(xtr, ytr, xte, yte, weight_decay, max_iter=200) -> float:
+    """:func:`linear_probe` on features already checked by ``_check_features``."""
     classes, ytr_idx = np.unique(ytr, return_inverse=True)
     if len(classes) < 2:
         raise ValueError("the linear probe needs at least two classes in the training labels")
@@ -227,7 +231,7 @@ def evaluate_features(train, train_labels, test, test_labels, k: int = 20, metri
 
     xtr, ytr, xte, yte = _check_features(train, train_labels, test, test_labels)
     knn = knn_accuracy(xte.astype(np.float32), yte, xtr.astype(np.float32), ytr, k=k, metric=metric)
-    return {"knn_accuracy": knn, "linear_probe_accuracy": linear_probe(xtr, ytr, xte, yte, weight_decay),
+    return {"knn_accuracy": knn, "linear_probe_accuracy": _probe_accuracy(xtr, ytr, xte, yte, weight_decay),
             "k": int(k), "metric": metric, "dim": int(xtr.shape[1])}
 
 

@@ -232,21 +232,22 @@ def fit_labelled(encoder: SentenceEncoder, texts, labels, loss: str = "supcon", 
     A batch holds ``batch_size // samples_per_class`` classes × ``samples_per_class`` texts; with fewer classes
     than that (TREC's 6) every class is in every batch and gets ``batch_size // n_classes`` texts.
     """
+    from metrix.datasets import encode_labels
     from metrix.sampling import ClassBalancedBatchSampler
 
     texts = _check_texts(texts)
-    labels = np.asarray(labels)
-    if len(labels) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    if len(np.unique(labels)) < 2:
+    codes, classes = encode_labels(labels)
+    if len(codes) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(codes)} labels")
+    if len(classes) < 2:
         raise ValueError("fine-tuning on labels needs at least two classes")
     criterion = labelled_loss(loss, temperature, margin)
-    n_classes, k = len(np.unique(labels)), int(samples_per_class)
+    k = int(samples_per_class)
     if k < 2 or int(batch_size) < 2 * k:
         raise ValueError(f"need samples_per_class >= 2 and batch_size >= 2·samples_per_class, got {samples_per_class}, {batch_size}")
-    p = min(int(batch_size) // k, n_classes)
-    sampler = ClassBalancedBatchSampler(labels, p, int(batch_size) // p, seed=seed, replacement=True)
-    lab = torch.as_tensor(np.unique(labels, return_inverse=True)[1])
+    p = min(int(batch_size) // k, len(classes))
+    sampler = ClassBalancedBatchSampler(codes, p, int(batch_size) // p, seed=seed, replacement=True)
+    lab = torch.as_tensor(codes)
     torch.manual_seed(seed)
 
     def batches(epoch):
