@@ -97,3 +97,23 @@ def test_embed_batches_in_eval_mode():
     assert m.training  # mode restored
     m.eval()
     torch.testing.assert_close(e, m(x))
+
+
+def test_projection_head_and_features(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingModel("mlp", 8, input_shape=(6,), backbone_kwargs={"hidden_dims": (12,)}, head_hidden_dim=16,
+                           input_mean=torch.full((6,), 2.0), input_std=torch.full((6,), 4.0))
+    model.eval()
+    x = torch.randn(5, 6)
+    feats = model.features(x)
+    assert torch.allclose(feats, model.backbone((x - 2.0) / 4.0))   # standardise, then the backbone; no head
+    head = model.head  # Linear -> BatchNorm -> ReLU -> Linear
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"] and head[0].out_features == 16
+    assert torch.allclose(model(x), torch.nn.functional.normalize(head(feats), dim=1))
+    assert torch.allclose(model.embed(x.numpy(), batch_size=2, features=True), feats, atol=1e-6)
+    save_model(model, tmp_path / "m")
+    again, config = load_model(tmp_path / "m")
+    assert config["model"]["head_hidden_dim"] == 16
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="head_hidden_dim"):
+        EmbeddingModel("mlp", 8, input_shape=(6,), head_hidden_dim=0)

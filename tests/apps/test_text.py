@@ -248,3 +248,26 @@ def test_packaged_model_reproduces_the_published_zero_shot_sts_score():
     test = load_stsb(SHARED_DATA / "stsb", "test")
     r = sts_correlation(enc, test.first, test.second, test.scores)
     assert r["spearman"] == pytest.approx(0.8203, abs=5e-4)  # MTEB's STSBenchmark figure for this model
+
+
+def test_sts_correlation_and_retrieval_scores_match_direct_computation(tiny_model_dir):
+    from scipy.stats import pearsonr, spearmanr
+
+    enc = SentenceEncoder.from_pretrained(tiny_model_dir, normalize=False)  # the cosine must be taken, not assumed
+    a, ya = _toy_corpus(30, seed=8)
+    b, yb = _toy_corpus(30, seed=9)
+    gold = np.random.default_rng(0).random(30) * 5
+    ea, eb = enc.encode(a), enc.encode(b)
+    cos = [float(ea[i] @ eb[i] / np.linalg.norm(ea[i]) / np.linalg.norm(eb[i])) for i in range(30)]
+    r = sts_correlation(enc, a, b, gold)
+    assert r["spearman"] == pytest.approx(spearmanr(cos, gold).statistic, abs=1e-6)
+    assert r["pearson"] == pytest.approx(pearsonr(cos, gold).statistic, abs=1e-5)
+    # 1-NN by cosine, one query at a time
+    hits = []
+    for i in range(30):
+        sims = [float(eb[i] @ ea[j] / np.linalg.norm(eb[i]) / np.linalg.norm(ea[j])) for j in range(30)]
+        hits.append(ya[int(np.argmax(sims))] == yb[i])
+    got = retrieval_scores(enc, a, ya, b, yb)
+    assert got["knn1_accuracy"] == pytest.approx(np.mean(hits)) and got["queries"] == 30
+    with pytest.raises(ValueError, match="pairs"):
+        sts_correlation(enc, a[:2], b[:2], gold[:2])
