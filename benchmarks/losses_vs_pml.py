@@ -35,6 +35,7 @@ def peak_mb(fn) -> float:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    L.release_scratch()  # metrix's reused B×R buffers are then allocated (and counted) inside this call
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     current = peak = 0

@@ -55,26 +55,56 @@ def _prepare(x, y):
     return x, y, False
 
 
+def euclidean_matrix(x: torch.Tensor, y: torch.Tensor, same: bool, squared: bool,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """No-grad (squared) Euclidean matrix: one GEMM plus in-place clamp/sqrt; exact 0 diagonal when ``same``.
+    ``out`` is an optional (B, R) buffer to write into."""
+    x_sq = (x * x).sum(dim=1)
+    y_sq = x_sq if same else (y * y).sum(dim=1)
+    out = torch.add(x_sq[:, None], y_sq[None, :], out=out)  # one B×R buffer: the GEMM accumulates into it
+    out.addmm_(x, y.T, alpha=-2.0).clamp_min_(0)
+    if same:
+        out.fill_diagonal_(0)
+    return out if squared else out.sqrt_()
+
+
+def half_inverse(d: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``1 / (2d)`` with 0 where ``d = 0``: turns ∂L/∂d into ∂L/∂d² (a zero subgradient at d = 0)."""
+    inv = d.reciprocal_() if inplace else d.reciprocal()
+    inv.nan_to_num_(posinf=0.0)
+    return inv.mul_(0.5)
+
+
+def euclidean_backward(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, same: bool, symmetric: bool = False,
+                       need_y: bool = True):
+    """Gradients of ``Σ w ⊙ ‖x_i − y_j‖²`` with respect to ``x`` and ``y`` as GEMMs.
+
+    ``∂/∂x = 2(rowsum(w)·x − w·y)``, ``∂/∂y = 2(colsum(w)·y − wᵀ·x)``; with ``same`` (``y is x``) the two are
+    summed into one gradient, and ``symmetric`` (``w = wᵀ``) halves that to a single GEMM.
+    """
+    if same:
+        if symmetric:
+            return 4 * (w.sum(dim=1, keepdim=True) * x - w @ x), None
+        # two GEMMs (wᵀ·x reads w transposed for free) beat materialising w + wᵀ, a cache-hostile pass
+        return 2 * ((w.sum(dim=1) + w.sum(dim=0))[:, None] * x - w @ x - w.T @ x), None
+    gx = 2 * (w.sum(dim=1, keepdim=True) * x - w @ y)
+    gy = 2 * (w.sum(dim=0)[:, None] * y - w.T @ x) if need_y else None
+    return gx, gy
+
+
 class _Euclidean(torch.autograd.Function):
     """Pairwise (squared) Euclidean distance with a hand-written GEMM backward.
 
     Autograd through ``addmm → clamp → sqrt`` would make ~10 passes over the B×R matrix; here the
     forward is one GEMM plus in-place clamp/sqrt, and the backward is
     ``∂L/∂x = 2(rowsum(W)·x − W·y)``, ``∂L/∂y = 2(colsum(W)·y − Wᵀ·x)`` with ``W = ∂L/∂d ⊘ 2d``
-    (``W = ∂L/∂d²`` for the squared form): one GEMM per input, and a single GEMM with the
-    symmetrised ``W + Wᵀ`` when ``y is x``. At d = 0 the gradient is 0 (a valid subgradient).
+    (``W = ∂L/∂d²`` for the squared form). At d = 0 the gradient is 0 (a valid subgradient).
     """
 
     @staticmethod
     def forward(ctx, x, y, same: bool, squared: bool):
         yy = x if same else y
-        x_sq = (x * x).sum(dim=1)
-        y_sq = x_sq if same else (yy * yy).sum(dim=1)
-        out = torch.addmm(x_sq[:, None] + y_sq[None, :], x, yy.T, beta=1.0, alpha=-2.0).clamp_min_(0)
-        if same:
-            out.fill_diagonal_(0)
-        if not squared:
-            out.sqrt_()
+        out = euclidean_matrix(x, yy, same, squared)
         ctx.same, ctx.squared = same, squared
         ctx.save_for_backward(x, yy, out)
         return out
@@ -82,19 +112,9 @@ class _Euclidean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y, out = ctx.saved_tensors
-        if ctx.squared:
-            w = grad
-        else:
-            inv = out.reciprocal()
-            inv.nan_to_num_(posinf=0.0)  # d = 0: zero subgradient instead of inf
-            w = grad * inv * 0.5
-        if ctx.same:
-            w = w + w.T
-            gx = 2 * (w.sum(dim=1, keepdim=True) * x - w @ x)
-            return gx, None, None, None
-        gx = 2 * (w.sum(dim=1, keepdim=True) * x - w @ y) if ctx.needs_input_grad[0] else None
-        gy = 2 * (w.sum(dim=0)[:, None] * y - w.T @ x) if ctx.needs_input_grad[1] else None
-        return gx, gy, None, None
+        w = grad if ctx.squared else grad * half_inverse(out)
+        gx, gy = euclidean_backward(w, x, y, ctx.same, need_y=ctx.needs_input_grad[1])
+        return (gx if ctx.needs_input_grad[0] or ctx.same else None), gy, None, None
 
 
 def squared_euclidean(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

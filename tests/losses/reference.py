@@ -13,6 +13,10 @@ def dist(a, b, metric):
         return ((a - b) ** 2).sum()
     if metric == "cosine_similarity":
         return (a @ b) / (a.norm() * b.norm())
+    if metric == "cosine":
+        return 1 - (a @ b) / (a.norm() * b.norm())
+    if metric == "dot":
+        return a @ b
     raise ValueError(metric)
 
 
@@ -39,28 +43,36 @@ def _reduce(terms, reduction):
     return total / len(terms) if reduction == "mean" else total
 
 
-def contrastive(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, metric="euclidean"):
+def contrastive(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, metric="euclidean",
+                squared=False, reduction="mean_nonzero", selected=None):
+    """Hadsell et al.: hinge on each positive and negative pair (flipped for similarities), optionally squared
+    and halved; each side reduced on its own. ``selected(i, j)`` keeps only mined pairs."""
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
     pos, neg = [], []
     for i, j, is_pos in _pairs(labels, ref_labels, same):
+        if selected is not None and not selected(i, j, is_pos):
+            continue
         d = dist(emb[i], ref[j], metric)
-        if metric == "cosine_similarity":
-            (pos if is_pos else neg).append(torch.relu(pos_margin - d) if is_pos else torch.relu(d - neg_margin))
+        if metric in ("cosine_similarity", "dot"):
+            h = torch.relu(pos_margin - d) if is_pos else torch.relu(d - neg_margin)
         else:
-            (pos if is_pos else neg).append(torch.relu(d - pos_margin) if is_pos else torch.relu(neg_margin - d))
-    return _mean_nonzero(pos) + _mean_nonzero(neg)
+            h = torch.relu(d - pos_margin) if is_pos else torch.relu(neg_margin - d)
+        (pos if is_pos else neg).append(0.5 * h**2 if squared else h)
+    return _reduce(pos, reduction) + _reduce(neg, reduction)
 
 
-def triplet(emb, labels, ref=None, ref_labels=None, margin=0.05, triplets="all", metric="euclidean", reduction="mean_nonzero"):
+def triplet(emb, labels, ref=None, ref_labels=None, margin=0.05, triplets="all", metric="euclidean", reduction="mean_nonzero",
+            selected=None):
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
     sign = -1.0 if metric == "cosine_similarity" else 1.0
+    keep_pair = selected or (lambda i, j, is_pos: True)
     terms = []
     for a in range(len(labels)):
         d = {j: sign * dist(emb[a], ref[j], metric) for j in range(len(ref_labels)) if not (same and j == a)}
-        positives = [j for j in d if ref_labels[j] == labels[a]]
-        negatives = [j for j in d if ref_labels[j] != labels[a]]
+        positives = [j for j in d if ref_labels[j] == labels[a] and keep_pair(a, j, True)]
+        negatives = [j for j in d if ref_labels[j] != labels[a] and keep_pair(a, j, False)]
         if triplets == "batch_hard":
             if positives and negatives:
                 p = max(positives, key=lambda j: float(d[j]))
@@ -159,14 +171,15 @@ def proxy_anchor(emb, labels, proxies, margin=0.1, alpha=32.0):
     return torch.stack(pos_terms).sum() / len(pos_terms) + torch.stack(neg_terms).sum() / C
 
 
-def circle(emb, labels, ref=None, ref_labels=None, m=0.4, gamma=80.0):
+def circle(emb, labels, ref=None, ref_labels=None, m=0.4, gamma=80.0, selected=None):
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    keep_pair = selected or (lambda i, j, is_pos: True)
     losses = []
     for i in range(len(labels)):
         terms_p, terms_n = [], []
         for j in range(len(ref_labels)):
-            if same and i == j:
+            if same and i == j or not keep_pair(i, j, bool(ref_labels[j] == labels[i])):
                 continue
             s = dist(emb[i], ref[j], "cosine_similarity")
             if ref_labels[j] == labels[i]:
@@ -180,15 +193,16 @@ def circle(emb, labels, ref=None, ref_labels=None, m=0.4, gamma=80.0):
     return torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
 
 
-def generalized_lifted(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0):
+def generalized_lifted(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, selected=None):
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
+    keep_pair = selected or (lambda i, j, is_pos: True)
     losses = []
     for i in range(len(labels)):
         pos = [torch.exp(dist(emb[i], ref[j], "euclidean") - pos_margin) for j in range(len(ref_labels))
-               if not (same and i == j) and ref_labels[j] == labels[i]]
+               if not (same and i == j) and ref_labels[j] == labels[i] and keep_pair(i, j, True)]
         neg = [torch.exp(neg_margin - dist(emb[i], ref[j], "euclidean")) for j in range(len(ref_labels))
-               if ref_labels[j] != labels[i]]
+               if ref_labels[j] != labels[i] and keep_pair(i, j, False)]
         total = torch.zeros((), dtype=torch.float64)
         if pos:
             total = total + torch.log(sum(pos))

@@ -224,3 +224,67 @@ def test_build_loss():
         L.build_loss("nope")
     with pytest.raises(ValueError, match="triplets must be one of"):
         L.TripletMarginLoss(triplets="hardest")
+
+
+MATRIX_LOSSES = {
+    "contrastive": lambda: L.ContrastiveLoss(neg_margin=1.2),
+    "contrastive_cosine": lambda: L.ContrastiveLoss(pos_margin=0.9, neg_margin=0.3, metric="cosine_similarity"),
+    "batch_hard": lambda: L.TripletMarginLoss(0.3, "batch_hard"),
+    "circle": lambda: L.CircleLoss(m=0.25, gamma=16.0),
+    "generalized_lifted": lambda: L.GeneralizedLiftedStructureLoss(neg_margin=1.5),
+    "multi_similarity": lambda: L.MultiSimilarityLoss(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_LOSSES))
+def test_pair_losses_under_bfloat16_autocast(name):
+    """bfloat16 embeddings from an autocast layer: the loss works on float32 matrices, returns a finite float32
+    value equal to the float32 loss of the same (bf16-rounded) embeddings, and gives finite gradients."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    x, lab = torch.randn(24, 6), torch.arange(6).repeat(4)
+    loss = MATRIX_LOSSES[name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = layer(x)
+        value = loss(emb, lab)
+    assert emb.dtype == torch.bfloat16 and value.dtype == torch.float32 and torch.isfinite(value)
+    value.backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert float(value) == pytest.approx(float(loss(emb.detach().float(), lab)), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_LOSSES))
+def test_two_forward_passes_before_one_backward(name):
+    """The losses reuse B×R scratch buffers between calls; a second call before the first's backward (two
+    losses summed, or a reference-set term) must not corrupt the first one's saved gradient."""
+    torch.manual_seed(1)
+    emb_a, emb_b, lab = torch.randn(16, 4), torch.randn(16, 4), torch.arange(4).repeat(4)
+    loss = MATRIX_LOSSES[name]()
+    separate = []
+    for e in (emb_a, emb_b):
+        leaf = e.clone().requires_grad_()
+        loss(leaf, lab).backward()
+        separate.append(leaf.grad)
+    a, b = emb_a.clone().requires_grad_(), emb_b.clone().requires_grad_()
+    (loss(a, lab) + loss(b, lab)).backward()
+    torch.testing.assert_close(a.grad, separate[0])
+    torch.testing.assert_close(b.grad, separate[1])
+
+
+def test_scratch_buffers_are_per_thread_and_releasable():
+    import threading
+
+    from metrix.losses._common import _SCRATCH
+
+    emb, lab = torch.randn(16, 4), torch.arange(4).repeat(4)
+    expected = L.contrastive_loss(emb, lab)
+    assert _SCRATCH.buffers  # kept for the next call
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(L.contrastive_loss(emb, lab))) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(float(r) == float(expected) for r in results)
+    L.release_scratch()
+    assert not _SCRATCH.buffers

@@ -57,6 +57,52 @@ def test_contrastive(seed, n, c, metric, margins, use_ref):
     _check_pair_loss(L.contrastive_loss, ref.contrastive, kw, use_ref, seed, n, c)
 
 
+@pytest.mark.parametrize("seed,n,c", CASES[:2])
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("metric,margins", [("squared_euclidean", (0.2, 1.5)), ("cosine", (0.1, 0.9)), ("dot", (0.5, 0.1))])
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_contrastive_reductions_squared_and_metrics(seed, n, c, reduction, squared, metric, margins, use_ref):
+    kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric, squared=squared, reduction=reduction)
+    _check_pair_loss(L.contrastive_loss, ref.contrastive, kw, use_ref, seed, n, c, normalize=metric != "dot")
+
+
+def _mined(seed, n, r):
+    """Random miner output: each pair kept with probability ½ (as float weights, like a miner's masks)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    return L.Pairs((torch.rand(n, r, generator=g) < 0.5).to(DT), (torch.rand(n, r, generator=g) < 0.5).to(DT))
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("use_ref", [False, True])
+@pytest.mark.parametrize("name", ["contrastive", "batch_hard", "circle", "generalized_lifted"])
+def test_matrix_losses_with_mined_pairs(seed, n, c, use_ref, name):
+    """Losses computed through the hand-written matrix gradient, restricted to a miner's pairs."""
+    emb, lab = make_batch(seed, n, n_classes=c)
+    r, rl = make_batch(seed + 100, n + 3, n_classes=c) if use_ref else (None, None)
+    pairs = _mined(seed, n, len(rl) if use_ref else n)
+
+    def keep(i, j, is_pos):
+        return bool((pairs.pos if is_pos else pairs.neg)[i, j] > 0)
+
+    ours = {
+        "contrastive": lambda e, rr: L.contrastive_loss(e, lab, rr, rl, pos_margin=0.1, neg_margin=1.2, pairs=pairs),
+        "batch_hard": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.3, triplets="batch_hard", pairs=pairs),
+        "circle": lambda e, rr: L.circle_loss(e, lab, rr, rl, m=0.25, gamma=16.0, pairs=pairs),
+        "generalized_lifted": lambda e, rr: L.generalized_lifted_structure_loss(e, lab, rr, rl, neg_margin=1.5, pairs=pairs),
+    }[name]
+    masked = {  # the references take the selection as masks over (i, j)
+        "contrastive": lambda e, rr: ref.contrastive(e, lab, rr, rl, pos_margin=0.1, neg_margin=1.2, selected=keep),
+        "batch_hard": lambda e, rr: ref.triplet(e, lab, rr, rl, margin=0.3, triplets="batch_hard", selected=keep),
+        "circle": lambda e, rr: ref.circle(e, lab, rr, rl, m=0.25, gamma=16.0, selected=keep),
+        "generalized_lifted": lambda e, rr: ref.generalized_lifted(e, lab, rr, rl, neg_margin=1.5, selected=keep),
+    }[name]
+    if use_ref:
+        _check(ours, masked, [emb, r])
+    else:
+        _check(lambda e: ours(e, None), lambda e: masked(e, None), [emb])
+
+
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("triplets", ["all", "hard", "semihard", "easy", "batch_hard"])
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
@@ -139,6 +185,8 @@ GRADCHECK = {
     # circle loss is absent on purpose: its weights α are constants by definition (stop-gradient), so its
     # gradient is not the derivative of its value; test_circle compares it with the reference's instead
     "generalized_lifted": lambda e, l: L.generalized_lifted_structure_loss(e, l, neg_margin=2.0),
+    "contrastive_squared_mean": lambda e, l: L.contrastive_loss(e, l, neg_margin=2.0, squared=True, reduction="mean"),
+    "contrastive_dot_sum": lambda e, l: L.contrastive_loss(e, l, pos_margin=1.0, neg_margin=-0.5, metric="dot", reduction="sum"),
 }
 
 
@@ -146,6 +194,20 @@ GRADCHECK = {
 def test_gradcheck(name):
     emb, lab = make_batch(4, 8, dim=3, n_classes=3, normalize=False)
     assert torch.autograd.gradcheck(lambda e: GRADCHECK[name](e, lab), (emb.requires_grad_(),))
+
+
+@pytest.mark.parametrize("name", ["contrastive", "generalized_lifted", "multi_similarity", "batch_hard"])
+def test_gradcheck_with_reference_set(name):
+    """Gradients reach both the batch and a separate reference set (the hand-written matrix backward)."""
+    emb, lab = make_batch(6, 7, dim=3, n_classes=3, normalize=False)
+    r, rl = make_batch(9, 9, dim=3, n_classes=3, normalize=False)
+    fn = {
+        "contrastive": lambda e, rr: L.contrastive_loss(e, lab, rr, rl, neg_margin=2.0, metric="squared_euclidean"),
+        "generalized_lifted": lambda e, rr: L.generalized_lifted_structure_loss(e, lab, rr, rl, neg_margin=2.0),
+        "multi_similarity": lambda e, rr: L.multi_similarity_loss(e, lab, rr, rl, beta=5.0, mining=False),
+        "batch_hard": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.5, triplets="batch_hard"),
+    }[name]
+    assert torch.autograd.gradcheck(fn, (emb.requires_grad_(), r.requires_grad_()))
 
 
 @pytest.mark.parametrize("name", sorted(CLASS_FUNCS))

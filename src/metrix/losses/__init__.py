@@ -1,7 +1,7 @@
 """Metric-learning losses. Every loss is a pure function plus a thin ``nn.Module`` wrapper,
 called as ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None)`` → scalar."""
 
-from metrix.losses._common import Pairs
+from metrix.losses._common import Pairs, release_scratch
 from metrix.losses.circle import CircleLoss, circle_loss
 from metrix.losses.combined import MultipleLosses
 from metrix.losses.contrastive import ContrastiveLoss, contrastive_loss
@@ -99,7 +99,7 @@ __all__ = [
     "CenterLoss", "InfoNCELoss", "LiftedStructureLoss", "NPairLoss", "center_loss", "info_nce_loss",
     "lifted_structure_loss", "npair_loss",
     "ArcFaceLoss", "CircleLoss", "ContrastiveLoss", "CosFaceLoss", "GeneralizedLiftedStructureLoss", "LOSSES",
-    "MultiSimilarityLoss", "MultipleLosses", "NTXentLoss", "NormalizedSoftmaxLoss", "Pairs", "ProxyAnchorLoss",
+    "MultiSimilarityLoss", "MultipleLosses", "NTXentLoss", "NormalizedSoftmaxLoss", "Pairs", "ProxyAnchorLoss", "release_scratch",
     "ProxyNCALoss", "TRIPLET_SELECTIONS", "TripletMarginLoss", "arcface_loss", "build_loss", "circle_loss",
     "contrastive_loss", "cosface_loss", "generalized_lifted_structure_loss", "multi_similarity_loss",
     "normalized_softmax_loss", "ntxent_loss", "proxy_anchor_loss", "proxy_nca_loss", "triplet_margin_loss",

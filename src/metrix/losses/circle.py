@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix._validation import check_positive
-from metrix.distances import cosine_similarity
-from metrix.losses._common import label_masks, masked_logsumexp, prepare_batch, reduce
+from metrix.losses._common import label_masks, prepare_batch
+from metrix.losses._matrix import Terms, compute_dtype, inverse_count, masked_row_softmax, matrix_loss
 
 
 def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: float = 0.4, gamma: float = 80.0,
@@ -24,14 +24,23 @@ def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: 
     """Circle loss over all pairs of the B×R matrix; 0 (with a gradient path) if no anchor qualifies."""
     gamma = check_positive(gamma, "gamma")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    s = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings)
-    pos, neg = label_masks(b, s.dtype, pairs)
-    sd = s.detach()
-    logit_p = -gamma * torch.relu(1.0 + m - sd) * (s - (1.0 - m))
-    logit_n = gamma * torch.relu(sd + m) * (s - m)
+    pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
     valid = pos.amax(dim=1) * neg.amax(dim=1)  # anchors with at least one positive and one negative
-    losses = F.softplus(masked_logsumexp(logit_p, pos) + masked_logsumexp(logit_n, neg)) * valid
-    return reduce(losses, torch.count_nonzero(valid), "mean", b.embeddings, b.ref_embeddings)
+    scale = inverse_count(torch.count_nonzero(valid))
+
+    def terms(s):
+        # logits γ·α·(s − Δ) with the weights α constant, so ∂logit/∂s = ±γ·α
+        alpha_p = (1.0 + m - s).relu_()
+        alpha_n = (s + m).relu_()
+        lse_p, prob_p = masked_row_softmax((s - (1.0 - m)).mul_(alpha_p).mul_(-gamma), pos)
+        lse_n, prob_n = masked_row_softmax((s - m).mul_(alpha_n).mul_(gamma), neg)
+        z = lse_p + lse_n
+        loss = (F.softplus(z) * valid).sum() * scale
+        row = (torch.sigmoid(z) * valid * (gamma * scale))[:, None]  # ∂loss/∂z per anchor, × γ
+        grad = prob_n.mul_(alpha_n).sub_(prob_p.mul_(alpha_p)).mul_(row)
+        return Terms(loss, grad)
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, "cosine_similarity", terms)
 
 
 class CircleLoss(nn.Module):

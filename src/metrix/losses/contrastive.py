@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metrix.distances import is_similarity, pairwise_distance
-from metrix.losses._common import label_masks, prepare_batch, reduce
+from metrix._validation import check_choice
+from metrix.distances import is_similarity
+from metrix.losses._common import REDUCTIONS, label_masks, prepare_batch, same_label_mask, scratch
+from metrix.losses._matrix import Terms, compute_dtype, inverse_count, matrix_loss
 
 
 def contrastive_loss(
@@ -33,18 +35,57 @@ def contrastive_loss(
 
     Returns 0 (with a gradient path) when the batch has no pair with non-zero loss.
     """
+    check_choice(reduction, "reduction", REDUCTIONS)
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    mat = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b, pairs=pairs)
-    if is_similarity(metric):
-        pos_loss, neg_loss = torch.relu(pos_margin - mat), torch.relu(mat - neg_margin)
+    dtype = compute_dtype(b.embeddings)
+    shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
+    if pairs is None:  # the negative mask is 1 − same, applied in place below (one B×R buffer fewer)
+        pos, neg = same_label_mask(b.labels, b.ref_labels, dtype, out=scratch("pos", shape, dtype, device)), None
     else:
-        pos_loss, neg_loss = torch.relu(mat - pos_margin), torch.relu(neg_margin - mat)
-    if squared:
-        pos_loss, neg_loss = 0.5 * pos_loss**2, 0.5 * neg_loss**2
-    graph = (b.embeddings, b.ref_embeddings)
-    n_pos, n_neg = (int(torch.count_nonzero(m)) for m in (pos, neg)) if reduction == "mean" else (0, 0)
-    return reduce(pos_loss * pos, n_pos, reduction, *graph) + reduce(neg_loss * neg, n_neg, reduction, *graph)
+        pos, neg = label_masks(b, dtype, pairs=pairs, reuse=True)
+    # a similarity flips both hinges: [m_pos − s]_+ and [s − m_neg]_+
+    sign = -1.0 if is_similarity(metric) else 1.0
+
+    def terms(mat):
+        # each pair's own hinge in one buffer: positives [σ(d − m_pos)]_+, negatives [σ(m_neg − d)]_+;
+        # the negative hinge is kept negated (u = −hinge) to save a pass
+        u = torch.sub(mat, neg_margin, out=scratch("work", shape, dtype, device))
+        if sign > 0:
+            hinge, u = (mat - pos_margin).relu_(), u.clamp_max_(0)
+        else:
+            hinge, u = torch.rsub(mat, pos_margin).relu_(), u.clamp_min_(0).neg_()
+        if neg is None:  # negatives = 1 − same; self pairs are neither
+            hinge.add_(u).mul_(pos).sub_(u)
+            if b.same_set:
+                hinge.fill_diagonal_(0)
+        else:
+            hinge.mul_(pos).addcmul_(u, neg, value=-1.0)
+        work = u  # scratch from here on
+        value = 0.5 * hinge * hinge if squared else hinge
+        on_pos = torch.mul(value, pos, out=work)
+        sum_pos = on_pos.sum()
+        sum_neg = torch.sub(value, on_pos, out=work).sum()
+        # slope = ∂value/∂hinge; counts of non-zero terms are exact integer sums of its sign
+        slope = hinge if squared else hinge.sign_()
+        if reduction == "mean_nonzero":
+            nonzero = torch.sign(hinge) if squared else slope
+            count_all = nonzero.sum()
+            count_pos = torch.mul(nonzero, pos, out=work).sum()
+            count_neg = count_all - count_pos
+        elif reduction == "mean":
+            count_pos = float(pos.sum()) - (min(pos.shape) if b.same_set and neg is None else 0)
+            count_neg = float(neg.sum()) if neg is not None else pos.numel() - float(pos.sum())
+        else:
+            count_pos = count_neg = 1
+        scale_pos, scale_neg = inverse_count(count_pos), inverse_count(count_neg)
+        loss = scale_pos * sum_pos + scale_neg * sum_neg
+        # ∂loss/∂mat = σ · slope · (scale_pos on positives, −scale_neg on negatives)
+        slope_pos = torch.mul(slope, pos, out=work)
+        grad = slope.mul_(-scale_neg * sign).add_(slope_pos, alpha=(scale_pos + scale_neg) * sign)
+        # per-pair terms with symmetric masks have a symmetric gradient when the batch is its own reference
+        return Terms(loss, grad, symmetric=pairs is None)
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
 class ContrastiveLoss(nn.Module):

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from metrix.distances import pairwise_distance
-from metrix.losses._common import label_masks, mask_logits, masked_logsumexp, prepare_batch, reduce
+from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
+from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
@@ -42,9 +43,16 @@ Same values as pytorch-metric-learning's ``LiftedStructureLoss`` (``pos_margin=0
 
 Generalized lifted structure loss, mean over anchors."""
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    d = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b, d.dtype, pairs)
-    return torch.relu(masked_logsumexp(d - pos_margin, pos) + masked_logsumexp(neg_margin - d, neg)).mean()
+    pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
+
+    def terms(d):
+        lse_p, prob_p = masked_row_softmax(d - pos_margin, pos)
+        lse_n, prob_n = masked_row_softmax(torch.rsub(d, neg_margin), neg)
+        per_anchor = torch.relu(lse_p + lse_n)
+        row = ((per_anchor > 0).to(d.dtype) / d.shape[0])[:, None]  # ∂mean/∂(lse_p + lse_n)
+        return Terms(per_anchor.mean(), prob_p.sub_(prob_n).mul_(row))
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
 def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=None) -> torch.Tensor:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metrix.distances import is_similarity, pairwise_distance
-from metrix.losses._common import Pairs, label_masks, log1p_sum_exp, mask_logits, prepare_batch
+from metrix.distances import is_similarity
+from metrix.losses._common import Pairs, label_masks, mask_logits, prepare_batch
+from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
 
 
 def multi_similarity_pairs(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, epsilon: float = 0.1) -> Pairs:
@@ -43,13 +44,17 @@ def multi_similarity_loss(
     if not is_similarity(metric):
         raise ValueError(f"multi_similarity_loss needs a similarity metric (cosine_similarity, dot), got {metric!r}")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    s = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
-    pos, neg = label_masks(b, s.dtype, pairs)
-    if mining:
-        pos, neg = multi_similarity_pairs(s.detach(), pos, neg, epsilon)
-    pos_term = log1p_sum_exp(-alpha * (s - base), pos) / alpha
-    neg_term = log1p_sum_exp(beta * (s - base), neg) / beta
-    return (pos_term + neg_term).mean()
+    pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
+
+    def terms(s):
+        p, n = multi_similarity_pairs(s, pos, neg, epsilon) if mining else (pos, neg)
+        # ∂/∂s of (1/α)·log(1 + Σ_p e^{−α(s−λ)}) is −softmax_p; of (1/β)·log(1 + Σ_n e^{β(s−λ)}) is +softmax_n
+        lse_p, prob_p = masked_row_softmax((s - base).mul_(-alpha), p, zero_logit=True)
+        lse_n, prob_n = masked_row_softmax((s - base).mul_(beta), n, zero_logit=True)
+        loss = (lse_p / alpha + lse_n / beta).mean()
+        return Terms(loss, prob_n.sub_(prob_p).div_(s.shape[0]))
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
 class MultiSimilarityLoss(nn.Module):

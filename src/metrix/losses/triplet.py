@@ -26,20 +26,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix._validation import check_choice
-from metrix.distances import dissimilarity
-from metrix.losses._common import REDUCTIONS, label_masks, prepare_batch, reduce, zero_loss
+from metrix.distances import dissimilarity, is_similarity
+from metrix.losses._common import REDUCTIONS, label_masks, prepare_batch, same_label_mask, scratch, zero_loss
+from metrix.losses._matrix import SparseGrad, Terms, compute_dtype, inverse_count, matrix_loss, row_argmax
 
 TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
 
 
-def _batch_hard(d, pos, neg, margin, reduction, graph):
-    big = torch.finfo(d.dtype).max
-    hardest_pos = (d + (pos - 1.0) * big).amax(dim=1)  # -huge if the anchor has no positive
-    hardest_neg = (d + (1.0 - neg) * big).amin(dim=1)  # +huge if it has no negative
-    valid = (pos.amax(dim=1) * neg.amax(dim=1))  # 1.0 where both exist
-    # multiply by valid before subtracting, so invalid rows never compute huge - huge
-    losses = torch.relu(hardest_pos * valid - hardest_neg * valid + margin) * valid
-    return reduce(losses, torch.count_nonzero(valid), reduction, *graph)
+def _batch_hard(b, margin, reduction, metric, pairs):
+    """Per anchor, the farthest positive against the closest negative; the gradient is two entries per row,
+    so the backward gathers them instead of running B×R GEMMs."""
+    sign = -1.0 if is_similarity(metric) else 1.0  # d = sign · matrix
+    dtype = compute_dtype(b.embeddings)
+    shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
+    big = torch.finfo(dtype).max
+    if pairs is None:
+        pos, neg = same_label_mask(b.labels, b.ref_labels, dtype, out=scratch("pos", shape, dtype, device)), None
+    else:
+        pos, neg = label_masks(b, dtype, pairs=pairs, reuse=True)
+
+    def terms(mat):
+        rows = torch.arange(mat.shape[0], device=mat.device)
+        # −d over the negatives, −huge elsewhere → argmax = closest negative
+        if neg is None:  # negatives = different label: −huge exactly where the label is the same
+            near_neg = torch.mul(pos, -big, out=scratch("work", shape, dtype, device)).sub_(mat, alpha=sign)
+        else:
+            near_neg = neg.sub_(1.0).mul_(big).sub_(mat, alpha=sign)
+        # d over the positives, −huge elsewhere (built in the mask's buffer) → argmax = hardest positive
+        far_pos = pos.sub_(1.0).mul_(big).add_(mat, alpha=sign)
+        if b.same_set:
+            far_pos.fill_diagonal_(-big)
+        i_pos, i_neg = row_argmax(far_pos), row_argmax(near_neg)
+        valid = (far_pos[rows, i_pos] > -big / 2) & (near_neg[rows, i_neg] > -big / 2)
+        d_pos, d_neg = sign * mat[rows, i_pos], sign * mat[rows, i_neg]
+        losses = torch.where(valid, torch.relu(d_pos - d_neg + margin), torch.zeros_like(d_pos))
+        if reduction == "mean_nonzero":
+            count = torch.count_nonzero(losses)
+        else:
+            count = torch.count_nonzero(valid) if reduction == "mean" else 1
+        scale = inverse_count(count)
+        active = torch.nonzero(losses > 0).squeeze(1)
+        step = torch.full((active.numel(),), sign * scale, dtype=mat.dtype, device=mat.device)
+        grad = SparseGrad(active.repeat(2), torch.cat([i_pos[active], i_neg[active]]), torch.cat([step, -step]))
+        return Terms(losses.sum() * scale, grad)
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
 def _pack_positives(d, pos):
@@ -118,11 +149,11 @@ def triplet_margin_loss(
     check_choice(triplets, "triplets", TRIPLET_SELECTIONS)
     check_choice(reduction, "reduction", REDUCTIONS)
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
+    if triplets == "batch_hard":
+        return _batch_hard(b, float(margin), reduction, metric, pairs)
     d = dissimilarity(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, pairs=pairs)
     graph = (b.embeddings, b.ref_embeddings)
-    if triplets == "batch_hard":
-        return _batch_hard(d, pos, neg, float(margin), reduction, graph)
     return _sorted_sum(d, pos, neg, float(margin), triplets, reduction, graph)
 
 

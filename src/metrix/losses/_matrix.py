@@ -1,0 +1,192 @@
+"""Pair losses written as a function of the B×R distance/similarity matrix, with a hand-written gradient.
+
+Autograd through a chain of element-wise operations over B×R keeps every intermediate and runs a second
+chain of passes backwards; on a CPU those passes, not the GEMM, dominate a pair loss. Here a loss gives a
+``terms(mat) -> (loss, grad)`` function that computes its value *and* ``∂loss/∂mat`` in one no-grad sweep
+of in-place operations, and one autograd Function maps ``grad`` to the embeddings with GEMMs — or with
+gathers when the gradient is a few entries per row (batch-hard mining).
+
+The matrix is computed in float32 (or float64) even under ``torch.autocast``: bfloat16 would round
+distances to 2–3 significant digits, and the loss then returns a float32 value and input-dtype gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from metrix.distances import METRICS, euclidean_backward, euclidean_matrix
+from metrix.losses._common import EXP_FLOOR, scratch
+
+
+class SparseGrad(NamedTuple):
+    """``∂loss/∂mat`` given as its few non-zero entries (``rows``, ``cols``, ``values``)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
+class Terms(NamedTuple):
+    """What a loss's ``terms`` function returns: the loss and its gradient with respect to the matrix.
+
+    ``symmetric`` promises ``grad = gradᵀ`` (only meaningful when the batch is its own reference), which
+    saves one GEMM in the backward.
+    """
+
+    loss: torch.Tensor
+    grad: torch.Tensor | SparseGrad
+    symmetric: bool = False
+
+
+_PRODUCT = {"euclidean": "euclid", "squared_euclidean": "euclid", "cosine": "dot", "cosine_similarity": "dot", "dot": "dot"}
+
+
+def _matrix(x, y, same, metric):
+    out = scratch("matrix", (x.shape[0], y.shape[0]), x.dtype, x.device)
+    if _PRODUCT[metric] == "euclid":
+        return euclidean_matrix(x, y, same, squared=metric == "squared_euclidean", out=out)
+    s = torch.mm(x, y.T, out=out)
+    return s.neg_().add_(1.0) if metric == "cosine" else s
+
+
+def _product_grad(grad, mat, metric):
+    """``∂loss/∂mat`` → gradient with respect to the GEMM's output (``d²`` or the inner product), in place."""
+    if metric == "euclidean":
+        # ∂d/∂d² = 1/(2d), with the ½ applied to the (B, D) result in backward: two passes instead of four.
+        # d = 0 gives 0/0 or g/0; both become 0 (the zero subgradient of the distance at coincident points)
+        return grad.div_(mat).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return grad.neg_() if metric == "cosine" else grad
+
+
+def _sparse_product_grad(sg: SparseGrad, mat, metric) -> SparseGrad:
+    values = sg.values
+    if metric == "euclidean":
+        d = mat[sg.rows, sg.cols]
+        values = torch.where(d > 0, values / (2 * d.clamp_min(torch.finfo(d.dtype).tiny)), torch.zeros_like(values))
+    elif metric == "cosine":
+        values = -values
+    return SparseGrad(sg.rows, sg.cols, values)
+
+
+def _sparse_backward(sg: SparseGrad, x, y, kind, same):
+    """Gradients for a gradient with few entries: per entry ``w·(x_i − y_j)·2`` (Euclidean) or ``w·y_j`` (dot)."""
+    w = sg.values[:, None]
+    xi, yj = x[sg.rows], y[sg.cols]
+    if kind == "euclid":
+        diff = 2 * w * (xi - yj)
+        gx_part, gy_part = diff, -diff
+    else:
+        gx_part, gy_part = w * yj, w * xi
+    gx = torch.zeros_like(x).index_add_(0, sg.rows, gx_part)
+    gy = (gx if same else torch.zeros_like(y)).index_add_(0, sg.cols, gy_part)
+    return gx, (None if same else gy)
+
+
+def _dense_backward(w, x, y, kind, same, symmetric):
+    if kind == "euclid":
+        return euclidean_backward(w, x, y, same, symmetric)
+    if same:
+        return (2 * (w @ x) if symmetric else w @ x + w.T @ x), None
+    return w @ y, w.T @ x
+
+
+class _MatrixLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, metric: str, terms: Callable[[torch.Tensor], Terms]):
+        same = y is None
+        in_dtype = x.dtype
+        work = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xw = x.to(work)
+            yw = xw if same else y.to(work)
+            mat = _matrix(xw, yw, same, metric)
+            out = terms(mat)
+            if isinstance(out.grad, SparseGrad):
+                grad = _sparse_product_grad(out.grad, mat, metric)
+                ctx.save_for_backward(xw, yw, grad.rows, grad.cols, grad.values)
+            else:
+                ctx.save_for_backward(xw, yw, _product_grad(out.grad, mat, metric))
+        ctx.sparse, ctx.metric, ctx.same, ctx.symmetric = isinstance(out.grad, SparseGrad), metric, same, out.symmetric
+        ctx.dtypes = (in_dtype, None if same else y.dtype)
+        return out.loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xw, yw, *g = ctx.saved_tensors
+        kind = _PRODUCT[ctx.metric]
+        with torch.autocast(xw.device.type, enabled=False):
+            if ctx.sparse:
+                gx, gy = _sparse_backward(SparseGrad(*g), xw, yw, kind, ctx.same)
+            else:
+                gx, gy = _dense_backward(g[0], xw, yw, kind, ctx.same, ctx.symmetric and ctx.same)
+        scale = grad_out.to(gx.dtype) * (0.5 if ctx.metric == "euclidean" and not ctx.sparse else 1.0)
+        gx = (gx * scale).to(ctx.dtypes[0])
+        gy = None if gy is None else (gy * scale).to(ctx.dtypes[1])
+        return gx, gy, None, None
+
+
+def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: Callable[[torch.Tensor], Terms]):
+    """``terms(M)[0]`` for ``M`` = the ``metric`` matrix between the batch and the reference set.
+
+    ``terms`` receives ``M`` without a graph (read-only: the backward needs it) and must return the loss with
+    ``∂loss/∂M`` (:class:`Terms`). Cosine metrics normalise the rows first, under autograd (B×D work).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    x, y = embeddings, None if same_set else ref_embeddings
+    if metric in ("cosine", "cosine_similarity"):
+        # normalise in the working precision: bfloat16 unit vectors would carry its rounding into the matrix
+        x = x.to(compute_dtype(x))
+        y = None if y is None else y.to(compute_dtype(y))
+        x = F.normalize(x, dim=1, eps=1e-12)
+        y = None if y is None else F.normalize(y, dim=1, eps=1e-12)
+    return _MatrixLoss.apply(x, y, metric, terms)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix loss works in for inputs of ``t``'s dtype (float32 for half precisions)."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def inverse_count(count) -> float:
+    """``1/count`` for a reduction's denominator, 0 for an empty selection (the loss is then an exact 0)."""
+    count = int(count)
+    return 1.0 / count if count else 0.0
+
+
+def row_argmax(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """``x.argmax(dim=1)`` (first maximum of each row) in two levels: the max of each group of ``group``
+    columns, then one group per row. ``argmax`` over B×R is ~20× slower than ``amax`` on CPU."""
+    n, width = x.shape
+    if width % group or width < 4 * group:
+        return x.argmax(dim=1)
+    groups = x.view(n, width // group, group)
+    best_group = groups.amax(dim=2).argmax(dim=1)
+    rows = torch.arange(n, device=x.device)
+    return best_group * group + groups[rows, best_group].argmax(dim=1)
+
+
+def masked_row_softmax(logits: torch.Tensor, mask: torch.Tensor, zero_logit: bool = False):
+    """Per row: ``log Σ_mask e^logits`` and the softmax over the mask, computed in place.
+
+    ``logits`` is overwritten with the probabilities (exactly 0 outside the mask); ``mask`` (float 0/1) is
+    used as scratch space and restored. An empty row gives ``lse = 0`` and no probabilities.
+    ``zero_logit=True`` adds an implicit logit 0 to every row (``log(1 + Σ e^x)``, as in Multi-Similarity).
+    """
+    big = torch.finfo(logits.dtype).max
+    top = logits.add_(mask.sub_(1.0).mul_(big)).amax(dim=1, keepdim=True)  # max over the mask only
+    mask.div_(big).add_(1.0)
+    empty = top < -big / 2
+    top = top.clamp_min(0.0) if zero_logit else top.masked_fill(empty, 0.0)  # empty row: any finite shift
+    probs = logits.sub_(top).clamp_min_(EXP_FLOOR).exp_().mul_(mask)
+    total = probs.sum(dim=1, keepdim=True)
+    if zero_logit:
+        total += torch.exp(-top)
+        lse = top + torch.log(total)
+    else:
+        lse = torch.where(empty, torch.zeros_like(top), top + torch.log(total.masked_fill(empty, 1.0)))
+        total = total.masked_fill(empty, 1.0)
+    return lse.squeeze(1), probs.div_(total)
