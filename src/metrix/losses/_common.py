@@ -46,7 +46,7 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
-SCRATCH_MAX_ELEMENTS = 1 << 24  # larger matrices (and non-CPU devices) get fresh tensors every call
+SCRATCH_MAX_ELEMENTS = 1 << 22  # 16 MB of float32 per slot (B = R = 2048); larger matrices and non-CPU devices get fresh tensors
 
 
 def scratch(slot: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
