@@ -68,9 +68,9 @@ def euclidean_matrix(x: torch.Tensor, y: torch.Tensor, same: bool, squared: bool
     return out if squared else out.sqrt_()
 
 
-def half_inverse(d: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def half_inverse(d: torch.Tensor) -> torch.Tensor:
     """``1 / (2d)`` with 0 where ``d = 0``: turns ∂L/∂d into ∂L/∂d² (a zero subgradient at d = 0)."""
-    inv = d.reciprocal_() if inplace else d.reciprocal()
+    inv = d.reciprocal()
     inv.nan_to_num_(posinf=0.0)
     return inv.mul_(0.5)
 

@@ -118,6 +118,20 @@ def label_masks(batch: Batch, dtype: torch.dtype | None = None, pairs: Pairs | N
     return same, neg
 
 
+def forward_masks(batch: Batch, dtype: torch.dtype, pairs: Pairs | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masks for a loss that uses them only inside its forward pass, in :func:`scratch` buffers.
+
+    Without a miner's ``pairs``: ``(same-label mask including self, None)`` — the negatives are then exactly
+    ``1 − same`` and the caller applies that in place, saving a B×R buffer (self pairs are its to exclude).
+    With ``pairs``: :func:`label_masks` ``(pos, neg)``.
+    """
+    if pairs is not None:
+        return label_masks(batch, dtype, pairs=pairs, reuse=True)
+    shape = (batch.labels.shape[0], batch.ref_labels.shape[0])
+    out = scratch("pos", shape, dtype, batch.embeddings.device)
+    return same_label_mask(batch.labels, batch.ref_labels, dtype, out=out), None
+
+
 def same_label_mask(labels: torch.Tensor, ref_labels: torch.Tensor, dtype: torch.dtype,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Float (B, R) matrix, 1 where ``labels[i] == ref_labels[j]``, else 0.

@@ -98,7 +98,7 @@ class _MatrixLoss(torch.autograd.Function):
     def forward(ctx, x, y, metric: str, terms: Callable[[torch.Tensor], Terms]):
         same = y is None
         in_dtype = x.dtype
-        work = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+        work = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xw = x.to(work)
             yw = xw if same else y.to(work)

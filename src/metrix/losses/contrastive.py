@@ -14,7 +14,7 @@ from torch import nn
 
 from metrix._validation import check_choice
 from metrix.distances import is_similarity
-from metrix.losses._common import REDUCTIONS, label_masks, prepare_batch, same_label_mask, scratch
+from metrix.losses._common import REDUCTIONS, forward_masks, prepare_batch, scratch
 from metrix.losses._matrix import Terms, compute_dtype, inverse_count, matrix_loss
 
 
@@ -39,10 +39,7 @@ def contrastive_loss(
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     dtype = compute_dtype(b.embeddings)
     shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
-    if pairs is None:  # the negative mask is 1 − same, applied in place below (one B×R buffer fewer)
-        pos, neg = same_label_mask(b.labels, b.ref_labels, dtype, out=scratch("pos", shape, dtype, device)), None
-    else:
-        pos, neg = label_masks(b, dtype, pairs=pairs, reuse=True)
+    pos, neg = forward_masks(b, dtype, pairs)  # neg None: negatives are 1 − pos, applied in place below
     # a similarity flips both hinges: [m_pos − s]_+ and [s − m_neg]_+
     sign = -1.0 if is_similarity(metric) else 1.0
 

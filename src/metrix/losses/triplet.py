@@ -27,7 +27,7 @@ from torch import nn
 
 from metrix._validation import check_choice
 from metrix.distances import dissimilarity, is_similarity
-from metrix.losses._common import REDUCTIONS, label_masks, prepare_batch, same_label_mask, scratch, zero_loss
+from metrix.losses._common import REDUCTIONS, forward_masks, label_masks, prepare_batch, scratch, zero_loss
 from metrix.losses._matrix import SparseGrad, Terms, compute_dtype, inverse_count, matrix_loss, row_argmax
 
 TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
@@ -40,10 +40,7 @@ def _batch_hard(b, margin, reduction, metric, pairs):
     dtype = compute_dtype(b.embeddings)
     shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
     big = torch.finfo(dtype).max
-    if pairs is None:
-        pos, neg = same_label_mask(b.labels, b.ref_labels, dtype, out=scratch("pos", shape, dtype, device)), None
-    else:
-        pos, neg = label_masks(b, dtype, pairs=pairs, reuse=True)
+    pos, neg = forward_masks(b, dtype, pairs)  # neg None: negatives are 1 − pos, applied in place below
 
     def terms(mat):
         rows = torch.arange(mat.shape[0], device=mat.device)
