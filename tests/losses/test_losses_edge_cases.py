@@ -339,3 +339,30 @@ def test_matrix_gradients_equal_plain_autograd(seed, n, n_classes, scale, name):
     (gb,) = torch.autograd.grad(b, emb, allow_unused=True)
     assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-9, abs=1e-12)
     torch.testing.assert_close(ga, torch.zeros_like(emb) if gb is None else gb, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [128, 256, 96, 1000])
+def test_row_argmax_matches_argmax_including_ties(width):
+    from metrix.losses._matrix import row_argmax
+
+    g = torch.Generator().manual_seed(width)
+    x = torch.randint(0, 7, (50, width), generator=g).float()  # many ties: the first maximum must win
+    x[3] = -torch.finfo(torch.float32).max
+    assert torch.equal(row_argmax(x), x.argmax(dim=1))
+
+
+def test_batch_hard_on_a_wide_batch_matches_the_dense_definition():
+    """B = 256 takes the two-level argmax path (the small reference-test batches do not)."""
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(256, 8, generator=g, dtype=torch.float64).requires_grad_()
+    lab = torch.randint(0, 16, (256,), generator=g)
+    ours = L.triplet_margin_loss(emb, lab, margin=0.3, triplets="batch_hard")
+    d = torch.cdist(emb, emb)
+    same = lab[:, None] == lab[None, :]
+    pos = same & ~torch.eye(256, dtype=torch.bool)
+    hardest_pos = d.masked_fill(~pos, -torch.inf).amax(1)
+    hardest_neg = d.masked_fill(same, torch.inf).amin(1)
+    per_anchor = torch.relu(hardest_pos - hardest_neg + 0.3)
+    dense = per_anchor.sum() / torch.count_nonzero(per_anchor)
+    assert float(ours.detach()) == pytest.approx(float(dense.detach()), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], torch.autograd.grad(dense, emb)[0])
