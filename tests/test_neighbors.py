@@ -92,3 +92,101 @@ def test_tiled_search_with_groups_matches_brute_force(monkeypatch):
     full = cdist(x, x)
     np.fill_diagonal(full, np.inf)
     np.testing.assert_array_equal(i.numpy(), np.argsort(full, axis=1)[:, :15])
+
+
+def _brute_force(q, r, k, metric, exclude_self):
+    scipy_metric = {"euclidean": "euclidean", "cosine": "cosine"}.get(metric)
+    full = cdist(q, r, scipy_metric) if scipy_metric else -(q @ r.T)
+    if exclude_self:
+        np.fill_diagonal(full, np.inf)
+    order = np.argsort(full, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(full, order, 1)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink the search's blocks so that a few hundred rows take the estimated-threshold paths."""
+    import metrix.neighbors as nb
+
+    monkeypatch.setattr(nb, "SAMPLE", 64)
+    monkeypatch.setattr(nb, "REF_BLOCK", 96)
+    monkeypatch.setattr(nb, "QUERY_CHUNK", 40)
+    return nb
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_symmetric_search_matches_brute_force(small_blocks, metric, exclude_self):
+    """query = reference: each pair is scored once and filtered for both of its rows."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(700, 6))
+    d, i = small_blocks.knn(x, k=9, metric=metric, exclude_self=exclude_self)
+    expected, dist = _brute_force(x, x, 9, metric, exclude_self)
+    np.testing.assert_array_equal(i.numpy(), expected)
+    sign = -1 if metric == "dot" else 1
+    # a self-distance comes from ‖x‖² + ‖x‖² − 2x·x, whose float64 rounding the square root lifts to ~1e-8
+    np.testing.assert_allclose(sign * d.numpy(), dist, atol=1e-7)
+
+
+def test_symmetric_search_is_the_path_taken_and_its_buffers_compact(small_blocks, monkeypatch):
+    """Candidate lists far narrower than a row's candidates force repeated compaction; results are unchanged."""
+    calls = []
+    real = small_blocks._iter_symmetric_topk
+    monkeypatch.setattr(small_blocks, "_iter_symmetric_topk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(small_blocks, "_symmetric_state_width", lambda k: k + 3)
+    compacted = []
+    real_compact = small_blocks._CandidateBuffer._compact
+    monkeypatch.setattr(small_blocks._CandidateBuffer, "_compact", lambda self, rows: compacted.append(len(rows)) or real_compact(self, rows))
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(600, 5))
+    d, i = small_blocks.knn(x, k=12)
+    expected, dist = _brute_force(x, x, 12, "euclidean", True)
+    assert calls and sum(compacted) > 600  # the symmetric path ran, and rows were compacted more than once
+    np.testing.assert_array_equal(i.numpy(), expected)
+    np.testing.assert_allclose(d.numpy(), dist, atol=1e-9)
+
+
+def test_symmetric_search_respects_the_memory_bound(small_blocks, monkeypatch):
+    calls = []
+    real = small_blocks._iter_symmetric_topk
+    monkeypatch.setattr(small_blocks, "_iter_symmetric_topk", lambda *a: calls.append(1) or real(*a))
+    x = np.random.default_rng(13).normal(size=(500, 4))
+    small_blocks.knn(x, k=5, max_memory_mb=1e-3)  # its candidate lists need more: the one-sided search runs
+    assert not calls
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_threshold_estimate_that_is_too_high_falls_back_to_exact_search(small_blocks, monkeypatch, same):
+    """With a margin far below 1 most queries find fewer than k entries above the estimate; they are redone."""
+    monkeypatch.setattr(small_blocks, "SAMPLE_MARGIN", 0.05)
+    rng = np.random.default_rng(14)
+    x, q = rng.normal(size=(640, 5)), rng.normal(size=(50, 5))
+    d, i = small_blocks.knn(x, k=20)
+    expected, _ = _brute_force(x, x, 20, "euclidean", True)
+    np.testing.assert_array_equal(i.numpy(), expected)
+    d, i = small_blocks.knn(q, x, k=20)
+    np.testing.assert_array_equal(i.numpy(), _brute_force(q, x, 20, "euclidean", False)[0])
+
+
+def test_one_sided_threshold_search_merges_pending_candidates(small_blocks, monkeypatch):
+    """query ≠ reference with an estimated threshold, merging whenever a query holds a few pending entries."""
+    monkeypatch.setattr(small_blocks, "PENDING_ROWS", 5)
+    rng = np.random.default_rng(15)
+    x, q = rng.normal(size=(900, 6)), rng.normal(size=(130, 6))
+    for metric in ("euclidean", "cosine", "dot"):
+        d, i = small_blocks.knn(q, x, k=11, metric=metric)
+        expected, dist = _brute_force(q, x, 11, metric, False)
+        np.testing.assert_array_equal(i.numpy(), expected)
+        np.testing.assert_allclose((-1 if metric == "dot" else 1) * d.numpy(), dist, atol=1e-9)
+
+
+def test_column_threshold_filter_finds_exactly_the_entries_above():
+    from metrix.neighbors import _above_threshold_columns
+
+    rng = np.random.default_rng(16)
+    score = torch.from_numpy(rng.normal(size=(48, 37)))
+    thr = torch.from_numpy(rng.normal(size=37) + 1.5)
+    for rows in (48, 45):  # a multiple of the group, and not (plain path)
+        r, c = _above_threshold_columns(score[:rows], thr)
+        e = torch.nonzero(score[:rows] > thr[None, :], as_tuple=True)
+        assert sorted(zip(r.tolist(), c.tolist())) == sorted(zip(e[0].tolist(), e[1].tolist()))

@@ -111,7 +111,7 @@ def retrieval_metrics(
     reference, reference_labels : the gallery; ``None`` means query = reference with self excluded
     ks : cut-offs for ``recall_at_k`` and ``precision_at_k``
     metric : distance used for ranking (see :mod:`metrix.distances`)
-    max_memory_mb : bound on the working memory of exact search
+    max_memory_mb : bound on the working memory of exact search (see :mod:`metrix.neighbors`)
     approximate : a faiss index factory string (e.g. ``"HNSW32"``, ``"IVF1024,Flat"``) to rank with an
         approximate index instead of exact search (needs the ``faiss`` extra); ``approximate_options``
         are passed to :class:`metrix.index.VectorIndex` (``nprobe``, ``ef_search``)
