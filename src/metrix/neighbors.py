@@ -224,9 +224,10 @@ class _CandidateBuffer:
 
     def __init__(self, n, k, width, threshold):
         self.k, self.width = k, width
-        self.val = torch.full((n, width), -torch.inf, dtype=threshold.dtype)
-        self.idx = torch.full((n, width), -1, dtype=torch.int32 if n < 2**31 else torch.int64)
-        self.count = torch.zeros(n, dtype=torch.int64)
+        device = threshold.device
+        self.val = torch.full((n, width), -torch.inf, dtype=threshold.dtype, device=device)
+        self.idx = torch.full((n, width), -1, dtype=torch.int32 if n < 2**31 else torch.int64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
         self.threshold = threshold
 
     def add(self, rows, idx, val, grouped=False):
@@ -238,7 +239,7 @@ class _CandidateBuffer:
         while rows.numel():
             uniq, counts = torch.unique_consecutive(rows, return_counts=True)
             first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=rows.numel())
-            slot = self.count[rows] + torch.arange(rows.numel()) - first
+            slot = self.count[rows] + torch.arange(rows.numel(), device=rows.device) - first
             total = self.count[uniq] + counts
             if int(total.max()) <= self.width:  # the usual case: everything fits
                 self.val.index_put_((rows, slot), val)
@@ -287,16 +288,15 @@ def _iter_symmetric_topk(a, b, k, exclude_self, chunk, tile):
     n = a.shape[0]
     step = max(1, n // SAMPLE)
     sample = b[::step][:SAMPLE].contiguous()
-    threshold = torch.empty(n, dtype=a.dtype)
+    threshold = torch.empty(n, dtype=a.dtype, device=a.device)
     for start in range(0, n, chunk):
-        ids = torch.arange(start, min(n, start + chunk))
+        ids = torch.arange(start, min(n, start + chunk), device=a.device)
         threshold[start : start + chunk] = _sample_threshold(a[start : start + chunk], sample, step, ids, k, n, exclude_self)
     state = _CandidateBuffer(n, k, _symmetric_state_width(k), threshold)
-    buffer = torch.empty(chunk * tile, dtype=a.dtype)
+    buffer = torch.empty(chunk * tile, dtype=a.dtype, device=a.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         ac = a[start:stop]
-        ids = torch.arange(start, stop)
         own = ac @ b[start:stop].T  # the chunk against itself: every ordered pair, row-wise
         if exclude_self:
             own.fill_diagonal_(-torch.inf)
@@ -309,7 +309,6 @@ def _iter_symmetric_topk(a, b, k, exclude_self, chunk, tile):
             state.add(rows + start, cols + c0, score[rows, cols], grouped=True)
             rows, cols = _above_threshold_columns(score, state.threshold[c0 : c0 + block.shape[0]])
             state.add(cols + c0, rows + start, score[rows, cols])
-        del ids
         yield (start, *state.take(start, stop))
 
 
