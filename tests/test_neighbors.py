@@ -111,6 +111,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(nb, "SAMPLE", 64)
     monkeypatch.setattr(nb, "REF_BLOCK", 96)
     monkeypatch.setattr(nb, "QUERY_CHUNK", 40)
+    monkeypatch.setattr(nb, "THRESHOLD_MIN_K", 1)
     return nb
 
 
