@@ -238,6 +238,24 @@ class BiasedMF(_BiasedRatingModel):
 # --- training ---------------------------------------------------------------------------------
 
 
+def _train_epochs(model, n: int, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+                  batch_step) -> list[float]:
+    """Adam over shuffled mini-batches of ``n`` interactions; the per-epoch mean of ``batch_step``'s sums.
+
+    ``batch_step(idx, opt, g)`` takes one optimiser step on the rows ``idx`` (drawing any randomness from ``g``)
+    and returns the batch's summed loss.
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    for _ in range(epochs):
+        total = 0.0
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            total += batch_step(idx, opt, g)
+        history.append(total / n)
+    return history
+
+
 def fit_implicit(model, train: Interactions, epochs: int = 30, batch_size: int = 1024, lr: float = 1e-3,
                  n_negatives: int = 20, weight_decay: float = 0.0, seed: int = 0) -> list[float]:
     """Train CML or BPR on (user, item) positives with uniformly sampled negatives
@@ -247,23 +265,20 @@ def fit_implicit(model, train: Interactions, epochs: int = 30, batch_size: int =
     known = torch.zeros(train.n_users, train.n_items, dtype=torch.bool)
     known[torch.from_numpy(train.users), torch.from_numpy(train.items)] = True
     users, items = torch.from_numpy(train.users), torch.from_numpy(train.items)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history = []
-    for _ in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(len(users), generator=g).split(batch_size):
-            u, p = users[idx], items[idx]
-            neg = torch.randint(0, train.n_items, (len(idx), n_negatives), generator=g)
-            for _retry in range(3):  # rejection sampling of accidental positives
-                clash = known[u[:, None], neg]
-                if not clash.any():
-                    break
-                neg[clash] = torch.randint(0, train.n_items, (int(clash.sum()),), generator=g)
-            total += optimizer_step(model.implicit_loss(u, p, neg), opt) * len(idx)
-            model.after_step()
-        history.append(total / len(users))
-    return history
+
+    def batch_step(idx, opt, g):
+        u, p = users[idx], items[idx]
+        neg = torch.randint(0, train.n_items, (len(idx), n_negatives), generator=g)
+        for _retry in range(3):  # rejection sampling of accidental positives
+            clash = known[u[:, None], neg]
+            if not clash.any():
+                break
+            neg[clash] = torch.randint(0, train.n_items, (int(clash.sum()),), generator=g)
+        value = optimizer_step(model.implicit_loss(u, p, neg), opt) * len(idx)
+        model.after_step()
+        return value
+
+    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step)
 
 
 def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int = 1024, lr: float = 1e-2,
@@ -271,19 +286,15 @@ def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int =
     """Train a rating model with squared error plus ``l2``·(squared norms of the rows used)."""
     users, items = torch.from_numpy(train.users), torch.from_numpy(train.items)
     ratings = torch.from_numpy(train.ratings)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history = []
-    for _ in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(len(users), generator=g).split(batch_size):
-            u, i = users[idx], items[idx]
-            err = model(u, i) - ratings[idx]
-            reg = (model.users[u] ** 2).sum(1) + (model.items[i] ** 2).sum(1) + model.user_bias[u] ** 2 + model.item_bias[i] ** 2
-            optimizer_step((err * err).mean() + l2 * reg.mean(), opt)
-            total += float((err.detach() ** 2).sum())
-        history.append(total / len(users))
-    return history
+
+    def batch_step(idx, opt, g):
+        u, i = users[idx], items[idx]
+        err = model(u, i) - ratings[idx]
+        reg = (model.users[u] ** 2).sum(1) + (model.items[i] ** 2).sum(1) + model.user_bias[u] ** 2 + model.item_bias[i] ** 2
+        optimizer_step((err * err).mean() + l2 * reg.mean(), opt)
+        return float((err.detach() ** 2).sum())
+
+    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step)
 
 
 # --- evaluation -------------------------------------------------------------------------------
