@@ -7,6 +7,7 @@ measured matmul rate), and the absolute difference of the two loss values (they 
 
     python benchmarks/losses_vs_pml.py            # all losses
     python benchmarks/losses_vs_pml.py --quick    # skip PML's slowest (NT-Xent) run
+    python benchmarks/losses_vs_pml.py --only contrastive,circle   # a few losses
 
 Requires the ``test`` extra (pytorch-metric-learning).
 """
@@ -75,6 +76,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip pytorch-metric-learning's NT-Xent (about 40 s a call)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", default="", help="run only the losses whose name contains one of these "
+                        "comma-separated words, e.g. --only contrastive,circle")
     args = parser.parse_args()
 
     from pytorch_metric_learning import losses as P
@@ -155,7 +158,10 @@ def main():
     header = f"| {'loss':<36} | {'metrix ms':>9} | {'PML ms':>9} | {'speed-up':>8} | {'metrix MB':>9} | {'PML MB':>8} | {'x GEMM floor':>12} | {'abs diff':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    wanted = [w.strip().lower() for w in args.only.split(",") if w.strip()]
     for name, floor, ours, theirs in cases:
+        if wanted and not any(w in name.lower() for w in wanted):
+            continue
         t_ours, mb_ours, v_ours = measure(ours, emb, args.reps)
         if theirs is None:
             t_theirs = mb_theirs = v_theirs = None

@@ -76,19 +76,22 @@ def half_inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 def euclidean_backward(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, same: bool, symmetric: bool = False,
-                       need_y: bool = True):
-    """Gradients of ``Σ w ⊙ ‖x_i − y_j‖²`` with respect to ``x`` and ``y`` as GEMMs.
+                       need_y: bool = True, scale: float = 1.0):
+    """Gradients of ``scale · Σ w ⊙ ‖x_i − y_j‖²`` with respect to ``x`` and ``y`` as GEMMs.
 
     ``∂/∂x = 2(rowsum(w)·x − w·y)``, ``∂/∂y = 2(colsum(w)·y − wᵀ·x)``; with ``same`` (``y is x``) the two are
-    summed into one gradient, and ``symmetric`` (``w = wᵀ``) halves that to a single GEMM.
+    summed into one gradient, and ``symmetric`` (``w = wᵀ``) halves that to a single GEMM. Each result is
+    one ``addmm`` into the row-scaled input (no (B, D) temporaries beyond it).
     """
+    c = 2.0 * scale
     if same:
         if symmetric:
-            return 4 * (w.sum(dim=1, keepdim=True) * x - w @ x), None
+            return torch.addmm(x * w.sum(dim=1, keepdim=True), w, x, beta=2 * c, alpha=-2 * c), None
         # two GEMMs (wᵀ·x reads w transposed for free) beat materialising w + wᵀ, a cache-hostile pass
-        return 2 * ((w.sum(dim=1) + w.sum(dim=0))[:, None] * x - w @ x - w.T @ x), None
-    gx = 2 * (w.sum(dim=1, keepdim=True) * x - w @ y)
-    gy = 2 * (w.sum(dim=0)[:, None] * y - w.T @ x) if need_y else None
+        gx = torch.addmm(x * (w.sum(dim=1) + w.sum(dim=0))[:, None], w, x, beta=c, alpha=-c)
+        return gx.addmm_(w.T, x, alpha=-c), None
+    gx = torch.addmm(x * w.sum(dim=1, keepdim=True), w, y, beta=c, alpha=-c)
+    gy = torch.addmm(y * w.sum(dim=0)[:, None], w.T, x, beta=c, alpha=-c) if need_y else None
     return gx, gy
 
 

@@ -366,3 +366,64 @@ def test_batch_hard_on_a_wide_batch_matches_the_dense_definition():
     dense = per_anchor.sum() / torch.count_nonzero(per_anchor)
     assert float(ours.detach()) == pytest.approx(float(dense.detach()), rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], torch.autograd.grad(dense, emb)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 30), r=st.integers(1, 30), n_classes=st.integers(1, 6),
+       same_set=st.booleans())
+def test_positive_positions_lists_every_positive_once_and_pads_off_the_positives(seed, n, r, n_classes, same_set):
+    from metrix.losses._common import positive_positions
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=g) * 7 - 5  # arbitrary, negative label values too
+    ref_labels = labels if same_set else torch.randint(0, n_classes, (r,), generator=g) * 7 - 5
+    r = ref_labels.shape[0]
+    flat, valid = positive_positions(labels, ref_labels, same_set)
+    positive = labels[:, None] == ref_labels[None, :]
+    if same_set:
+        positive &= ~torch.eye(n, dtype=torch.bool)
+    assert sorted(flat[valid].tolist()) == sorted(positive.view(-1).nonzero().view(-1).tolist())
+    assert (flat // r == torch.arange(n)[:, None]).all()  # every slot stays in its own row
+    for row in range(n):  # no position twice in a row (scatter is then deterministic), padding never positive
+        assert len(set(flat[row].tolist())) == flat.shape[1]
+    assert not positive.view(-1)[flat[~valid]].any()
+
+
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.5)), ("squared_euclidean", (0.1, 1.5)),
+                                            ("cosine_similarity", (0.8, 0.2))])
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_contrastive_with_coincident_points(metric, margins, use_ref):
+    """Duplicated embeddings (d = 0 inside and across classes): the value is the reference's and the gradient
+    is the zero subgradient at d = 0, i.e. autograd of the formula with those pairs held constant."""
+    from tests.losses import reference as ref
+
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    emb[3], emb[5], emb[6] = emb[0], emb[0], emb[1]  # 0~3 same class, 0~5 and 1~6 across classes
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    r, rl = (emb[[0, 1, 2, 4, 6]].clone(), lab[[0, 1, 2, 4, 6]]) if use_ref else (None, None)
+    kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric)
+    x = emb.clone().requires_grad_()
+    ours = L.contrastive_loss(x, lab, r, rl, **kw)
+    (grad,) = torch.autograd.grad(ours, x)
+    assert float(ours.detach()) == pytest.approx(float(ref.contrastive(emb, lab, r, rl, **kw)), rel=1e-12)
+
+    y = emb.clone().requires_grad_()
+    other, other_lab, same = (y, lab, True) if r is None else (r, rl, False)
+    pos, neg = [], []
+    for i in range(len(lab)):
+        for j in range(len(other_lab)):
+            if same and i == j:
+                continue
+            d = ref.dist(y[i], other[j], metric)
+            if torch.equal(emb[i], other[j].detach()):
+                d = d.detach()  # coincident: value kept, no gradient through this pair
+            if metric == "cosine_similarity":
+                h = torch.relu(margins[0] - d) if lab[i] == other_lab[j] else torch.relu(d - margins[1])
+            else:
+                h = torch.relu(d - margins[0]) if lab[i] == other_lab[j] else torch.relu(margins[1] - d)
+            (pos if lab[i] == other_lab[j] else neg).append(h)
+    expected = sum(ref._mean_nonzero(t) for t in (pos, neg))
+    (expected_grad,) = torch.autograd.grad(expected, y)
+    assert float(expected) == pytest.approx(float(ours.detach()), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)

@@ -151,6 +151,38 @@ def same_label_mask(labels: torch.Tensor, ref_labels: torch.Tensor, dtype: torch
     return torch.sub(a[:, None], b[None, :], out=out).abs_().neg_().add_(1.0).clamp_min_(0)
 
 
+def positive_positions(labels: torch.Tensor, ref_labels: torch.Tensor, same_set: bool):
+    """Every positive pair as a flat index ``i·R + j`` (``labels[i] == ref_labels[j]``, not self when
+    ``same_set``), laid out (B, Pmax) with a validity mask — from the sorted labels, no B×R pass.
+
+    Row i's slots run through the reference columns in label order starting at its own class, so a padding
+    slot lands on a column of another class (or, for the self pair, on the row's own column): no two slots
+    of a row share a position and none of them is a positive, so gathering there is harmless and
+    scattering back the values read there changes nothing. Returns ``(flat, valid)``.
+
+    Example
+    -------
+    >>> flat, valid = positive_positions(torch.tensor([0, 1, 0]), torch.tensor([0, 1, 0]), same_set=True)
+    >>> sorted(flat[valid].tolist())
+    [2, 6]
+    """
+    n_rows, n_cols = labels.shape[0], ref_labels.shape[0]
+    device = labels.device
+    order = torch.argsort(ref_labels)  # reference columns grouped by class
+    ordered = ref_labels.index_select(0, order)
+    start = torch.searchsorted(ordered, labels)  # row i's class occupies order[start_i : start_i + count_i]
+    count = torch.searchsorted(ordered, labels, right=True) - start
+    width = max(int(count.max()), 1)  # ≤ R, so a row's run of slots never wraps back into its class
+    slot = torch.arange(width, device=device)
+    wrapped = torch.cat([order, order[:width]])  # slots past the last column continue from the first
+    cols = wrapped.index_select(0, (start[:, None] + slot).view(-1)).view(n_rows, width)
+    valid = slot < count[:, None]
+    rows = torch.arange(n_rows, device=device)[:, None]
+    if same_set:
+        valid &= cols != rows
+    return rows * n_cols + cols, valid
+
+
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """An exact 0 connected to the graph of ``tensors`` (gradient 0, backward() works)."""
     out = None

@@ -33,12 +33,15 @@ class Terms(NamedTuple):
     """What a loss's ``terms`` function returns: the loss and its gradient with respect to the matrix.
 
     ``symmetric`` promises ``grad = gradᵀ`` (only meaningful when the batch is its own reference), which
-    saves one GEMM in the backward.
+    saves one GEMM in the backward. ``scale`` multiplies ``grad``: a loss whose gradient is a mask times a
+    number (known only after the mask is counted) returns the mask and the number, and the number is applied
+    to the (B, D) result instead of in a pass over B×R.
     """
 
     loss: torch.Tensor
     grad: torch.Tensor | SparseGrad
     symmetric: bool = False
+    scale: float = 1.0
 
 
 _PRODUCT = {"euclidean": "euclid", "squared_euclidean": "euclid", "cosine": "dot", "cosine_similarity": "dot", "dot": "dot"}
@@ -85,12 +88,15 @@ def _sparse_backward(sg: SparseGrad, x, y, kind, same):
     return gx, (None if same else gy)
 
 
-def _dense_backward(w, x, y, kind, same, symmetric):
+def _dense_backward(w, x, y, kind, same, symmetric, scale: float):
+    """``scale ·`` the gradients of ``Σ w ⊙ P`` for the GEMM output ``P`` (``d²`` or ``x·y``)."""
     if kind == "euclid":
-        return euclidean_backward(w, x, y, same, symmetric)
+        return euclidean_backward(w, x, y, same, symmetric, scale=scale)
     if same:
-        return (2 * (w @ x) if symmetric else w @ x + w.T @ x), None
-    return w @ y, w.T @ x
+        if symmetric:
+            return torch.mm(w, x).mul_(2 * scale), None
+        return torch.mm(w, x).addmm_(w.T, x).mul_(scale), None
+    return torch.mm(w, y).mul_(scale), torch.mm(w.T, x).mul_(scale)
 
 
 class _MatrixLoss(torch.autograd.Function):
@@ -110,6 +116,7 @@ class _MatrixLoss(torch.autograd.Function):
             else:
                 ctx.save_for_backward(xw, yw, _product_grad(out.grad, mat, metric))
         ctx.sparse, ctx.metric, ctx.same, ctx.symmetric = isinstance(out.grad, SparseGrad), metric, same, out.symmetric
+        ctx.grad_scale = out.scale
         ctx.dtypes = (in_dtype, None if same else y.dtype)
         return out.loss.detach()
 
@@ -120,11 +127,15 @@ class _MatrixLoss(torch.autograd.Function):
         with torch.autocast(xw.device.type, enabled=False):
             if ctx.sparse:
                 gx, gy = _sparse_backward(SparseGrad(*g), xw, yw, kind, ctx.same)
+                gx.mul_(ctx.grad_scale)
+                gy = None if gy is None else gy.mul_(ctx.grad_scale)
             else:
-                gx, gy = _dense_backward(g[0], xw, yw, kind, ctx.same, ctx.symmetric and ctx.same)
-        scale = grad_out.to(gx.dtype) * (0.5 if ctx.metric == "euclidean" and not ctx.sparse else 1.0)
-        gx = (gx * scale).to(ctx.dtypes[0])
-        gy = None if gy is None else (gy * scale).to(ctx.dtypes[1])
+                half = 0.5 if ctx.metric == "euclidean" else 1.0  # the ½ of ∂d/∂d² = 1/(2d)
+                gx, gy = _dense_backward(g[0], xw, yw, kind, ctx.same, ctx.symmetric and ctx.same,
+                                         ctx.grad_scale * half)
+        grad_out = grad_out.to(gx.dtype)
+        gx = gx.mul_(grad_out).to(ctx.dtypes[0])
+        gy = None if gy is None else gy.mul_(grad_out).to(ctx.dtypes[1])
         return gx, gy, None, None
 
 

@@ -9,12 +9,14 @@ The original paper squares the hinges and weighs each side by ½; ``squared=True
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from metrix._validation import check_choice
 from metrix.distances import is_similarity
-from metrix.losses._common import REDUCTIONS, forward_masks, prepare_batch, scratch
+from metrix.losses._common import REDUCTIONS, label_masks, positive_positions, prepare_batch, scratch
 from metrix.losses._matrix import Terms, compute_dtype, inverse_count, matrix_loss
 
 
@@ -31,58 +33,143 @@ def contrastive_loss(
     reduction: str = "mean_nonzero",
     pairs=None,
 ) -> torch.Tensor:
-    """Contrastive loss over every positive and negative pair of the B×R matrix.
+    """Contrastive loss over every positive and negative pair of the B×R matrix (or a miner's ``pairs``).
 
     Returns 0 (with a gradient path) when the batch has no pair with non-zero loss.
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
+    hinge = _Hinges(pos_margin, neg_margin, -1.0 if is_similarity(metric) else 1.0, squared, reduction)
+    if pairs is not None:
+        terms = _mined_terms(hinge, *label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True))
+    elif metric == "euclidean" and not squared:
+        # works on d² and takes 1/d with one rsqrt: no sqrt of the whole matrix, no division by d
+        terms, metric = _all_pairs_terms(b, hinge, on_squared_distances=True), "squared_euclidean"
+    else:
+        terms = _all_pairs_terms(b, hinge, on_squared_distances=False)
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
+
+
+class _Hinges(NamedTuple):
+    """The loss's settings. ``sign`` σ is +1 for distances, −1 for similarities (the hinges flip)."""
+
+    pos_margin: float
+    neg_margin: float
+    sign: float
+    squared: bool
+    reduction: str
+
+    def value(self, h: torch.Tensor) -> torch.Tensor:
+        return 0.5 * h * h if self.squared else h
+
+    def scales(self, count_pos, count_neg) -> tuple[float, float]:
+        """The weights of the positive and negative sums (``1/count`` of each side, or 1 for ``"sum"``)."""
+        if self.reduction == "sum":
+            return 1.0, 1.0
+        return inverse_count(count_pos), inverse_count(count_neg)
+
+
+def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
+    """Every pair is first taken as a negative — a threshold, a count and a sum over B×R, no label mask —
+    then the positive pairs, a short list from the sorted labels, have their negative term taken back and
+    their positive term added. ``∂loss/∂M`` is the "active negative" mask (over ``d`` when the matrix holds
+    ``d²``, or the hinge itself when squared) with the positives written over it, times one number that is
+    applied to the (B, D) result.
+
+    ``on_squared_distances``: the matrix holds ``d²`` of the Euclidean loss (non-squared hinge only).
+    """
+    sign, squared, margin = hinge.sign, hinge.squared, hinge.neg_margin
     dtype = compute_dtype(b.embeddings)
     shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
-    pos, neg = forward_masks(b, dtype, pairs)  # neg None: negatives are 1 − pos, applied in place below
-    # a similarity flips both hinges: [m_pos − s]_+ and [s − m_neg]_+
-    sign = -1.0 if is_similarity(metric) else 1.0
+    flat, valid = positive_positions(b.labels, b.ref_labels, b.same_set)
+
+    def negatives(mat):
+        """``(count, Σ value, grad, factor)`` over every pair taken as a negative (self pairs excluded);
+        ``∂loss/∂M = scale_neg · factor · grad`` there."""
+        # the gradient outlives this call (saved for backward): a fresh buffer, not scratch
+        grad = torch.empty(shape, dtype=dtype, device=device)
+        if on_squared_distances:  # active where d < m_neg, i.e. d² < m_neg²; h = m_neg − d
+            torch.lt(mat, margin * margin if margin > 0 else -1.0, out=grad)
+        elif not squared:  # active where σ(m_neg − M) > 0
+            torch.lt(mat, margin, out=grad) if sign > 0 else torch.gt(mat, margin, out=grad)
+        else:  # squared hinge: the gradient is the hinge, kept as −σh = σ(M − m_neg) clamped
+            neg_part = torch.sub(mat, margin, out=grad)
+            neg_part = neg_part.clamp_max_(0) if sign > 0 else neg_part.clamp_min_(0)
+        if b.same_set:
+            grad.fill_diagonal_(0)  # self pairs are neither positive nor negative
+        if squared:
+            count = torch.ne(grad, 0, out=scratch("work", shape, dtype, device)).sum()
+            return count, 0.5 * torch.linalg.vector_norm(grad) ** 2, grad, 1.0
+        count = grad.sum()  # float sums of 0/1 are exact integers below 2^24 (a 4096 × 4096 matrix)
+        if on_squared_distances:
+            inverse = torch.rsqrt(mat, out=scratch("work", shape, dtype, device))
+            if b.same_set:
+                inverse.fill_diagonal_(0)
+            grad.mul_(inverse)  # [d < m_neg] / d: ∂d/∂d² = 1/(2d), the ½ goes into the factor
+            total = torch.dot(grad.view(-1), mat.view(-1))  # Σ_active d = Σ (1/d)·d²
+            if not torch.isfinite(total):  # coincident points (d = 0): zero subgradient
+                grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                total = torch.dot(grad.view(-1), mat.view(-1))
+            return count, margin * count - total, grad, -0.5
+        return count, sign * (margin * count - torch.dot(grad.view(-1), mat.view(-1))), grad, -sign
 
     def terms(mat):
-        # each pair's own hinge in one buffer: positives [σ(d − m_pos)]_+, negatives [σ(m_neg − d)]_+;
-        # the negative hinge is kept negated (u = −hinge) to save a pass
-        u = torch.sub(mat, neg_margin, out=scratch("work", shape, dtype, device))
-        if sign > 0:
-            hinge, u = (mat - pos_margin).relu_(), u.clamp_max_(0)
-        else:
-            hinge, u = torch.rsub(mat, pos_margin).relu_(), u.clamp_min_(0).neg_()
-        if neg is None:  # negatives = 1 − same; self pairs are neither
-            hinge.add_(u).mul_(pos).sub_(u)
-            if b.same_set:
-                hinge.fill_diagonal_(0)
-        else:
-            hinge.mul_(pos).addcmul_(u, neg, value=-1.0)
-        work = u  # scratch from here on
-        value = 0.5 * hinge * hinge if squared else hinge
-        on_pos = torch.mul(value, pos, out=work)
-        sum_pos = on_pos.sum()
-        sum_neg = torch.sub(value, on_pos, out=work).sum()
-        # slope = ∂value/∂hinge; counts of non-zero terms are exact integer sums of its sign
-        slope = hinge if squared else hinge.sign_()
-        if reduction == "mean_nonzero":
-            nonzero = torch.sign(hinge) if squared else slope
-            count_all = nonzero.sum()
-            count_pos = torch.mul(nonzero, pos, out=work).sum()
-            count_neg = count_all - count_pos
-        elif reduction == "mean":
-            count_pos = float(pos.sum()) - (min(pos.shape) if b.same_set and neg is None else 0)
-            count_neg = float(neg.sum()) if neg is not None else pos.numel() - float(pos.sum())
-        else:
-            count_pos = count_neg = 1
-        scale_pos, scale_neg = inverse_count(count_pos), inverse_count(count_neg)
+        count_all, sum_all, grad, factor = negatives(mat)
+        mask = valid.to(dtype)
+        m_pos = mat.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
+        if on_squared_distances:
+            m_pos = m_pos.sqrt_()
+        as_neg = (sign * (margin - m_pos)).clamp_min_(0).mul_(mask)  # what the first pass counted
+        as_pos = (sign * (m_pos - hinge.pos_margin)).clamp_min_(0).mul_(mask)
+        sum_neg = sum_all - hinge.value(as_neg).sum()
+        sum_pos = hinge.value(as_pos).sum()
+        if hinge.reduction == "mean_nonzero":
+            count_pos, count_neg = torch.sign(as_pos).sum(), count_all - torch.sign(as_neg).sum()
+        else:  # "mean": every pair of each side ("sum" ignores the counts)
+            count_pos = int(valid.sum())
+            count_neg = shape[0] * shape[1] - count_pos - (shape[0] if b.same_set else 0)
+        scale_pos, scale_neg = hinge.scales(count_pos, count_neg)
         loss = scale_pos * sum_pos + scale_neg * sum_neg
-        # ∂loss/∂mat = σ · slope · (scale_pos on positives, −scale_neg on negatives)
-        slope_pos = torch.mul(slope, pos, out=work)
-        grad = slope.mul_(-scale_neg * sign).add_(slope_pos, alpha=(scale_pos + scale_neg) * sign)
-        # per-pair terms with symmetric masks have a symmetric gradient when the batch is its own reference
-        return Terms(loss, grad, symmetric=pairs is None)
 
-    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
+        # one number for the whole matrix; scale_neg = 0 only when no negative is active (all entries 0)
+        factor = factor * scale_neg or 1.0
+        # on positives ∂loss/∂M = σ·scale_pos·slope, slope = [h > 0] or h; 1/(2d) more on d²
+        slope = as_pos if squared else torch.sign(as_pos)
+        if on_squared_distances:
+            slope.div_(m_pos).nan_to_num_(nan=0.0, posinf=0.0).mul_(0.5)
+        target = grad.view(-1)
+        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
+        update = slope.mul_(sign * scale_pos / factor).sub_(keep).mul_(mask).add_(keep)
+        target.scatter_(0, flat.view(-1), update.view(-1))
+        return Terms(loss, grad, symmetric=True, scale=factor)
+
+    return terms
+
+
+def _mined_terms(hinge: _Hinges, pos: torch.Tensor, neg: torch.Tensor):
+    """A miner's selection: each pair's own hinge under the 0/1 masks ``pos`` and ``neg``."""
+    sign, squared = hinge.sign, hinge.squared
+
+    def terms(mat):
+        # positives [σ(M − m_pos)]_+, negatives [σ(m_neg − M)]_+, in one buffer
+        h = torch.sub(mat, hinge.pos_margin).mul_(sign).relu_().mul_(pos)
+        h.addcmul_(torch.rsub(mat, hinge.neg_margin).mul_(sign).relu_(), neg)
+        value = hinge.value(h)
+        sum_pos = torch.mul(value, pos).sum()
+        sum_neg = torch.mul(value, neg).sum()
+        slope = h if squared else torch.sign(h)
+        if hinge.reduction == "mean_nonzero":
+            nonzero = torch.sign(h)
+            count_pos, count_neg = torch.mul(nonzero, pos).sum(), torch.mul(nonzero, neg).sum()
+        else:
+            count_pos, count_neg = pos.sum(), neg.sum()
+        scale_pos, scale_neg = hinge.scales(count_pos, count_neg)
+        loss = scale_pos * sum_pos + scale_neg * sum_neg
+        # ∂loss/∂M = σ·slope·(scale_pos on positives, −scale_neg on negatives)
+        grad = slope.mul_(torch.mul(pos, scale_pos).sub_(neg, alpha=scale_neg)).mul_(sign)
+        return Terms(loss, grad)
+
+    return terms
 
 
 class ContrastiveLoss(nn.Module):
