@@ -1,7 +1,7 @@
 """metrix losses vs pytorch-metric-learning: same inputs, same process, forward + backward.
 
 B=1024 embeddings of D=128 (64 classes × 16), float32, on this machine's CPU. For each loss it
-prints the median time of both libraries, the speed-up, the peak memory of torch allocations during one call, the
+prints the median time of both libraries (their calls alternate), the speed-up, the peak memory of torch allocations during one call, the
 time against the GEMM floor (the flops of the B×R distance matrix, forward and backward, at the
 measured matmul rate), and the absolute difference of the two loss values (they must agree).
 
@@ -66,10 +66,20 @@ def run_once(fn, emb):
     return time.perf_counter() - t, float(value.detach())
 
 
-def measure(fn, emb, reps):
-    _, value = run_once(fn, emb)  # warm-up
-    times = [run_once(fn, emb)[0] for _ in range(reps)]
-    return statistics.median(times), peak_mb(lambda: run_once(fn, emb)), value
+def measure(ours, theirs, emb, reps, their_reps):
+    """Median times of both libraries, taken in alternation (one call of each in turn) so that a slower or
+    faster spell of this shared VM falls on both; then each one's peak memory and loss value."""
+    _, v_ours = run_once(ours, emb)  # warm-up
+    v_theirs = None if theirs is None else run_once(theirs, emb)[1]
+    t_ours, t_theirs = [], []
+    for rep in range(reps):
+        t_ours.append(run_once(ours, emb)[0])
+        if theirs is not None and rep < their_reps:
+            t_theirs.append(run_once(theirs, emb)[0])
+    result = [(statistics.median(t_ours), peak_mb(lambda: run_once(ours, emb)), v_ours)]
+    if theirs is None:
+        return result + [(None, None, None)]
+    return result + [(statistics.median(t_theirs), peak_mb(lambda: run_once(theirs, emb)), v_theirs)]
 
 
 def main():
@@ -162,12 +172,9 @@ def main():
     for name, floor, ours, theirs in cases:
         if wanted and not any(w in name.lower() for w in wanted):
             continue
-        t_ours, mb_ours, v_ours = measure(ours, emb, args.reps)
-        if theirs is None:
-            t_theirs = mb_theirs = v_theirs = None
-        else:
-            slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi", "margin", "angular"))
-            t_theirs, mb_theirs, v_theirs = measure(theirs, emb, 1 if slow else args.reps)
+        slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi", "margin", "angular"))
+        (t_ours, mb_ours, v_ours), (t_theirs, mb_theirs, v_theirs) = measure(
+            ours, theirs, emb, args.reps, 1 if slow else args.reps)
         cells = [
             f"{name:<36}", f"{t_ours * 1e3:>9.1f}",
             f"{t_theirs * 1e3:>9.1f}" if t_theirs else f"{'skipped':>9}",

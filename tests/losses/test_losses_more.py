@@ -219,3 +219,32 @@ def test_nca_keeps_anchors_whose_probability_underflows():
     exact = L.nca_loss(emb.double(), lab, softmax_scale=60.0)
     assert torch.isfinite(ours) and float(ours) == pytest.approx(float(exact), rel=1e-4)
     assert float(ours) > 100  # the positives really are improbable: a large, honest loss
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_class_cosine_backward_equals_autograd_through_normalize(weight_grad):
+    """The hand-written backward of the class cosine matches autograd through ``F.normalize`` — including a
+    zero row and a row shorter than the 1e-12 norm floor (divided by the floor, as F.normalize does)."""
+    from metrix.losses.proxies import class_cosine
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[2], x[3] = 0.0, x[3] * 1e-13
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    w[1] = 0.0
+    upstream = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    ours_x, ours_w = x.clone().requires_grad_(), w.clone().requires_grad_(weight_grad)
+    plain_x, plain_w = x.clone().requires_grad_(), w.clone().requires_grad_(weight_grad)
+    ours = class_cosine(ours_x, ours_w)
+    plain = F.normalize(plain_x, dim=1) @ F.normalize(plain_w, dim=1).T
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-14)
+    ours.backward(upstream)
+    plain.backward(upstream)
+    torch.testing.assert_close(ours_x.grad, plain_x.grad, rtol=1e-10, atol=1e-12)
+    if weight_grad:
+        torch.testing.assert_close(ours_w.grad, plain_w.grad, rtol=1e-10, atol=1e-12)
+    else:
+        assert ours_w.grad is None
+    pair = (torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(class_cosine, pair)

@@ -18,10 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from metrix._validation import check_positive
 from metrix.distances import safe_sqrt
-from metrix.losses._common import log1p_sum_exp, prepare_batch
+from metrix.losses._common import EXP_FLOOR, log1p_sum_exp, prepare_batch
 
 
 def _check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -37,11 +38,45 @@ def _no_reference(name, ref_embeddings, ref_labels):
         raise ValueError(f"{name} compares embeddings with learned class vectors; ref_embeddings is not used")
 
 
+_NORM_EPS = 1e-12  # as F.normalize: rows shorter than this are divided by it instead of their norm
+
+
+def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_NORM_EPS)
+    return x / norm, norm
+
+
+def _unit_rows_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """∂/∂x of ``x/‖x‖`` applied to ``grad`` (in place): ``(g − x̂·(g·x̂)) / ‖x‖``; a clamped norm is a constant."""
+    along = torch.linalg.vecdot(grad, unit, dim=1).unsqueeze_(1).mul_(norm > _NORM_EPS)
+    return grad.addcmul_(unit, along, value=-1.0).div_(norm)
+
+
+class _ClassCosine(torch.autograd.Function):
+    """``normalize(x) @ normalize(w)ᵀ`` with a hand-written backward: autograd through ``F.normalize`` takes
+    about twice as many (B, D) passes, which is most of a classification loss's time at B×C = 1024×64."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        x_unit, x_norm = _unit_rows(x)
+        w_unit, w_norm = _unit_rows(w)
+        ctx.save_for_backward(x_unit, x_norm, w_unit, w_norm)
+        return x_unit @ w_unit.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x_unit, x_norm, w_unit, w_norm = ctx.saved_tensors
+        gx = _unit_rows_backward(grad @ w_unit, x_unit, x_norm) if ctx.needs_input_grad[0] else None
+        gw = _unit_rows_backward(grad.T @ x_unit, w_unit, w_norm) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 def class_cosine(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cosine between every embedding and every class vector, computed in float32 or wider."""
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        return F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(weight.to(dtype), dim=1).T
+        return _ClassCosine.apply(embeddings.to(dtype), weight.to(dtype))
 
 
 def _prepare_class_batch(embeddings, labels, weight, rows_per_class: int = 1, rows_name: str = "rows_per_class"):
@@ -235,10 +270,18 @@ class CenterLoss(_ClassVectorLoss):
         return center_loss(embeddings, labels, self.weight)
 
 
+def _cosine_by_rank(embeddings, weight, per_class: int) -> torch.Tensor:
+    """Cosines to ``per_class`` consecutive rows of ``weight`` per class, as (B, per_class, C): the k-th vector
+    of every class side by side. Reducing over a class's vectors then runs over the middle axis with the
+    classes contiguous, 4–8× faster on CPU than over a short last axis."""
+    n_classes = weight.shape[0] // per_class
+    by_rank = weight.view(n_classes, per_class, -1).transpose(0, 1).reshape(weight.shape)
+    return class_cosine(embeddings, by_rank).view(-1, per_class, n_classes)
+
+
 def subcenter_cosine(embeddings, weight, sub_centers: int) -> torch.Tensor:
     """Class cosine = the best of ``sub_centers`` consecutive rows of ``weight`` per class."""
-    cos = class_cosine(embeddings, weight)
-    return cos.view(cos.shape[0], weight.shape[0] // sub_centers, sub_centers).amax(dim=2)
+    return _cosine_by_rank(embeddings, weight, sub_centers).amax(dim=1)
 
 
 def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers: int = 3, margin: float = 0.5,
@@ -249,11 +292,29 @@ def subcenter_arcface_loss(embeddings, labels, weight, *, sub_centers: int = 3, 
     return _margin_cross_entropy(embeddings, labels, weight, scale, lambda c: _arcface_target(c, margin), sub_centers)
 
 
+class _RelaxedMax(torch.autograd.Function):
+    """``S = Σ_k p_k s_k`` with ``p = softmax_k(s/γ)`` over axis 1, and its backward written out:
+    ``∂S/∂s_k = p_k (1 + (s_k − S)/γ)`` — a third of the passes of autograd through softmax, mul and sum."""
+
+    @staticmethod
+    def forward(ctx, s, gamma: float):
+        p = (s - s.amax(dim=1, keepdim=True)).mul_(1.0 / gamma).clamp_min_(EXP_FLOOR).exp_()
+        p.div_(p.sum(dim=1, keepdim=True))
+        out = (p * s).sum(dim=1)
+        ctx.save_for_backward(s, p, out)
+        ctx.gamma = gamma
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, p, out = ctx.saved_tensors
+        return (s - out[:, None]).mul_(1.0 / ctx.gamma).add_(1.0).mul_(p).mul_(grad[:, None]), None
+
+
 def softtriple_similarity(embeddings, centers, centers_per_class: int, gamma: float) -> torch.Tensor:
     """SoftTriple's relaxed similarity to each class: ``Σ_k softmax_k(s_ck / γ) · s_ck`` over its centres."""
-    cos = class_cosine(embeddings, centers)
-    cos = cos.view(cos.shape[0], centers.shape[0] // centers_per_class, centers_per_class)
-    return (F.softmax(cos / gamma, dim=2) * cos).sum(dim=2)
+    return _RelaxedMax.apply(_cosine_by_rank(embeddings, centers, centers_per_class), float(gamma))
 
 
 def softtriple_loss(embeddings, labels, centers, *, centers_per_class: int = 10, la: float = 20.0,
