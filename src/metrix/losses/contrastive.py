@@ -119,12 +119,13 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
         m_pos = mat.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
         if on_squared_distances:
             m_pos = m_pos.sqrt_()
-        as_neg = (sign * (margin - m_pos)).clamp_min_(0).mul_(mask)  # what the first pass counted
-        as_pos = (sign * (m_pos - hinge.pos_margin)).clamp_min_(0).mul_(mask)
-        sum_neg = sum_all - hinge.value(as_neg).sum()
-        sum_pos = hinge.value(as_pos).sum()
+        as_neg = _hinge(m_pos, margin, sign)  # what the first pass counted
+        as_pos = _hinge(m_pos, hinge.pos_margin, -sign)
+        sum_neg = sum_all - _masked_sum(hinge.value(as_neg), mask)
+        sum_pos = _masked_sum(hinge.value(as_pos), mask)
+        nonzero_pos = torch.sign(as_pos).mul_(mask)
         if hinge.reduction == "mean_nonzero":
-            count_pos, count_neg = torch.sign(as_pos).sum(), count_all - torch.sign(as_neg).sum()
+            count_pos, count_neg = nonzero_pos.sum(), count_all - _masked_sum(torch.sign(as_neg), mask)
         else:  # "mean": every pair of each side ("sum" ignores the counts)
             count_pos = int(valid.sum())
             count_neg = shape[0] * shape[1] - count_pos - (shape[0] if b.same_set else 0)
@@ -134,16 +135,25 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
         # one number for the whole matrix; scale_neg = 0 only when no negative is active (all entries 0)
         factor = factor * scale_neg or 1.0
         # on positives ∂loss/∂M = σ·scale_pos·slope, slope = [h > 0] or h; 1/(2d) more on d²
-        slope = as_pos if squared else torch.sign(as_pos)
+        slope = as_pos if squared else nonzero_pos
         if on_squared_distances:
-            slope.div_(m_pos).nan_to_num_(nan=0.0, posinf=0.0).mul_(0.5)
+            slope.div_(m_pos).nan_to_num_(nan=0.0, posinf=0.0)
+        slope.mul_(sign * scale_pos / factor * (0.5 if on_squared_distances else 1.0))
         target = grad.view(-1)
         keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
-        update = slope.mul_(sign * scale_pos / factor).sub_(keep).mul_(mask).add_(keep)
-        target.scatter_(0, flat.view(-1), update.view(-1))
+        target.scatter_(0, flat.view(-1), torch.where(valid, slope, keep).view(-1))
         return Terms(loss, grad, symmetric=True, scale=factor)
 
     return terms
+
+
+def _hinge(values: torch.Tensor, threshold: float, sign: float) -> torch.Tensor:
+    """``[σ(threshold − values)]_+`` (two operations, no multiplication by σ)."""
+    return (torch.rsub(values, threshold) if sign > 0 else torch.sub(values, threshold)).clamp_min_(0)
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.dot(values.view(-1), mask.view(-1))
 
 
 def _mined_terms(hinge: _Hinges, pos: torch.Tensor, neg: torch.Tensor):
