@@ -66,16 +66,21 @@ def run_once(fn, emb):
     return time.perf_counter() - t, float(value.detach())
 
 
-def measure(ours, theirs, emb, reps, their_reps):
+def measure(ours, theirs, emb, reps, their_reps, blocks=False):
     """Median times of both libraries, taken in alternation (one call of each in turn) so that a slower or
-    faster spell of this shared VM falls on both; then each one's peak memory and loss value."""
+    faster spell of this shared VM falls on both — or, with ``blocks``, all of one library's calls and then
+    all of the other's; then each one's peak memory and loss value."""
     _, v_ours = run_once(ours, emb)  # warm-up
     v_theirs = None if theirs is None else run_once(theirs, emb)[1]
-    t_ours, t_theirs = [], []
-    for rep in range(reps):
-        t_ours.append(run_once(ours, emb)[0])
-        if theirs is not None and rep < their_reps:
-            t_theirs.append(run_once(theirs, emb)[0])
+    if blocks:
+        t_ours = [run_once(ours, emb)[0] for _ in range(reps)]
+        t_theirs = [] if theirs is None else [run_once(theirs, emb)[0] for _ in range(their_reps)]
+    else:
+        t_ours, t_theirs = [], []
+        for rep in range(reps):
+            t_ours.append(run_once(ours, emb)[0])
+            if theirs is not None and rep < their_reps:
+                t_theirs.append(run_once(theirs, emb)[0])
     result = [(statistics.median(t_ours), peak_mb(lambda: run_once(ours, emb)), v_ours)]
     if theirs is None:
         return result + [(None, None, None)]
@@ -86,6 +91,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip pytorch-metric-learning's NT-Xent (about 40 s a call)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--blocks", action="store_true",
+                        help="time each library's calls in one block instead of alternating them")
     parser.add_argument("--only", default="", help="run only the losses whose name contains one of these "
                         "comma-separated words, e.g. --only contrastive,circle")
     args = parser.parse_args()
@@ -174,7 +181,7 @@ def main():
             continue
         slow = name.startswith(("NT-Xent, 2", "triplet (all", "triplet (semi", "margin", "angular"))
         (t_ours, mb_ours, v_ours), (t_theirs, mb_theirs, v_theirs) = measure(
-            ours, theirs, emb, args.reps, 1 if slow else args.reps)
+            ours, theirs, emb, args.reps, 1 if slow else args.reps, blocks=args.blocks)
         cells = [
             f"{name:<36}", f"{t_ours * 1e3:>9.1f}",
             f"{t_theirs * 1e3:>9.1f}" if t_theirs else f"{'skipped':>9}",
