@@ -100,7 +100,7 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
         if squared:
             count = torch.ne(grad, 0, out=scratch("work", shape, dtype, device)).sum()
             return count, 0.5 * torch.linalg.vector_norm(grad) ** 2, grad, 1.0
-        count = grad.sum()  # float sums of 0/1 are exact integers below 2^24 (a 4096 × 4096 matrix)
+        count = grad.sum()  # a float sum of 0/1: exact below 2^24 pairs, within float rounding beyond
         if on_squared_distances:
             inverse = torch.rsqrt(mat, out=scratch("work", shape, dtype, device))
             if b.same_set:
