@@ -43,24 +43,36 @@ def _chunks(n_anchors: int, p_max: int, n_ref: int):
 
 def angular_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, alpha_degrees: float = 40.0,
                  pairs=None) -> torch.Tensor:
-    """Angular loss, mean over positive pairs; 0 (with a gradient path) when there is none."""
+    """Angular loss, mean over positive pairs; 0 (with a gradient path) when there is none.
+
+    The sum over negatives factorises: with ``c = 4 tan²α``,
+    ``Σ_n e^{c(x_a + x_p)·x_n} = Σ_n e^{c x_a·x_n} · e^{c x_p·x_n}``, so every (anchor, positive) pair's sum is
+    one entry of the matrix product ``(E_ar ⊙ N) E_rrᵀ`` with ``E = e^{c(S − 1)}`` — a GEMM instead of a
+    (B, Pmax, R) block of exponentials. On unit vectors ``S ∈ [−1, 1]`` bounds every exponent; above 60° the
+    bounds leave float32's range and the products run in float64.
+    """
+    alpha = float(alpha_degrees)
+    if not 0.0 < alpha <= 80.0:
+        raise ValueError(f"alpha_degrees must be in (0, 80], got {alpha_degrees}")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    x = F.normalize(b.embeddings, dim=1)
-    r = x if b.same_set else F.normalize(b.ref_embeddings, dim=1)
+    t2 = math.tan(math.radians(alpha)) ** 2
+    c, beta = 4.0 * t2, 2.0 * (1.0 + t2)
+    # E ≥ e^{−2c}, products ≥ e^{−4c} and e^{2c+β}·R must stay finite: float32 holds them up to t² = 3 (60°)
+    dtype = torch.float64 if t2 > 3.0 else torch.promote_types(b.embeddings.dtype, torch.float32)
+    x = F.normalize(b.embeddings.to(dtype), dim=1)
+    r = x if b.same_set else F.normalize(b.ref_embeddings.to(dtype), dim=1)
     s_ar = x @ r.T  # anchor · reference
-    s_rr = s_ar if b.same_set else r @ r.T  # positive · reference (positives are references)
-    pos, neg = label_masks(b, s_ar.dtype, pairs)
+    e_ar = torch.exp(c * (s_ar - 1.0))
+    e_rr = e_ar if b.same_set else torch.exp(c * (r @ r.T - 1.0))  # positive · reference (positives are references)
+    pos, neg = label_masks(b, dtype, pairs)
     idx, valid = _pack(pos)
-    t2 = math.tan(math.radians(alpha_degrees)) ** 2
-    total = s_ar.new_zeros(())
-    for rows in _chunks(x.shape[0], idx.shape[1], r.shape[0]):
-        p_idx = idx[rows]
-        s_ap = s_ar[rows].gather(1, p_idx)  # (c, Pmax)
-        logits = 4 * t2 * (s_ar[rows][:, None, :] + s_rr[p_idx]) - 2 * (1 + t2) * s_ap[:, :, None]
-        terms = log1p_sum_exp(logits, neg[rows][:, None, :].expand_as(logits), dim=2)
-        total = total + (terms * valid[rows]).sum()
+    # Σ_{n ∈ neg(a)} e^{c(x_a·x_n − 1)} e^{c(x_p·x_n − 1)} for every (a, p), then each anchor's positives
+    neg_sums = ((e_ar * neg) @ e_rr.T).gather(1, idx)
+    terms = torch.log1p(torch.exp(2.0 * c - beta * s_ar.gather(1, idx)) * neg_sums)
     count = int(torch.count_nonzero(valid))
-    return total / count if count else zero_loss(b.embeddings, b.ref_embeddings)
+    if not count:
+        return zero_loss(b.embeddings, b.ref_embeddings)
+    return ((terms * valid).sum() / count).to(torch.promote_types(b.embeddings.dtype, torch.float32))
 
 
 class AngularLoss(nn.Module):
