@@ -93,19 +93,19 @@ def smooth_ap_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, 
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     x = F.normalize(b.embeddings, dim=1)
     r = x if b.same_set else F.normalize(b.ref_embeddings, dim=1)
-    s = x @ r.T
+    s = (x @ r.T) / temperature
     pos, neg = label_masks(b, s.dtype, pairs)
-    others = pos + neg  # Ω: every reference but the anchor itself
+    # per anchor, the references to count above each positive: Ω (all but the anchor) and its positives
+    masks = torch.stack([pos + neg, pos], dim=2)  # (B, R, 2)
     idx, valid = _pack(pos)
     ap_sum = s.new_zeros(s.shape[0])
     for rows in _chunks(x.shape[0], idx.shape[1], r.shape[0]):
-        p_idx = idx[rows]
-        s_i = s[rows].gather(1, p_idx)  # (c, Pmax) similarity of each positive i
-        sig = torch.sigmoid((s[rows][:, None, :] - s_i[:, :, None]) / temperature)  # (c, Pmax, R): j above i
-        not_self = 1.0 - F.one_hot(p_idx, s.shape[1]).to(s.dtype)  # exclude j == i
-        rank_all = 1.0 + (sig * others[rows][:, None, :] * not_self).sum(dim=2)
-        rank_pos = 1.0 + (sig * pos[rows][:, None, :] * not_self).sum(dim=2)
-        ap_sum[rows] = (rank_pos / rank_all * valid[rows]).sum(dim=1)
+        s_i = s[rows].gather(1, idx[rows])  # (c, Pmax) scaled similarity of each positive i
+        above = torch.sigmoid(s[rows][:, None, :] - s_i[:, :, None])  # (c, Pmax, R): σ((s_j − s_i)/τ)
+        # both rank sums in one batched product; j = i is in both masks and adds σ(0) = ½ (with zero
+        # gradient, as s_i − s_i is constant), so it is taken back as a number instead of masked out
+        ranks = torch.bmm(above, masks[rows]) + 0.5  # 1 + Σ_{j≠i}: (c, Pmax, 2)
+        ap_sum[rows] = (ranks[..., 1] / ranks[..., 0] * valid[rows]).sum(dim=1)
     n_pos = pos.sum(dim=1)
     has_pos = (n_pos > 0).to(s.dtype)
     losses = (1.0 - ap_sum / n_pos.clamp_min(1)) * has_pos
