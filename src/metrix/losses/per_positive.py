@@ -1,8 +1,9 @@
 """Losses with one term per (anchor, positive) pair that sums over all of the anchor's references.
 
-Each needs, for every anchor a and each of its positives p, a row over the R references: a (B, Pmax, R)
-block, Pmax being the most positives any anchor has (K−1 in P×K batches). Blocks are built for chunks of
-anchors so memory stays within ``_CHUNK_ELEMENTS`` whatever the batch size.
+Smooth-AP needs, for every anchor a and each of its positives p, a row over the R references: a (B, Pmax, R)
+block, Pmax being the most positives any anchor has (K−1 in P×K batches), built for chunks of anchors so
+memory stays within ``_CHUNK_ELEMENTS`` whatever the batch size. The angular loss's sum over negatives
+factorises into one (B × R) · (R × R) matrix product (see :func:`angular_loss`).
 
 * Angular loss (Wang et al., "Deep Metric Learning with Angular Loss", ICCV 2017), per positive pair:
   ``log(1 + Σ_n e^{4 tan²α (x_a + x_p)·x_n − 2(1 + tan²α) x_a·x_p})`` on L2-normalised embeddings,
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix._validation import check_positive
-from metrix.losses._common import label_masks, log1p_sum_exp, prepare_batch, reduce, zero_loss
+from metrix.losses._common import label_masks, prepare_batch, reduce, zero_loss
 
 _CHUNK_ELEMENTS = 2**24
 
