@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from metrix.distances import METRICS, euclidean_backward, euclidean_matrix
-from metrix.losses._common import EXP_FLOOR, scratch
+from metrix.losses._common import EXP_FLOOR, positive_positions, scratch, zero_loss
 
 
 class SparseGrad(NamedTuple):
@@ -201,3 +201,41 @@ def masked_row_softmax(logits: torch.Tensor, mask: torch.Tensor, zero_logit: boo
         lse = torch.where(empty, torch.zeros_like(top), top + torch.log(total.masked_fill(empty, 1.0)))
         total = total.masked_fill(empty, 1.0)
     return lse.squeeze(1), probs.div_(total)
+
+
+def positive_softmax_loss(batch, logit_scale: float, anchor_loss) -> torch.Tensor:
+    """A loss over each anchor's softmax of ``logit_scale · cos`` across the references (itself excluded),
+    as a function of its positives' log-probabilities, averaged over the anchors that have positives.
+
+    ``anchor_loss(picked, valid) -> (per_anchor, g)`` receives the positives' log-probabilities laid out
+    (B, Pmax) with a validity mask (invalid slots may hold −inf) and returns each anchor's loss and
+    ``g = ∂per_anchor/∂picked``, which must sum to −1 over an anchor's positives (true of a mean or a
+    log-sum-exp of ``−picked``). Then ``∂loss/∂logits = softmax + g`` on the positives — one log-softmax
+    kernel, one exp and a scatter over B×R, and the GEMM backward of :func:`matrix_loss`.
+    """
+    flat, valid = positive_positions(batch.labels, batch.ref_labels, batch.same_set)
+    has_pos = valid.any(dim=1)
+    n_anchors = int(torch.count_nonzero(has_pos))
+    if not n_anchors:
+        return zero_loss(batch.embeddings, batch.ref_embeddings)
+    dtype = compute_dtype(batch.embeddings)
+    shape, device = (batch.labels.shape[0], batch.ref_labels.shape[0]), batch.embeddings.device
+
+    def terms(mat):
+        logits = torch.mul(mat, logit_scale, out=scratch("work", shape, dtype, device))
+        if batch.same_set:
+            logits.fill_diagonal_(-torch.inf)
+        # log-probabilities in one fused kernel; they become the gradient in place (fresh: saved for backward)
+        log_prob = torch.log_softmax(logits, dim=1)
+        picked = log_prob.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
+        per_anchor, g = anchor_loss(picked, valid)
+        loss = per_anchor[has_pos].sum() / n_anchors
+        grad = log_prob.exp_()
+        if n_anchors < shape[0]:
+            grad[~has_pos] = 0.0
+        target = grad.view(-1)
+        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
+        target.scatter_(0, flat.view(-1), torch.where(valid, keep + g, keep).view(-1))
+        return Terms(loss, grad, scale=logit_scale / n_anchors)
+
+    return matrix_loss(batch.embeddings, batch.ref_embeddings, batch.same_set, "cosine_similarity", terms)

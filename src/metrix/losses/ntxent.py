@@ -18,6 +18,7 @@ from torch import nn
 from metrix._validation import check_positive
 from metrix.distances import cosine_similarity
 from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
+from metrix.losses._matrix import positive_softmax_loss
 
 
 def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, temperature: float = 0.1,
@@ -25,13 +26,26 @@ def ntxent_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, tem
     """Supervised NT-Xent; returns 0 (with a gradient path) if no anchor has a positive."""
     temperature = check_positive(temperature, "temperature")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
+    if pairs is not None:
+        return _mined_ntxent(b, temperature, pairs)
+    return positive_softmax_loss(b, 1.0 / temperature, _mean_of_positives)
+
+
+def _mean_of_positives(picked, valid):
+    """``−1/|P(i)| Σ_p log prob(p)`` per anchor and its derivative ``−1/|P(i)|`` at each positive."""
+    n_pos = valid.sum(dim=1, keepdim=True).clamp_min(1).to(picked.dtype)
+    per_anchor = -torch.where(valid, picked, 0.0).sum(dim=1) / n_pos.squeeze(1)  # self slots hold −inf
+    return per_anchor, (-1.0 / n_pos).expand_as(picked)
+
+
+def _mined_ntxent(b, temperature: float, pairs) -> torch.Tensor:
+    """A miner's selection: positives and the denominator restricted to the pairs it keeps."""
     logits = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings) / temperature
     pos, neg = label_masks(b, logits.dtype, pairs)
-    # denominator over everything but self; a row with nothing else gets a finite dummy (no positive: unused)
+    # denominator over the kept pairs; a row with none gets a finite dummy (no positive: unused)
     denom = torch.logsumexp(mask_logits(logits, pos + neg), dim=1, keepdim=True)
-    log_prob = logits - denom
     n_pos = pos.sum(dim=1)
-    per_anchor = -(log_prob * pos).sum(dim=1) / n_pos.clamp_min(1)
+    per_anchor = -((logits - denom) * pos).sum(dim=1) / n_pos.clamp_min(1)
     return reduce(per_anchor, torch.count_nonzero(n_pos), "mean", b.embeddings, b.ref_embeddings)
 
 
