@@ -144,6 +144,31 @@ def test_mmc_meets_xings_constraint_and_beats_identity():
     assert R.mmc_ratio(mmc.components_, V, labels) > R.mmc_ratio(np.eye(5), V, labels)
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_mmc_ignores_directions_only_dissimilar_pairs_vary_along(diagonal, rotated):
+    """A direction with no spread inside any similar pair but some across dissimilar pairs makes Xing et al.'s
+    objective unbounded (M scaled along it raises Σ_D d alone): the fit warns, leaves it out of the metric and
+    optimises the rest, instead of returning entries of 1e50 and more."""
+    rng = np.random.default_rng(3)
+    n = 120
+    V = rng.normal(size=(n, 4))
+    labels = np.where(np.arange(n) % 2 == 0, 1, -1)
+    V[labels == 1, 3] = 0.0  # feature 3: similar pairs never differ on it, dissimilar pairs do
+    basis = np.linalg.qr(rng.normal(size=(4, 4)))[0] if rotated and not diagonal else np.eye(4)
+    V = V @ basis.T  # rotated: the unbounded direction is basis[:, 3], not a feature axis
+    pairs = np.stack([V, np.zeros_like(V)], axis=1)
+    with pytest.warns(RuntimeWarning, match="1 direction"):
+        mmc = MMC(diagonal=diagonal, random_state=0).fit_pairs(pairs, labels)
+    M = mmc.get_mahalanobis_matrix()
+    assert np.isfinite(M).all() and np.abs(M).max() < 1e3
+    np.testing.assert_allclose(M @ basis[:, 3], 0.0, atol=1e-10)
+    Z = V[labels == 1] @ mmc.components_.T
+    assert (Z * Z).sum() == pytest.approx(1.0, rel=1e-9)  # Xing et al.'s constraint on the rest
+    kept = np.delete(basis, 3, axis=1)  # on the bounded directions it still beats their identity metric
+    assert R.mmc_ratio(mmc.components_, V, labels) > R.mmc_ratio(kept.T, V, labels)
+
+
 def test_nca_matches_scikit_learn():
     from sklearn.datasets import load_iris
     from sklearn.neighbors import NeighborhoodComponentsAnalysis

@@ -68,4 +68,7 @@ def lbfgs(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], L0: np.nd
 
 
 def as_torch(X: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+    """A float64 tensor sharing ``X``'s memory where it can; read-only input (e.g. a memory map) is copied,
+    as torch does not take non-writable arrays."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    return torch.from_numpy(X if X.flags.writeable else X.copy())

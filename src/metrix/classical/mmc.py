@@ -10,7 +10,10 @@ sides scale with ``M``, so this is the scale-free problem
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import scipy.linalg
 import torch
 
 from metrix.classical._base import MahalanobisLearner, initial_components
@@ -96,9 +99,57 @@ class MMC(PairClassifierMixin, MahalanobisLearner):
         scale = np.mean(V * V) * d  # keeps eps relative to the data's squared distances
         problem = _MMCProblem(V, labels, self.diagonal, 1e-12 * max(scale, 1e-300))
         if self.diagonal:
-            L = np.diag(np.sqrt(np.clip(self._minimize(problem, np.ones(d), bounds=[(0.0, None)] * d), 0.0, None)))
+            free = ~_unbounded_features(V, labels)
+            w0 = free.astype(float)
+            bounds = [(0.0, None) if f else (0.0, 0.0) for f in free]
+            L = np.diag(np.sqrt(np.clip(self._minimize(problem, w0, bounds=bounds), 0.0, None)))
         else:
             L0 = initial_components(self.init, points, None, d, self.random_state)
-            L = self._minimize(problem, L0)
+            Q = _bounded_subspace(V, labels)
+            if Q is None:
+                L = self._minimize(problem, L0)
+            else:  # optimise L = L_q Qᵀ: the metric is 0 along the unbounded directions
+                L = self._minimize(_MMCProblem(V @ Q, labels, False, problem.eps), L0 @ Q) @ Q.T
         Z = V[labels == 1] @ L.T
         return L / np.sqrt((Z * Z).sum())  # Σ_S d_M² = 1, Xing et al.'s constraint
+
+
+_UNBOUNDED_WARNING = (
+    "MMC: {n} direction(s) of the features vary across dissimilar pairs but not within any similar pair; "
+    "Xing et al.'s objective grows without bound along them, so the learned metric ignores them "
+    "(more or other similar pairs would constrain them)"
+)
+
+
+def _null_tolerance(gram: np.ndarray) -> float:
+    return max(float(np.abs(gram).max()), 1e-300) * gram.shape[0] * np.finfo(np.float64).eps * 10
+
+
+def _bounded_subspace(V, labels):
+    """An orthonormal basis (D, q) of the directions along which the objective is bounded, or None when
+    that is every direction. Unbounded: no spread within similar pairs (the null space of Σ_S ΔΔᵀ) but some
+    across dissimilar pairs — scaling M along such a direction raises Σ_D d without touching Σ_S d²."""
+    similar, dissimilar = V[labels == 1], V[labels == -1]
+    gram_s = similar.T @ similar
+    values, vectors = np.linalg.eigh(gram_s)
+    null = vectors[:, values <= _null_tolerance(gram_s)]
+    if not null.shape[1]:
+        return None
+    across = dissimilar @ null
+    spread = across.T @ across
+    values, inner = np.linalg.eigh(spread)
+    unbounded = null @ inner[:, values > _null_tolerance(dissimilar.T @ dissimilar)]
+    if not unbounded.shape[1]:
+        return None
+    warnings.warn(_UNBOUNDED_WARNING.format(n=unbounded.shape[1]), RuntimeWarning, stacklevel=4)
+    return scipy.linalg.null_space(unbounded.T)
+
+
+def _unbounded_features(V, labels) -> np.ndarray:
+    """Diagonal case: the features with no spread within similar pairs but some across dissimilar ones."""
+    spread_s = (V[labels == 1] ** 2).sum(axis=0)
+    spread_d = (V[labels == -1] ** 2).sum(axis=0)
+    unbounded = (spread_s <= spread_s.max() * np.finfo(np.float64).eps * 10) & (spread_d > 0)
+    if unbounded.any():
+        warnings.warn(_UNBOUNDED_WARNING.format(n=int(unbounded.sum())), RuntimeWarning, stacklevel=4)
+    return unbounded
