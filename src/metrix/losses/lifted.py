@@ -31,17 +31,7 @@ from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matr
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
                                       pos_margin: float = 0.0, neg_margin: float = 1.0,
                                       metric: str = "euclidean", pairs=None) -> torch.Tensor:
-    """Lifted structure losses.
-
-Original (Oh Song, Xiang, Jegelka & Savarese, "Deep Metric Learning via Lifted Structured Feature
-Embedding", CVPR 2016), for every ordered positive pair (i, j):
-
-    J_ij = log( Σ_{k∈N_i} e^{m − d_ik} + Σ_{l∈N_j} e^{m − d_jl} ) + d_ij,    L = mean_{(i,j)} [J_ij]_+² / 2
-
-computed densely from one masked log-sum-exp per row (``log(S_i + S_j) = logaddexp(lse_i, lse_j)``).
-Same values as pytorch-metric-learning's ``LiftedStructureLoss`` (``pos_margin=0``).
-
-Generalized lifted structure loss, mean over anchors."""
+    """Generalized lifted structure loss, mean over anchors."""
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
 
