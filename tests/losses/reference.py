@@ -228,15 +228,17 @@ def normalized_softmax(emb, labels, weight, temperature=0.05):
     return torch.stack(losses).mean()
 
 
-def lifted_structure(emb, labels, neg_margin=1.0):
+def lifted_structure(emb, labels, neg_margin=1.0, selected=None):
     n = len(labels)
+    keep = selected or (lambda i, j, is_pos: True)
     terms = []
     for i in range(n):
         for j in range(n):
-            if i == j or labels[i] != labels[j]:
+            if i == j or labels[i] != labels[j] or not keep(i, j, True):
                 continue
             s = sum((torch.exp(neg_margin - dist(emb[a], emb[k], "euclidean"))
-                     for a in (i, j) for k in range(n) if labels[k] != labels[a]), torch.zeros((), dtype=torch.float64))
+                     for a in (i, j) for k in range(n) if labels[k] != labels[a] and keep(a, k, False)),
+                    torch.zeros((), dtype=torch.float64))
             if float(s.detach()) == 0:
                 terms.append(torch.zeros((), dtype=torch.float64))
                 continue

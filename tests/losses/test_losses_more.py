@@ -19,6 +19,42 @@ def test_lifted_structure_reference_and_pml(seed, n, c):
 
 
 @pytest.mark.parametrize("seed,n,c", CASES)
+def test_lifted_structure_with_mined_pairs(seed, n, c):
+    """A miner's selection: only the kept positive pairs, each anchor's kept negatives in its sum."""
+    from tests.losses.test_losses_reference import _mined
+
+    emb, lab = make_batch(seed, n, n_classes=c)
+    pairs = _mined(seed, n, n)
+
+    def keep(i, j, is_pos):
+        return bool((pairs.pos if is_pos else pairs.neg)[i, j] > 0)
+
+    _check(lambda e: L.lifted_structure_loss(e, lab, neg_margin=1.2, pairs=pairs),
+           lambda e: ref.lifted_structure(e, lab, neg_margin=1.2, selected=keep), [emb])
+
+
+def test_lifted_structure_without_negatives_sums_nothing():
+    """An anchor with no negatives contributes an empty sum (log 0), not log 1: a one-class batch gives 0, and
+    a pair whose first anchor lost its negatives to a miner keeps only the second's."""
+    emb, _ = make_batch(3, 8, n_classes=2)
+    one_class = emb.clone().requires_grad_()
+    value = L.lifted_structure_loss(one_class, torch.zeros(8, dtype=torch.int64))
+    value.backward()
+    assert float(value) == 0.0 and torch.equal(one_class.grad, torch.zeros_like(emb))
+    lab = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    same = lab[:, None] == lab[None, :]
+    neg = (~same).to(emb.dtype)
+    neg[0] = 0.0  # anchor 0 keeps no negative
+    pairs = L.Pairs((same & ~torch.eye(8, dtype=torch.bool)).to(emb.dtype), neg)
+
+    def keep(i, j, is_pos):
+        return bool((pairs.pos if is_pos else pairs.neg)[i, j] > 0)
+
+    _check(lambda e: L.lifted_structure_loss(e, lab, neg_margin=2.0, pairs=pairs),
+           lambda e: ref.lifted_structure(e, lab, neg_margin=2.0, selected=keep), [emb])
+
+
+@pytest.mark.parametrize("seed,n,c", CASES)
 def test_npair_reference_and_pml(seed, n, c):
     emb, lab = make_batch(seed, n, n_classes=c, normalize=False)
     _check(lambda e: L.npair_loss(e, lab, l2_reg=0.01), lambda e: ref.npair(e, lab, l2_reg=0.01), [emb])

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metrix.distances import pairwise_distance
-from metrix.losses._common import label_masks, mask_logits, prepare_batch, reduce
+from metrix.losses._common import (
+    label_masks, positive_positions, prepare_batch, same_label_mask, scratch, zero_loss,
+)
 from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
 
 
@@ -47,15 +48,48 @@ def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, r
 
 def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=None) -> torch.Tensor:
     """Original lifted structure loss over the positive pairs of the batch (no reference set: the loss
-    needs each positive's own negatives within the batch). 0 when the batch has no positive pair."""
+    needs each positive's own negatives within the batch). 0 when the batch has no positive pair.
+
+    Each row's ``lse_i = log Σ_{k∈N_i} e^{m − d_ik}`` comes from one masked softmax over B×R; the positive
+    pairs are a (B, Pmax) list, so ``J_ij`` and its derivatives are small arrays. ``∂loss/∂d`` is the
+    negatives' softmax scaled per row by the weight its ``lse_i`` carries, with ``[J_ij]_+/|P|`` written at
+    the positives; one autograd Function maps it to the embeddings with GEMMs.
+    """
     b = prepare_batch(embeddings, labels)
-    d = pairwise_distance(b.embeddings, None, "euclidean")
-    pos, neg = label_masks(b, d.dtype, pairs)
-    # per-row log Σ_neg e^{m − d}; an anchor without negatives gets a huge negative (finite) value
-    lse = torch.logsumexp(mask_logits(neg_margin - d, neg), dim=1)
-    j = torch.logaddexp(lse[:, None], lse[None, :]) + d
-    losses = torch.relu(j) ** 2 / 2 * pos
-    return reduce(losses, torch.count_nonzero(pos), "mean", b.embeddings)
+    dtype = compute_dtype(b.embeddings)
+    n = b.labels.shape[0]
+    if pairs is None:
+        flat, valid = positive_positions(b.labels, b.labels, True)
+        neg = same_label_mask(b.labels, b.labels, dtype, out=scratch("neg", (n, n), dtype, b.embeddings.device),
+                              equal=False)
+    else:
+        pos, neg = label_masks(b, dtype, pairs, reuse=True)
+        width = max(int(pos.sum(dim=1).max()), 1)
+        chosen, cols = torch.topk(pos, width, dim=1)  # each anchor's kept positives first
+        flat, valid = torch.arange(n, device=pos.device)[:, None] * n + cols, chosen > 0
+    n_pairs = int(valid.sum())
+    if not n_pairs:
+        return zero_loss(b.embeddings)
+
+    def terms(d):
+        # the gradient outlives this call (saved for backward): the softmax goes into a fresh buffer
+        lse, prob = masked_row_softmax(torch.rsub(d, neg_margin), neg)
+        lse = lse.masked_fill(neg.amax(dim=1) == 0, -torch.inf)  # no negatives: an empty sum, log 0
+        lse_j = lse[flat % n]
+        joint = torch.logaddexp(lse[:, None], lse_j)
+        slack = torch.where(valid, joint + d.view(-1)[flat], -torch.inf).clamp_min_(0)  # [J_ij]_+
+        loss = (slack * slack).sum() / (2 * n_pairs)
+        upstream = slack / n_pairs  # ∂loss/∂J_ij
+        share = torch.sigmoid(lse[:, None] - lse_j).nan_to_num_(nan=0.5)  # ∂ logaddexp / ∂lse_i
+        weight = (upstream * share).sum(dim=1)  # what lse_i carries, as the first of a pair ...
+        weight.scatter_add_(0, (flat % n).view(-1), (upstream * (1.0 - share)).view(-1))  # ... and the second
+        grad = prob.mul_(-weight[:, None])  # ∂lse_i/∂d_ik = −softmax_ik over i's negatives
+        target = grad.view(-1)
+        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
+        target.scatter_(0, flat.view(-1), torch.where(valid, upstream, keep).view(-1))
+        return Terms(loss, grad)
+
+    return matrix_loss(b.embeddings, None, True, "euclidean", terms)
 
 
 class LiftedStructureLoss(nn.Module):
