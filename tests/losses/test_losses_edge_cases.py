@@ -150,18 +150,51 @@ def _dense_triplet(d, pos, neg, margin, triplets):
     n_classes=st.integers(1, 5),
     margin=st.sampled_from([0.0, 1.0, 2.0, 0.5]),
     triplets=st.sampled_from(["all", "hard", "semihard", "easy"]),
+    loop_max=st.sampled_from([32, -1]),
 )
-def test_sorted_triplet_sum_equals_dense_definition_with_ties(seed, n, n_classes, margin, triplets):
-    # integer coordinates and squared distances make exact ties between d_an, d_ap and d_ap + m common
+def test_triplet_sum_equals_dense_definition_with_ties(seed, n, n_classes, margin, triplets, loop_max):
+    # integer coordinates and squared distances make exact ties between d_an, d_ap and d_ap + m common;
+    # both forms: one pass per positive slot (loop_max 32) and the sorted prefix sums (-1)
+    import metrix.losses.triplet as triplet_module
+
     g = torch.Generator().manual_seed(seed)
     emb = torch.randint(-2, 3, (n, 2), generator=g).double()
     lab = torch.randint(0, n_classes, (n,), generator=g)
-    ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean")
+    saved, triplet_module._LOOP_MAX_POSITIVES = triplet_module._LOOP_MAX_POSITIVES, loop_max
+    try:
+        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean")
+    finally:
+        triplet_module._LOOP_MAX_POSITIVES = saved
     d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
     same = lab[:, None] == lab[None]
     pos = same & ~torch.eye(n, dtype=torch.bool)
     expected = _dense_triplet(d, pos, ~same, margin, triplets)
     assert float(ours) == pytest.approx(float(expected), abs=1e-9)
+
+
+@pytest.mark.parametrize("margin", [0.0, -1.0])
+@pytest.mark.parametrize("triplets", ["all", "hard", "semihard"])
+@pytest.mark.parametrize("loop_max", [32, -1])
+def test_triplet_windows_with_zero_or_negative_margin_and_ties(margin, triplets, loop_max, monkeypatch):
+    """With m ≤ 0 the semi-hard window d_ap < d_an < d_ap + m is empty and ties d_an = d_ap are common on
+    integer points: the per-positive form must count nothing there (not −1 per tie)."""
+    import metrix.losses.triplet as triplet_module
+
+    monkeypatch.setattr(triplet_module, "_LOOP_MAX_POSITIVES", loop_max)
+    lab = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2])
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        emb = torch.randint(-1, 2, (12, 2), generator=g).double().requires_grad_()
+        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean",
+                                     reduction="sum")
+        d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
+        same = lab[:, None] == lab[None]
+        gap = d[:, None, :] - d[:, :, None]  # d_an − d_ap
+        sel = (same & ~torch.eye(12, dtype=torch.bool))[:, :, None] & ~same[:, None, :]
+        sel = sel & {"all": gap == gap, "hard": gap <= 0, "semihard": (gap > 0) & (gap <= margin)}[triplets]
+        expected = (torch.relu(-gap + margin) * sel).sum()
+        assert float(ours) == pytest.approx(float(expected), abs=1e-9)
+        torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], torch.autograd.grad(expected, emb)[0])
 
 
 @settings(max_examples=30, deadline=None)

@@ -75,8 +75,9 @@ def _mined(seed, n, r):
 
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("use_ref", [False, True])
-@pytest.mark.parametrize("name", ["contrastive", "batch_hard", "circle", "generalized_lifted"])
-def test_matrix_losses_with_mined_pairs(seed, n, c, use_ref, name):
+@pytest.mark.parametrize("name", ["contrastive", "batch_hard", "circle", "generalized_lifted", "triplet_all",
+                                  "triplet_semihard"])
+def test_matrix_losses_with_mined_pairs(seed, n, c, use_ref, name, triplet_path):
     """Losses computed through the hand-written matrix gradient, restricted to a miner's pairs."""
     emb, lab = make_batch(seed, n, n_classes=c)
     r, rl = make_batch(seed + 100, n + 3, n_classes=c) if use_ref else (None, None)
@@ -88,12 +89,17 @@ def test_matrix_losses_with_mined_pairs(seed, n, c, use_ref, name):
     ours = {
         "contrastive": lambda e, rr: L.contrastive_loss(e, lab, rr, rl, pos_margin=0.1, neg_margin=1.2, pairs=pairs),
         "batch_hard": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.3, triplets="batch_hard", pairs=pairs),
+        "triplet_all": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.3, pairs=pairs),
+        "triplet_semihard": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.3, triplets="semihard",
+                                                                pairs=pairs),
         "circle": lambda e, rr: L.circle_loss(e, lab, rr, rl, m=0.25, gamma=16.0, pairs=pairs),
         "generalized_lifted": lambda e, rr: L.generalized_lifted_structure_loss(e, lab, rr, rl, neg_margin=1.5, pairs=pairs),
     }[name]
     masked = {  # the references take the selection as masks over (i, j)
         "contrastive": lambda e, rr: ref.contrastive(e, lab, rr, rl, pos_margin=0.1, neg_margin=1.2, selected=keep),
         "batch_hard": lambda e, rr: ref.triplet(e, lab, rr, rl, margin=0.3, triplets="batch_hard", selected=keep),
+        "triplet_all": lambda e, rr: ref.triplet(e, lab, rr, rl, margin=0.3, selected=keep),
+        "triplet_semihard": lambda e, rr: ref.triplet(e, lab, rr, rl, margin=0.3, triplets="semihard", selected=keep),
         "circle": lambda e, rr: ref.circle(e, lab, rr, rl, m=0.25, gamma=16.0, selected=keep),
         "generalized_lifted": lambda e, rr: ref.generalized_lifted(e, lab, rr, rl, neg_margin=1.5, selected=keep),
     }[name]
@@ -103,11 +109,20 @@ def test_matrix_losses_with_mined_pairs(seed, n, c, use_ref, name):
         _check(lambda e: ours(e, None), lambda e: masked(e, None), [emb])
 
 
+@pytest.fixture(params=["per_positive", "sorted"])
+def triplet_path(request, monkeypatch):
+    """Run a triplet test through both forms: one pass per positive slot, and the sorted prefix sums."""
+    import metrix.losses.triplet as triplet_module
+
+    monkeypatch.setattr(triplet_module, "_LOOP_MAX_POSITIVES", 32 if request.param == "per_positive" else -1)
+    return request.param
+
+
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("triplets", ["all", "hard", "semihard", "easy", "batch_hard"])
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
 @pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine_similarity"])
-def test_triplet(seed, n, c, triplets, reduction, metric):
+def test_triplet(seed, n, c, triplets, reduction, metric, triplet_path):
     emb, lab = make_batch(seed, n, n_classes=c)
     kw = dict(margin=0.3, triplets=triplets, metric=metric, reduction=reduction)
     _check(lambda e: L.triplet_margin_loss(e, lab, **kw), lambda e: ref.triplet(e, lab, **kw), [emb])
@@ -115,7 +130,7 @@ def test_triplet(seed, n, c, triplets, reduction, metric):
 
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("triplets", ["all", "semihard", "hard", "batch_hard"])
-def test_triplet_with_reference_set(seed, n, c, triplets):
+def test_triplet_with_reference_set(seed, n, c, triplets, triplet_path):
     emb, lab = make_batch(seed, n, n_classes=c)
     r, rl = make_batch(seed + 50, n + 5, n_classes=c)
     kw = dict(margin=0.2, triplets=triplets)

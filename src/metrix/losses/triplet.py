@@ -17,6 +17,12 @@ With ``a_p = d(a, p) + m`` and the anchor's negative distances sorted,
 ``Σ_n [a_p − d_n]_+ = cnt_p · a_p − (sum of the cnt_p smallest d_n)``, where ``cnt_p`` comes from
 ``searchsorted`` and the sum from a prefix sum. Time O(B·R log R), memory O(B·R), exact, and
 autograd-differentiable (gradients flow through ``sort`` and ``cumsum``).
+
+When every anchor has few positives (P×K batches: K − 1), sorting B×R costs more than one pass per positive
+slot: for slot k, the negatives inside the selection window of ``(d_ap, a_p)`` are one comparison over B×R,
+their count and distance sum two row reductions, and ``∂loss/∂d`` (the number of positives each negative
+is active for, and of negatives each positive is) is accumulated on the way, so one autograd Function maps
+it to the embeddings with GEMMs. Same values, with the window bounds chosen so ties fall as in the sorted form.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from torch import nn
 
 from metrix._validation import check_choice
 from metrix.distances import dissimilarity, is_similarity
-from metrix.losses._common import REDUCTIONS, forward_masks, label_masks, prepare_batch, scratch, zero_loss
+from metrix.losses._common import (
+    REDUCTIONS, forward_masks, label_masks, positive_positions, prepare_batch, same_label_mask, scratch, zero_loss,
+)
 from metrix.losses._matrix import SparseGrad, Terms, compute_dtype, inverse_count, matrix_loss, row_argmax
 
 TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
@@ -125,6 +133,80 @@ def _sorted_sum(d, pos, neg, margin, triplets, reduction, graph):
     return total / count
 
 
+_LOOP_MAX_POSITIVES = 32  # above this many positives per anchor, sorting each row's negatives once is cheaper
+
+
+def _window_thresholds(v, a, triplets):
+    """Per positive ``(d_ap = v, a_p = v + m)``, the selection as comparisons of ``d_an``:
+    ``lo < d_an <= hi`` with ``lo`` = None for no lower bound (strict bounds turned into ``<=`` by
+    ``nextafter``, so ties fall exactly as in the sorted form)."""
+    below_a = torch.nextafter(a, torch.full_like(a, -torch.inf))  # d < a_p  ⟺  d ≤ below_a
+    if triplets == "all":
+        return None, below_a
+    if triplets == "hard":  # d ≤ d_ap and d < a_p
+        return None, torch.minimum(v, below_a)
+    return torch.minimum(v, below_a), below_a  # semihard: d_ap < d < a_p (empty when a_p ≤ d_ap)
+
+
+def _per_positive(b, flat, valid, not_negative, margin, triplets, reduction, metric):
+    """Triplet sum with one B×R pass per positive slot and a hand-written gradient (see module docstring).
+
+    ``not_negative``: float (B, R), 1 where a reference is not a negative of the anchor (it may be scratch)."""
+    sign = -1.0 if is_similarity(metric) else 1.0  # d = sign · matrix
+    dtype = compute_dtype(b.embeddings)
+    shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
+    big = torch.finfo(dtype).max
+    n_slots = flat.shape[1]
+
+    def terms(mat):
+        # d on the negatives, +huge elsewhere: no window holds a non-negative
+        masked = torch.mul(not_negative, big, out=scratch("work", shape, dtype, device)).add_(mat, alpha=sign)
+        v = torch.where(valid, sign * mat.view(-1)[flat], torch.full_like(flat, -big, dtype=dtype))
+        a = v + margin  # an invalid slot's window lies below every distance
+        lo, hi = _window_thresholds(v, a, triplets)
+        in_window = scratch("window", shape, dtype, device)
+        spare = scratch("below", shape, dtype, device) if lo is not None or reduction == "mean" else None
+        # ∂(Σ loss)/∂d_an = −(active positives of n); accumulated here, positives written at the end
+        grad = torch.zeros(shape, dtype=dtype, device=device)
+        total = mat.new_zeros(())
+        counts = torch.empty((shape[0], n_slots), dtype=dtype, device=device)
+        selected = mat.new_zeros(())
+        for k in range(n_slots):
+            torch.le(masked, hi[:, k, None], out=in_window)
+            if lo is not None:
+                in_window.sub_(torch.le(masked, lo[:, k, None], out=spare))
+            count = in_window.sum(dim=1)
+            total = total + (count * a[:, k] - torch.linalg.vecdot(in_window, masked, dim=1)).sum()
+            counts[:, k] = count
+            grad.add_(in_window)
+            if reduction == "mean" and triplets != "all":
+                selected = selected + _selected_count(masked, v[:, k, None], a[:, k, None], triplets, spare)
+        if reduction == "mean_nonzero":
+            n_terms = counts.sum()
+        elif reduction == "mean":
+            n_neg = shape[1] - not_negative.sum(dim=1)
+            n_terms = (valid.sum(dim=1) * n_neg).sum() if triplets == "all" else selected
+        else:
+            n_terms = 1
+        scale = inverse_count(n_terms)
+        target = grad.view(-1)
+        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
+        target.scatter_(0, flat.view(-1), torch.where(valid, -counts, keep).view(-1))
+        # ∂loss/∂M = sign · scale · (count at positives − count at negatives)
+        return Terms(total * scale, grad, scale=-sign * scale)
+
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
+
+
+def _selected_count(masked, v, a, triplets, buffer):
+    """For ``reduction="mean"``: triplets the selection holds, zero-loss ones included (as the sorted form)."""
+    at_most_v = torch.le(masked, v, out=buffer).sum(dim=1)
+    if triplets == "hard":  # d_an ≤ d_ap
+        return at_most_v.sum()
+    # semihard: d_ap < d_an ≤ a_p
+    return (torch.le(masked, a, out=buffer).sum(dim=1) - at_most_v).clamp_min(0).sum()
+
+
 def triplet_margin_loss(
     embeddings,
     labels,
@@ -148,6 +230,20 @@ def triplet_margin_loss(
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     if triplets == "batch_hard":
         return _batch_hard(b, float(margin), reduction, metric, pairs)
+    if triplets != "easy":  # easy triplets have zero loss by definition: the sorted form counts them
+        dtype = compute_dtype(b.embeddings)
+        shape = (b.labels.shape[0], b.ref_labels.shape[0])
+        if pairs is None:
+            flat, valid = positive_positions(b.labels, b.ref_labels, b.same_set)
+            not_negative = same_label_mask(b.labels, b.ref_labels, dtype,
+                                           out=scratch("neg", shape, dtype, b.embeddings.device))
+        else:
+            pos, neg = label_masks(b, dtype, pairs, reuse=True)
+            chosen, cols = torch.topk(pos, max(int(pos.sum(dim=1).max()), 1), dim=1)
+            flat = torch.arange(shape[0], device=pos.device)[:, None] * shape[1] + cols
+            valid, not_negative = chosen > 0, neg.sub_(1.0).neg_()
+        if flat.shape[1] <= _LOOP_MAX_POSITIVES:
+            return _per_positive(b, flat, valid, not_negative, float(margin), triplets, reduction, metric)
     d = dissimilarity(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, pairs=pairs)
     graph = (b.embeddings, b.ref_embeddings)
