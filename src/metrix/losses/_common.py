@@ -187,6 +187,27 @@ def positive_positions(labels: torch.Tensor, ref_labels: torch.Tensor, same_set:
     return rows * n_cols + cols, valid
 
 
+def mask_positions(pos: torch.Tensor):
+    """:func:`positive_positions`' ``(flat, valid)`` layout for an arbitrary 0/1 (B, R) mask of positives (a
+    miner's selection): ``topk`` puts each row's positives first; padding slots are distinct columns the
+    mask leaves out."""
+    width = max(int(pos.sum(dim=1).max()), 1) if pos.numel() else 1
+    chosen, cols = torch.topk(pos, width, dim=1)
+    return torch.arange(pos.shape[0], device=pos.device)[:, None] * pos.shape[1] + cols, chosen > 0
+
+
+def gather_positions(t: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The entries of a contiguous (B, R) tensor at the flat positions ``flat`` (any shape)."""
+    return t.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
+
+
+def write_positions(t: torch.Tensor, flat: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
+    """``t`` at the valid slots of ``flat`` set to ``values``, in place. Padding slots write back what they
+    hold (their positions are distinct and not positives: see :func:`positive_positions`)."""
+    keep = gather_positions(t, flat)
+    t.view(-1).scatter_(0, flat.view(-1), torch.where(valid, values, keep).view(-1))
+
+
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """An exact 0 connected to the graph of ``tensors`` (gradient 0, backward() works)."""
     out = None

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from metrix.distances import METRICS, euclidean_backward, euclidean_matrix
-from metrix.losses._common import EXP_FLOOR, positive_positions, scratch, zero_loss
+from metrix.losses._common import (
+    EXP_FLOOR, gather_positions, positive_positions, scratch, write_positions, zero_loss,
+)
 
 
 class SparseGrad(NamedTuple):
@@ -227,15 +229,13 @@ def positive_softmax_loss(batch, logit_scale: float, anchor_loss) -> torch.Tenso
             logits.fill_diagonal_(-torch.inf)
         # log-probabilities in one fused kernel; they become the gradient in place (fresh: saved for backward)
         log_prob = torch.log_softmax(logits, dim=1)
-        picked = log_prob.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
+        picked = gather_positions(log_prob, flat)
         per_anchor, g = anchor_loss(picked, valid)
         loss = per_anchor[has_pos].sum() / n_anchors
         grad = log_prob.exp_()
         if n_anchors < shape[0]:
             grad[~has_pos] = 0.0
-        target = grad.view(-1)
-        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
-        target.scatter_(0, flat.view(-1), torch.where(valid, keep + g, keep).view(-1))
+        write_positions(grad, flat, valid, picked.exp() + g)  # the softmax there, plus g
         return Terms(loss, grad, scale=logit_scale / n_anchors)
 
     return matrix_loss(batch.embeddings, batch.ref_embeddings, batch.same_set, "cosine_similarity", terms)

@@ -16,7 +16,9 @@ from torch import nn
 
 from metrix._validation import check_choice
 from metrix.distances import is_similarity
-from metrix.losses._common import REDUCTIONS, label_masks, positive_positions, prepare_batch, scratch
+from metrix.losses._common import (
+    REDUCTIONS, gather_positions, label_masks, positive_positions, prepare_batch, scratch, write_positions,
+)
 from metrix.losses._matrix import Terms, compute_dtype, inverse_count, matrix_loss
 
 
@@ -116,7 +118,7 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
     def terms(mat):
         count_all, sum_all, grad, factor = negatives(mat)
         mask = valid.to(dtype)
-        m_pos = mat.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
+        m_pos = gather_positions(mat, flat)
         if on_squared_distances:
             m_pos = m_pos.sqrt_()
         as_neg = _hinge(m_pos, margin, sign)  # what the first pass counted
@@ -139,9 +141,7 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
         if on_squared_distances:
             slope.div_(m_pos).nan_to_num_(nan=0.0, posinf=0.0)
         slope.mul_(sign * scale_pos / factor * (0.5 if on_squared_distances else 1.0))
-        target = grad.view(-1)
-        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
-        target.scatter_(0, flat.view(-1), torch.where(valid, slope, keep).view(-1))
+        write_positions(grad, flat, valid, slope)
         return Terms(loss, grad, symmetric=True, scale=factor)
 
     return terms

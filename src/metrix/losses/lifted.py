@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from metrix.losses._common import (
-    label_masks, positive_positions, prepare_batch, same_label_mask, scratch, zero_loss,
+    gather_positions, label_masks, mask_positions, positive_positions, prepare_batch, same_label_mask, scratch,
+    write_positions, zero_loss,
 )
 from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
 
@@ -64,9 +65,7 @@ def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=
                               equal=False)
     else:
         pos, neg = label_masks(b, dtype, pairs, reuse=True)
-        width = max(int(pos.sum(dim=1).max()), 1)
-        chosen, cols = torch.topk(pos, width, dim=1)  # each anchor's kept positives first
-        flat, valid = torch.arange(n, device=pos.device)[:, None] * n + cols, chosen > 0
+        flat, valid = mask_positions(pos)
     n_pairs = int(valid.sum())
     if not n_pairs:
         return zero_loss(b.embeddings)
@@ -77,16 +76,14 @@ def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=
         lse = lse.masked_fill(neg.amax(dim=1) == 0, -torch.inf)  # no negatives: an empty sum, log 0
         lse_j = lse[flat % n]
         joint = torch.logaddexp(lse[:, None], lse_j)
-        slack = torch.where(valid, joint + d.view(-1)[flat], -torch.inf).clamp_min_(0)  # [J_ij]_+
+        slack = torch.where(valid, joint + gather_positions(d, flat), -torch.inf).clamp_min_(0)  # [J_ij]_+
         loss = (slack * slack).sum() / (2 * n_pairs)
         upstream = slack / n_pairs  # ∂loss/∂J_ij
         share = torch.sigmoid(lse[:, None] - lse_j).nan_to_num_(nan=0.5)  # ∂ logaddexp / ∂lse_i
         weight = (upstream * share).sum(dim=1)  # what lse_i carries, as the first of a pair ...
         weight.scatter_add_(0, (flat % n).view(-1), (upstream * (1.0 - share)).view(-1))  # ... and the second
         grad = prob.mul_(-weight[:, None])  # ∂lse_i/∂d_ik = −softmax_ik over i's negatives
-        target = grad.view(-1)
-        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
-        target.scatter_(0, flat.view(-1), torch.where(valid, upstream, keep).view(-1))
+        write_positions(grad, flat, valid, upstream)
         return Terms(loss, grad)
 
     return matrix_loss(b.embeddings, None, True, "euclidean", terms)

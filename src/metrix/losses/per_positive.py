@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix._validation import check_positive
-from metrix.losses._common import label_masks, prepare_batch, reduce, zero_loss
+from metrix.losses._common import gather_positions, label_masks, mask_positions, prepare_batch, reduce, zero_loss
 
 _CHUNK_ELEMENTS = 2**24
-
-
-def _pack(pos: torch.Tensor):
-    """Each anchor's positives first: (B, Pmax) column indices and a 0/1 validity mask."""
-    p_max = max(int(pos.sum(dim=1).max()), 1)
-    valid, idx = torch.topk(pos, p_max, dim=1, sorted=False)
-    return idx, valid
 
 
 def _chunks(n_anchors: int, p_max: int, n_ref: int):
@@ -66,10 +59,10 @@ def angular_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, al
     e_ar = torch.exp(c * (s_ar - 1.0))
     e_rr = e_ar if b.same_set else torch.exp(c * (r @ r.T - 1.0))  # positive · reference (positives are references)
     pos, neg = label_masks(b, dtype, pairs)
-    idx, valid = _pack(pos)
+    flat, valid = mask_positions(pos)
     # Σ_{n ∈ neg(a)} e^{c(x_a·x_n − 1)} e^{c(x_p·x_n − 1)} for every (a, p), then each anchor's positives
-    neg_sums = ((e_ar * neg) @ e_rr.T).gather(1, idx)
-    terms = torch.log1p(torch.exp(2.0 * c - beta * s_ar.gather(1, idx)) * neg_sums)
+    neg_sums = gather_positions((e_ar * neg) @ e_rr.T, flat)
+    terms = torch.log1p(torch.exp(2.0 * c - beta * gather_positions(s_ar, flat)) * neg_sums)
     count = int(torch.count_nonzero(valid))
     if not count:
         return zero_loss(b.embeddings, b.ref_embeddings)
@@ -98,10 +91,10 @@ def smooth_ap_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, 
     pos, neg = label_masks(b, s.dtype, pairs)
     # per anchor, the references to count above each positive: Ω (all but the anchor) and its positives
     masks = torch.stack([pos + neg, pos], dim=2)  # (B, R, 2)
-    idx, valid = _pack(pos)
+    flat, valid = mask_positions(pos)
     ap_sum = s.new_zeros(s.shape[0])
-    for rows in _chunks(x.shape[0], idx.shape[1], r.shape[0]):
-        s_i = s[rows].gather(1, idx[rows])  # (c, Pmax) scaled similarity of each positive i
+    for rows in _chunks(x.shape[0], flat.shape[1], r.shape[0]):
+        s_i = gather_positions(s, flat[rows])  # (c, Pmax) scaled similarity of each positive i
         above = torch.sigmoid(s[rows][:, None, :] - s_i[:, :, None])  # (c, Pmax, R): σ((s_j − s_i)/τ)
         # both rank sums in one batched product; j = i is in both masks and adds σ(0) = ½ (with zero
         # gradient, as s_i − s_i is constant), so it is taken back as a number instead of masked out

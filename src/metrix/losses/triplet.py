@@ -34,7 +34,8 @@ from torch import nn
 from metrix._validation import check_choice
 from metrix.distances import dissimilarity, is_similarity
 from metrix.losses._common import (
-    REDUCTIONS, forward_masks, label_masks, positive_positions, prepare_batch, same_label_mask, scratch, zero_loss,
+    REDUCTIONS, forward_masks, gather_positions, label_masks, mask_positions, positive_positions, prepare_batch,
+    same_label_mask, scratch, write_positions, zero_loss,
 )
 from metrix.losses._matrix import SparseGrad, Terms, compute_dtype, inverse_count, matrix_loss, row_argmax
 
@@ -78,25 +79,16 @@ def _batch_hard(b, margin, reduction, metric, pairs):
     return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
-def _pack_positives(d, pos):
-    """The positives of each anchor as a dense (B, Pmax) block: distances and a 0/1 validity mask.
-
-    ``topk`` over the 0/1 mask puts each row's positives first (Pmax = the most positives any anchor
-    has, K−1 for P×K batches), so everything after this works on B×Pmax instead of B×R.
-    """
-    p_max = int(pos.sum(dim=1).max())
-    valid, idx = torch.topk(pos, max(p_max, 1), dim=1, sorted=False)
-    return d.gather(1, idx), valid
-
-
-def _sorted_sum(d, pos, neg, margin, triplets, reduction, graph):
+def _sorted_sum(d, flat, valid, neg, margin, triplets, reduction, graph):
+    """The sorted form (see module docstring); ``(flat, valid)``: each anchor's positives, as from
+    :func:`~metrix.losses._common.positive_positions`, so everything after the sort works on B×Pmax."""
     n_neg = neg.sum(dim=1, keepdim=True).to(torch.int64)
     # non-negatives sort to the end as +huge; searches below never pass n_neg because a_p is finite
     sorted_neg, _ = torch.sort(d + (1.0 - neg) * torch.finfo(d.dtype).max, dim=1)
     key = sorted_neg.detach()
     prefix = F.pad(torch.cumsum(sorted_neg, dim=1), (1, 0))  # prefix[k] = sum of the k smallest
 
-    d_pos, valid = _pack_positives(d, pos)
+    d_pos, valid = gather_positions(d, flat), valid.to(d.dtype)
     a = d_pos + margin
     a_key, d_key = a.detach().contiguous(), d_pos.detach().contiguous()
     below_a = torch.searchsorted(key, a_key)  # #{n : d_n < a_p}  -> these have loss > 0
@@ -161,7 +153,7 @@ def _per_positive(b, flat, valid, not_negative, margin, triplets, reduction, met
     def terms(mat):
         # d on the negatives, +huge elsewhere: no window holds a non-negative
         masked = torch.mul(not_negative, big, out=scratch("work", shape, dtype, device)).add_(mat, alpha=sign)
-        v = torch.where(valid, sign * mat.view(-1)[flat], torch.full_like(flat, -big, dtype=dtype))
+        v = torch.where(valid, sign * gather_positions(mat, flat), torch.full_like(flat, -big, dtype=dtype))
         a = v + margin  # an invalid slot's window lies below every distance
         lo, hi = _window_thresholds(v, a, triplets)
         in_window = scratch("window", shape, dtype, device)
@@ -189,9 +181,7 @@ def _per_positive(b, flat, valid, not_negative, margin, triplets, reduction, met
         else:
             n_terms = 1
         scale = inverse_count(n_terms)
-        target = grad.view(-1)
-        keep = target.index_select(0, flat.view(-1)).view(flat.shape)  # padding slots write back what is there
-        target.scatter_(0, flat.view(-1), torch.where(valid, -counts, keep).view(-1))
+        write_positions(grad, flat, valid, -counts)
         # ∂loss/∂M = sign · scale · (count at positives − count at negatives)
         return Terms(total * scale, grad, scale=-sign * scale)
 
@@ -230,6 +220,7 @@ def triplet_margin_loss(
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     if triplets == "batch_hard":
         return _batch_hard(b, float(margin), reduction, metric, pairs)
+    positions = None
     if triplets != "easy":  # easy triplets have zero loss by definition: the sorted form counts them
         dtype = compute_dtype(b.embeddings)
         shape = (b.labels.shape[0], b.ref_labels.shape[0])
@@ -239,15 +230,15 @@ def triplet_margin_loss(
                                            out=scratch("neg", shape, dtype, b.embeddings.device))
         else:
             pos, neg = label_masks(b, dtype, pairs, reuse=True)
-            chosen, cols = torch.topk(pos, max(int(pos.sum(dim=1).max()), 1), dim=1)
-            flat = torch.arange(shape[0], device=pos.device)[:, None] * shape[1] + cols
-            valid, not_negative = chosen > 0, neg.sub_(1.0).neg_()
+            (flat, valid), not_negative = mask_positions(pos), neg.sub_(1.0).neg_()
         if flat.shape[1] <= _LOOP_MAX_POSITIVES:
             return _per_positive(b, flat, valid, not_negative, float(margin), triplets, reduction, metric)
+        positions = flat, valid
     d = dissimilarity(b.embeddings, None if b.same_set else b.ref_embeddings, metric)
     pos, neg = label_masks(b, pairs=pairs)
+    flat, valid = positions or mask_positions(pos)
     graph = (b.embeddings, b.ref_embeddings)
-    return _sorted_sum(d, pos, neg, float(margin), triplets, reduction, graph)
+    return _sorted_sum(d, flat, valid, neg, float(margin), triplets, reduction, graph)
 
 
 class TripletMarginLoss(nn.Module):
