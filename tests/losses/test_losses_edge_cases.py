@@ -422,6 +422,27 @@ def test_positive_positions_lists_every_positive_once_and_pads_off_the_positives
     assert not positive.view(-1)[flat[~valid]].any()
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 20), r=st.integers(1, 20), density=st.floats(0.0, 1.0))
+def test_mask_positions_and_the_write_back_keep_the_positions_contract(seed, n, r, density):
+    """A miner's mask in positive_positions' layout: every kept pair once, padding off the mask and distinct
+    per row; write_positions changes exactly the valid slots."""
+    from metrix.losses._common import gather_positions, mask_positions, write_positions
+
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, r, generator=g) < density).float()
+    flat, valid = mask_positions(mask)
+    assert sorted(flat[valid].tolist()) == mask.view(-1).nonzero().view(-1).tolist()
+    assert (flat // r == torch.arange(n)[:, None]).all()
+    assert all(len(set(row.tolist())) == flat.shape[1] for row in flat)
+    assert not mask.view(-1)[flat[~valid]].any()
+    target = torch.randn(n, r, generator=g)
+    before = target.clone()
+    write_positions(target, flat, valid, torch.full(flat.shape, 7.0))
+    torch.testing.assert_close(gather_positions(target, flat)[valid], torch.full((int(valid.sum()),), 7.0))
+    torch.testing.assert_close(target[mask == 0], before[mask == 0])
+
+
 @pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.5)), ("squared_euclidean", (0.1, 1.5)),
                                             ("cosine_similarity", (0.8, 0.2))])
 @pytest.mark.parametrize("use_ref", [False, True])
