@@ -481,3 +481,61 @@ def test_contrastive_with_coincident_points(metric, margins, use_ref):
     (expected_grad,) = torch.autograd.grad(expected, y)
     assert float(expected) == pytest.approx(float(ours.detach()), rel=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def _separated_batch(normalize: bool):
+    """Three tight classes around orthogonal centres: no negative pair comes near any margin below."""
+    g = torch.Generator().manual_seed(11)
+    lab = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 0, 2])
+    emb = 3.0 * torch.eye(6, dtype=torch.float64)[lab] + 0.1 * torch.randn(10, 6, generator=g, dtype=torch.float64)
+    return (F.normalize(emb, dim=1) if normalize else emb), lab
+
+
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("squared_euclidean", (0.001, 1.5)),
+                                            ("cosine", (0.001, 0.5)), ("cosine_similarity", (0.9999, 0.5)),
+                                            ("dot", (20.0, 1.0))])
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("reduction", ["mean_nonzero", "mean"])
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_contrastive_without_active_negatives_takes_the_positive_list(metric, margins, squared, reduction, use_ref,
+                                                                     monkeypatch):
+    """No negative within its margin: the gradient goes to the backward as the positive list (against
+    itself) or is written into a zero matrix (separate reference). Value and gradient are the reference's,
+    and the list path is the one taken."""
+    from metrix.losses import _matrix
+    from tests.losses import reference as ref
+
+    emb, lab = _separated_batch(normalize=metric != "dot")
+    r, rl = (emb[[0, 1, 2, 4, 5, 7]] + 0.01, lab[[0, 1, 2, 4, 5, 7]]) if use_ref else (None, None)
+    kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric, squared=squared, reduction=reduction)
+    calls = []
+    for name in ("_listed_backward", "_densified"):
+        original = getattr(_matrix, name)
+        monkeypatch.setattr(_matrix, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    inputs = [emb.clone().requires_grad_()] + ([r.clone().requires_grad_()] if use_ref else [])
+    ours = L.contrastive_loss(inputs[0], lab, *(inputs[1:] + [rl] if use_ref else []), **kw)
+    ours.backward()
+    expected_in = [t.detach().clone().requires_grad_() for t in inputs]
+    expected = ref.contrastive(expected_in[0], lab, *(expected_in[1:] + [rl] if use_ref else []), **kw)
+    expected.backward()
+    assert calls == ["_densified" if use_ref else "_listed_backward"]
+    assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert float(ours.detach()) > 0  # the positives are active: the gradient is not trivially zero
+    for got, want in zip(inputs, expected_in):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_matrix_losses_refuse_a_second_derivative():
+    """The hand-written backward has no graph: asking for a second derivative raises instead of being wrong."""
+    emb, lab = _separated_batch(normalize=True)
+    x = emb.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(L.contrastive_loss(x, lab, neg_margin=1.9), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("margins", [(float("nan"), 1.0), (0.0, float("inf"))])
+def test_contrastive_rejects_non_finite_margins(margins):
+    emb, lab = _separated_batch(normalize=True)
+    with pytest.raises(ValueError, match="finite"):
+        L.contrastive_loss(emb, lab, pos_margin=margins[0], neg_margin=margins[1])

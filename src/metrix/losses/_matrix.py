@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from metrix.distances import METRICS, euclidean_backward, euclidean_matrix
 from metrix.losses._common import (
@@ -31,6 +32,17 @@ class SparseGrad(NamedTuple):
     values: torch.Tensor
 
 
+class RowListGrad(NamedTuple):
+    """``∂loss/∂mat`` that is non-zero at a few listed columns of each row: ``values[i, s]`` at
+    ``(i, cols[i, s])``, laid out (B, S) like :func:`~metrix.losses._common.positive_positions` (padding
+    slots hold 0). Its backward is one (B·S, D) gather and a batched (1, S)×(S, D) product per row instead
+    of a B×R GEMM. It must be symmetric over a batch compared with itself (each pair listed in both of its
+    rows); anything else is written into a dense matrix first."""
+
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
 class Terms(NamedTuple):
     """What a loss's ``terms`` function returns: the loss and its gradient with respect to the matrix.
 
@@ -41,7 +53,7 @@ class Terms(NamedTuple):
     """
 
     loss: torch.Tensor
-    grad: torch.Tensor | SparseGrad
+    grad: torch.Tensor | SparseGrad | RowListGrad
     symmetric: bool = False
     scale: float = 1.0
 
@@ -90,6 +102,31 @@ def _sparse_backward(sg: SparseGrad, x, y, kind, same):
     return gx, (None if same else gy)
 
 
+def _densified(lg: RowListGrad, mat) -> torch.Tensor:
+    """A :class:`RowListGrad` written into a zero (B, R) matrix."""
+    dense = torch.zeros_like(mat)
+    return dense.scatter_(1, lg.cols, lg.values.to(mat.dtype))
+
+
+def _listed_product_grad(lg: RowListGrad, mat, metric) -> torch.Tensor:
+    """:func:`_product_grad` at the listed entries only (the ½ of ``∂d/∂d²`` included)."""
+    if metric == "euclidean":
+        d = mat.gather(1, lg.cols)
+        return torch.where(d > 0, lg.values / (2 * d.clamp_min(torch.finfo(d.dtype).tiny)), 0.0)
+    return -lg.values if metric == "cosine" else lg.values
+
+
+def _listed_backward(lg: RowListGrad, x, kind, scale: float) -> torch.Tensor:
+    """``scale ·`` the gradient of ``Σ w ⊙ P`` for a symmetric ``w`` listed per row and ``P = X Xᵀ``-based:
+    ``4(rowsum(w)·x − w·x)`` for ``d²`` and ``2·w·x`` for the inner product."""
+    cols, w = lg.cols, lg.values
+    neighbours = x.index_select(0, cols.reshape(-1)).view(*cols.shape, x.shape[1])
+    wx = torch.bmm(w.unsqueeze(1), neighbours).squeeze(1)  # Σ_s w_is x_{cols[i, s]}
+    if kind == "euclid":
+        return torch.mul(x, w.sum(dim=1, keepdim=True)).sub_(wx).mul_(4.0 * scale)
+    return wx.mul_(2.0 * scale)
+
+
 def _dense_backward(w, x, y, kind, same, symmetric, scale: float):
     """``scale ·`` the gradients of ``Σ w ⊙ P`` for the GEMM output ``P`` (``d²`` or ``x·y``)."""
     if kind == "euclid":
@@ -112,25 +149,34 @@ class _MatrixLoss(torch.autograd.Function):
             yw = xw if same else y.to(work)
             mat = _matrix(xw, yw, same, metric)
             out = terms(mat)
-            if isinstance(out.grad, SparseGrad):
-                grad = _sparse_product_grad(out.grad, mat, metric)
+            grad = out.grad
+            if isinstance(grad, RowListGrad) and not (same and out.symmetric):
+                grad = _densified(grad, mat)
+            if isinstance(grad, SparseGrad):
+                grad = _sparse_product_grad(grad, mat, metric)
                 ctx.save_for_backward(xw, yw, grad.rows, grad.cols, grad.values)
+            elif isinstance(grad, RowListGrad):
+                ctx.save_for_backward(xw, yw, grad.cols, _listed_product_grad(grad, mat, metric))
             else:
-                ctx.save_for_backward(xw, yw, _product_grad(out.grad, mat, metric))
-        ctx.sparse, ctx.metric, ctx.same, ctx.symmetric = isinstance(out.grad, SparseGrad), metric, same, out.symmetric
+                ctx.save_for_backward(xw, yw, _product_grad(grad, mat, metric))
+        ctx.form = type(grad)
+        ctx.metric, ctx.same, ctx.symmetric = metric, same, out.symmetric
         ctx.grad_scale = out.scale
         ctx.dtypes = (in_dtype, None if same else y.dtype)
         return out.loss.detach()
 
     @staticmethod
+    @once_differentiable  # the saved ∂loss/∂M carries no graph: a second derivative would be silently wrong
     def backward(ctx, grad_out):
         xw, yw, *g = ctx.saved_tensors
         kind = _PRODUCT[ctx.metric]
         with torch.autocast(xw.device.type, enabled=False):
-            if ctx.sparse:
+            if ctx.form is SparseGrad:
                 gx, gy = _sparse_backward(SparseGrad(*g), xw, yw, kind, ctx.same)
                 gx.mul_(ctx.grad_scale)
                 gy = None if gy is None else gy.mul_(ctx.grad_scale)
+            elif ctx.form is RowListGrad:
+                gx, gy = _listed_backward(RowListGrad(*g), xw, kind, ctx.grad_scale), None
             else:
                 half = 0.5 if ctx.metric == "euclidean" else 1.0  # the ½ of ∂d/∂d² = 1/(2d)
                 gx, gy = _dense_backward(g[0], xw, yw, kind, ctx.same, ctx.symmetric and ctx.same,
@@ -144,8 +190,9 @@ class _MatrixLoss(torch.autograd.Function):
 def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: Callable[[torch.Tensor], Terms]):
     """``terms(M)[0]`` for ``M`` = the ``metric`` matrix between the batch and the reference set.
 
-    ``terms`` receives ``M`` without a graph (read-only: the backward needs it) and must return the loss with
-    ``∂loss/∂M`` (:class:`Terms`). Cosine metrics normalise the rows first, under autograd (B×D work).
+    ``terms`` receives ``M`` without a graph and must return the loss with ``∂loss/∂M`` (:class:`Terms`).
+    It may use ``M`` as scratch space except with ``metric="euclidean"``, whose backward divides by ``M``.
+    Cosine metrics normalise the rows first, under autograd (B×D work).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")

@@ -9,6 +9,7 @@ The original paper squares the hinges and weighs each side by ½; ``squared=True
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -19,7 +20,7 @@ from metrix.distances import is_similarity
 from metrix.losses._common import (
     REDUCTIONS, gather_positions, label_masks, positive_positions, prepare_batch, scratch, write_positions,
 )
-from metrix.losses._matrix import Terms, compute_dtype, inverse_count, matrix_loss
+from metrix.losses._matrix import RowListGrad, Terms, compute_dtype, inverse_count, matrix_loss
 
 
 def contrastive_loss(
@@ -40,6 +41,9 @@ def contrastive_loss(
     Returns 0 (with a gradient path) when the batch has no pair with non-zero loss.
     """
     check_choice(reduction, "reduction", REDUCTIONS)
+    for name, margin in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
+        if not math.isfinite(margin):
+            raise ValueError(f"{name} must be finite, got {margin}")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     hinge = _Hinges(pos_margin, neg_margin, -1.0 if is_similarity(metric) else 1.0, squared, reduction)
     if pairs is not None:
@@ -48,7 +52,8 @@ def contrastive_loss(
         # works on d² and takes 1/d with one rsqrt: no sqrt of the whole matrix, no division by d
         terms, metric = _all_pairs_terms(b, hinge, on_squared_distances=True), "squared_euclidean"
     else:
-        terms = _all_pairs_terms(b, hinge, on_squared_distances=False)
+        # the backward of the Euclidean distance divides by the matrix: it must come back as it was
+        terms = _all_pairs_terms(b, hinge, on_squared_distances=False, restore=metric == "euclidean")
     return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
 
 
@@ -71,77 +76,95 @@ class _Hinges(NamedTuple):
         return inverse_count(count_pos), inverse_count(count_neg)
 
 
-def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool):
-    """Every pair is first taken as a negative — a threshold, a count and a sum over B×R, no label mask —
-    then the positive pairs, a short list from the sorted labels, have their negative term taken back and
-    their positive term added. ``∂loss/∂M`` is the "active negative" mask (over ``d`` when the matrix holds
-    ``d²``, or the hinge itself when squared) with the positives written over it, times one number that is
-    applied to the (B, D) result.
+def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool, restore: bool = False):
+    """The negative pairs are every entry of the B×R matrix once the positive pairs (a short list from the
+    sorted labels) and the self pairs are overwritten with a value that is never an active negative (the
+    largest float on the far side of the margin). One reduction then tells whether any negative is active;
+    only if one is do a threshold, a count and a sum run over B×R, with no label mask. ``∂loss/∂M`` is the
+    "active negative" mask (``1/d`` where the matrix holds ``d²``, or the hinge itself when squared) with
+    the positives written over it, times one number applied to the (B, D) result. When no negative is
+    active, ``∂loss/∂M`` lives on the positive list alone and goes to the backward as that list, so the
+    backward's B×R GEMM is skipped too.
 
     ``on_squared_distances``: the matrix holds ``d²`` of the Euclidean loss (non-squared hinge only).
+    ``restore``: put the overwritten entries back (for a backward that reads the matrix).
     """
     sign, squared, margin = hinge.sign, hinge.squared, hinge.neg_margin
     dtype = compute_dtype(b.embeddings)
     shape, device = (b.labels.shape[0], b.ref_labels.shape[0]), b.embeddings.device
     flat, valid = positive_positions(b.labels, b.ref_labels, b.same_set)
+    # finite, so that 0·never_active = 0 in the sums below; the margins are finite
+    never_active = torch.finfo(dtype).max * (1.0 if sign > 0 else -1.0)
+    # 1/d is kept above this; never below 1/√never_active, which the overwritten entries hold
+    inverse_bound = max(1.0 / margin, float(torch.finfo(dtype).max) ** -0.5) if margin > 0 else 0.0
+    if on_squared_distances:  # active where d < m_neg, i.e. d² < m_neg²
+        bound = margin * margin if margin > 0 else -1.0
+    else:  # active where σ(m_neg − M) > 0
+        bound = margin
 
-    def negatives(mat):
-        """``(count, Σ value, grad, factor)`` over every pair taken as a negative (self pairs excluded);
-        ``∂loss/∂M = scale_neg · factor · grad`` there."""
+    def negative_grad(mat):
+        """The part of ``∂loss/∂M`` from the negatives, up to one factor: non-zero exactly where a negative
+        is active (``1/d = inf`` at coincident points is fixed later)."""
         # the gradient outlives this call (saved for backward): a fresh buffer, not scratch
         grad = torch.empty(shape, dtype=dtype, device=device)
-        if on_squared_distances:  # active where d < m_neg, i.e. d² < m_neg²; h = m_neg − d
-            torch.lt(mat, margin * margin if margin > 0 else -1.0, out=grad)
-        elif not squared:  # active where σ(m_neg − M) > 0
-            torch.lt(mat, margin, out=grad) if sign > 0 else torch.gt(mat, margin, out=grad)
-        else:  # squared hinge: the gradient is the hinge, kept as −σh = σ(M − m_neg) clamped
-            neg_part = torch.sub(mat, margin, out=grad)
-            neg_part = neg_part.clamp_max_(0) if sign > 0 else neg_part.clamp_min_(0)
-        if b.same_set:
-            grad.fill_diagonal_(0)  # self pairs are neither positive nor negative
+        if on_squared_distances:  # 1/d where it exceeds 1/m_neg, else 0: one rsqrt and one threshold
+            return torch.threshold_(torch.rsqrt(mat, out=grad), inverse_bound, 0.0)
+        if not squared:
+            return torch.lt(mat, bound, out=grad) if sign > 0 else torch.gt(mat, bound, out=grad)
+        # squared hinge: the gradient is the hinge, kept as −σh = σ(M − m_neg) clamped
+        neg_part = torch.sub(mat, margin, out=grad)
+        return neg_part.clamp_max_(0) if sign > 0 else neg_part.clamp_min_(0)
+
+    def negative_sums(grad, mat):
+        """``(count, Σ value, factor)`` of the active negatives; ``∂loss/∂M = scale_neg · factor · grad``."""
         if squared:
             count = torch.ne(grad, 0, out=scratch("work", shape, dtype, device)).sum()
-            return count, 0.5 * torch.linalg.vector_norm(grad) ** 2, grad, 1.0
-        count = grad.sum()  # a float sum of 0/1: exact below 2^24 pairs, within float rounding beyond
-        if on_squared_distances:
-            inverse = torch.rsqrt(mat, out=scratch("work", shape, dtype, device))
-            if b.same_set:
-                inverse.fill_diagonal_(0)
-            grad.mul_(inverse)  # [d < m_neg] / d: ∂d/∂d² = 1/(2d), the ½ goes into the factor
-            total = torch.dot(grad.view(-1), mat.view(-1))  # Σ_active d = Σ (1/d)·d²
-            if not torch.isfinite(total):  # coincident points (d = 0): zero subgradient
-                grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                total = torch.dot(grad.view(-1), mat.view(-1))
-            return count, margin * count - total, grad, -0.5
-        return count, sign * (margin * count - torch.dot(grad.view(-1), mat.view(-1))), grad, -sign
+            return count, 0.5 * torch.linalg.vector_norm(grad) ** 2, 1.0
+        if not on_squared_distances:
+            count = grad.sum()  # a float sum of 0/1: exact below 2^24 pairs, within float rounding beyond
+            return count, sign * (margin * count - torch.dot(grad.view(-1), mat.view(-1))), -sign
+        count = torch.sign(grad, out=scratch("work", shape, dtype, device)).sum()  # 1/d = inf counts too
+        total = torch.dot(grad.view(-1), mat.view(-1))  # Σ_active d = Σ (1/d)·d²
+        if not torch.isfinite(total):  # coincident points (d = 0, 1/d = inf): active, zero subgradient
+            grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            total = torch.dot(grad.view(-1), mat.view(-1))
+        return count, margin * count - total, -0.5
 
     def terms(mat):
-        count_all, sum_all, grad, factor = negatives(mat)
-        mask = valid.to(dtype)
         m_pos = gather_positions(mat, flat)
-        if on_squared_distances:
-            m_pos = m_pos.sqrt_()
-        as_neg = _hinge(m_pos, margin, sign)  # what the first pass counted
-        as_pos = _hinge(m_pos, hinge.pos_margin, -sign)
-        sum_neg = sum_all - _masked_sum(hinge.value(as_neg), mask)
+        diagonal = mat.diagonal().clone() if b.same_set and restore else None
+        write_positions(mat, flat, valid, never_active)
+        if b.same_set:
+            mat.fill_diagonal_(never_active)  # self pairs are neither positive nor negative
+        any_active = bool(mat.amin() < bound) if sign > 0 else bool(mat.amax() > bound)
+        grad = negative_grad(mat) if any_active else None
+        if restore:
+            write_positions(mat, flat, valid, m_pos)
+            if diagonal is not None:
+                mat.diagonal().copy_(diagonal)
+        count_neg_active, sum_neg, factor = negative_sums(grad, mat) if any_active else (0, 0.0, 1.0)
+
+        mask = valid.to(dtype)
+        as_pos = _hinge(m_pos.sqrt() if on_squared_distances else m_pos, hinge.pos_margin, -sign)
         sum_pos = _masked_sum(hinge.value(as_pos), mask)
         nonzero_pos = torch.sign(as_pos).mul_(mask)
         if hinge.reduction == "mean_nonzero":
-            count_pos, count_neg = nonzero_pos.sum(), count_all - _masked_sum(torch.sign(as_neg), mask)
+            count_pos, count_neg = nonzero_pos.sum(), count_neg_active
         else:  # "mean": every pair of each side ("sum" ignores the counts)
             count_pos = int(valid.sum())
             count_neg = shape[0] * shape[1] - count_pos - (shape[0] if b.same_set else 0)
         scale_pos, scale_neg = hinge.scales(count_pos, count_neg)
         loss = scale_pos * sum_pos + scale_neg * sum_neg
 
-        # one number for the whole matrix; scale_neg = 0 only when no negative is active (all entries 0)
-        factor = factor * scale_neg or 1.0
         # on positives ∂loss/∂M = σ·scale_pos·slope, slope = [h > 0] or h; 1/(2d) more on d²
-        slope = as_pos if squared else nonzero_pos
+        slope = as_pos.mul_(mask) if squared else nonzero_pos
         if on_squared_distances:
-            slope.div_(m_pos).nan_to_num_(nan=0.0, posinf=0.0)
-        slope.mul_(sign * scale_pos / factor * (0.5 if on_squared_distances else 1.0))
-        write_positions(grad, flat, valid, slope)
+            slope.mul_(torch.rsqrt(m_pos)).nan_to_num_(nan=0.0, posinf=0.0)
+        slope.mul_(sign * scale_pos * (0.5 if on_squared_distances else 1.0))
+        if grad is None:  # no active negative: the gradient is the positive list alone
+            return Terms(loss, RowListGrad(flat % shape[1], slope), symmetric=True)
+        factor = factor * scale_neg  # one number for the whole matrix (> 0: a negative is active)
+        write_positions(grad, flat, valid, slope.div_(factor))
         return Terms(loss, grad, symmetric=True, scale=factor)
 
     return terms
