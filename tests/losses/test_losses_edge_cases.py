@@ -384,6 +384,28 @@ def test_row_argmax_matches_argmax_including_ties(width):
     assert torch.equal(row_argmax(x), x.argmax(dim=1))
 
 
+@pytest.mark.parametrize("empty_rows", [[], [2], [0, 4]])
+def test_row_softmax_matches_the_masked_softmax(empty_rows):
+    """``row_softmax`` on logits with −inf at the excluded entries gives ``masked_row_softmax``'s log-sum-exp
+    and probabilities (up to e^EXP_FLOOR at excluded entries), and an empty row gives lse 0, zero
+    probabilities and no NaN."""
+    from metrix.losses._matrix import masked_row_softmax, row_softmax
+
+    g = torch.Generator().manual_seed(len(empty_rows))
+    logits = 3 * torch.randn(6, 9, generator=g, dtype=torch.float64)
+    mask = (torch.rand(6, 9, generator=g) < 0.6).double()
+    mask[:, 0] = 1.0
+    mask[empty_rows] = 0.0
+    want_lse, want_probs = masked_row_softmax(logits.clone(), mask.clone())
+    nonempty = mask.any(dim=1)
+    lse, probs = row_softmax(logits.masked_fill(mask == 0, -torch.inf), nonempty)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probs * mask, want_probs, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(probs).all()
+    assert float(probs[~nonempty].abs().sum()) == 0.0
+    assert float((probs * (1 - mask)).max()) < 1e-30
+
+
 def test_batch_hard_on_a_wide_batch_matches_the_dense_definition():
     """B = 256 takes the two-level argmax path (the small reference-test batches do not)."""
     g = torch.Generator().manual_seed(3)
@@ -539,3 +561,29 @@ def test_contrastive_rejects_non_finite_margins(margins):
     emb, lab = _separated_batch(normalize=True)
     with pytest.raises(ValueError, match="finite"):
         L.contrastive_loss(emb, lab, pos_margin=margins[0], neg_margin=margins[1])
+
+
+@pytest.mark.parametrize("name", ["generalized_lifted", "contrastive"])
+def test_rows_without_negatives_next_to_rows_with_them(name):
+    """A reference set of one class: the batch's rows of that class have no negative, the others no positive.
+    Each row's empty sum is handled on its own (the reference's value and gradient)."""
+    from tests.losses import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(7, 4, generator=g, dtype=torch.float64), dim=1)
+    lab = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    r = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    rl = torch.zeros(5, dtype=torch.int64)
+    ours_fn, ref_fn = {
+        "generalized_lifted": (L.generalized_lifted_structure_loss, ref.generalized_lifted),
+        "contrastive": (L.contrastive_loss, ref.contrastive),
+    }[name]
+    kw = dict(neg_margin=1.8)
+    x, y = emb.clone().requires_grad_(), r.clone().requires_grad_()
+    xe, ye = emb.clone().requires_grad_(), r.clone().requires_grad_()
+    ours, expected = ours_fn(x, lab, y, rl, **kw), ref_fn(xe, lab, ye, rl, **kw)
+    ours.backward()
+    expected.backward()
+    assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    torch.testing.assert_close(x.grad, xe.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(y.grad, ye.grad, rtol=1e-8, atol=1e-12)

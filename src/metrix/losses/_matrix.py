@@ -252,6 +252,25 @@ def masked_row_softmax(logits: torch.Tensor, mask: torch.Tensor, zero_logit: boo
     return lse.squeeze(1), probs.div_(total)
 
 
+def row_softmax(logits: torch.Tensor, nonempty: torch.Tensor | None = None):
+    """Per row: ``log Σ e^logits`` and the softmax, in place, for logits whose excluded entries already hold
+    ``−inf`` (no mask pass). Excluded entries come out as ``e^EXP_FLOOR`` relative to the row's top, not 0:
+    the caller overwrites or zeroes them. Rows marked False in ``nonempty`` (all excluded) give ``lse = 0``
+    and zero probabilities, as :func:`masked_row_softmax` does for an empty row.
+    """
+    top = logits.amax(dim=1, keepdim=True)
+    if nonempty is not None:
+        top = top.masked_fill(~nonempty[:, None], 0.0)  # any finite shift for an empty row
+    probs = logits.sub_(top).clamp_min_(EXP_FLOOR).exp_()
+    total = probs.sum(dim=1, keepdim=True)
+    lse = top + torch.log(total)
+    probs.mul_(total.reciprocal_())
+    if nonempty is not None and not bool(nonempty.all()):
+        lse = lse.masked_fill(~nonempty[:, None], 0.0)
+        probs.mul_(nonempty[:, None].to(probs.dtype))
+    return lse.squeeze(1), probs
+
+
 def positive_softmax_loss(batch, logit_scale: float, anchor_loss) -> torch.Tensor:
     """A loss over each anchor's softmax of ``logit_scale · cos`` across the references (itself excluded),
     as a function of its positives' log-probabilities, averaged over the anchors that have positives.

@@ -27,24 +27,64 @@ from metrix.losses._common import (
     gather_positions, label_masks, mask_positions, positive_positions, prepare_batch, same_label_mask, scratch,
     write_positions, zero_loss,
 )
-from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
+from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss, row_softmax
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
                                       pos_margin: float = 0.0, neg_margin: float = 1.0,
                                       metric: str = "euclidean", pairs=None) -> torch.Tensor:
-    """Generalized lifted structure loss, mean over anchors."""
-    b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
-    pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
+    """Generalized lifted structure loss, mean over anchors.
 
-    def terms(d):
-        lse_p, prob_p = masked_row_softmax(d - pos_margin, pos)
-        lse_n, prob_n = masked_row_softmax(torch.rsub(d, neg_margin), neg)
-        per_anchor = torch.relu(lse_p + lse_n)
-        row = ((per_anchor > 0).to(d.dtype) / d.shape[0])[:, None]  # ∂mean/∂(lse_p + lse_n)
-        return Terms(per_anchor.mean(), prob_p.sub_(prob_n).mul_(row))
+    Without a miner's ``pairs``, the positives are a (B, Pmax) list from the sorted labels and the negatives
+    every other entry of the B×R matrix: the positive and self entries are overwritten with ``+inf`` (whose
+    ``e^{m − d}`` is 0), so the negatives' log-sum-exp is one row softmax with no label mask; the matrix is
+    restored before the backward reads it.
+    """
+    b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
+    if pairs is None:
+        terms = _generalized_all_pairs_terms(b, pos_margin, neg_margin)
+    else:
+        pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
+
+        def terms(d):
+            lse_p, prob_p = masked_row_softmax(d - pos_margin, pos)
+            lse_n, prob_n = masked_row_softmax(torch.rsub(d, neg_margin), neg)
+            per_anchor = torch.relu(lse_p + lse_n)
+            row = ((per_anchor > 0).to(d.dtype) / d.shape[0])[:, None]  # ∂mean/∂(lse_p + lse_n)
+            return Terms(per_anchor.mean(), prob_p.sub_(prob_n).mul_(row))
 
     return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
+
+
+def _generalized_all_pairs_terms(b, pos_margin: float, neg_margin: float):
+    flat, valid = positive_positions(b.labels, b.ref_labels, b.same_set)
+    n_rows, n_cols = b.labels.shape[0], b.ref_labels.shape[0]
+    has_pos = valid.any(dim=1)
+    has_neg = valid.sum(dim=1) + (1 if b.same_set else 0) < n_cols
+
+    def terms(d):
+        d_pos = gather_positions(d, flat)
+        diagonal = d.diagonal().clone() if b.same_set else None
+        write_positions(d, flat, valid, torch.inf)
+        if b.same_set:
+            d.fill_diagonal_(torch.inf)
+        # the gradient outlives this call (saved for backward): the softmax goes into a fresh buffer
+        lse_n, prob_n = row_softmax(torch.rsub(d, neg_margin), has_neg)
+        write_positions(d, flat, valid, d_pos)  # the matrix as it came: the backward reads it
+        if b.same_set:
+            d.diagonal().copy_(diagonal)
+            prob_n.fill_diagonal_(0.0)
+
+        logits_p = torch.where(valid, d_pos - pos_margin, -torch.inf)
+        lse_p = torch.logsumexp(logits_p, dim=1).masked_fill_(~has_pos, 0.0)  # an empty sum contributes 0
+        prob_p = torch.exp(logits_p - lse_p[:, None])
+        per_anchor = torch.relu(lse_p + lse_n)
+        row = ((per_anchor > 0).to(d.dtype) / n_rows)[:, None]  # ∂mean/∂(lse_p + lse_n)
+        grad = prob_n.mul_(-row)
+        write_positions(grad, flat, valid, prob_p.mul_(row))
+        return Terms(per_anchor.mean(), grad)
+
+    return terms
 
 
 def lifted_structure_loss(embeddings, labels, *, neg_margin: float = 1.0, pairs=None) -> torch.Tensor:
