@@ -547,6 +547,19 @@ def test_contrastive_without_active_negatives_takes_the_positive_list(metric, ma
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("cosine_similarity", (0.9999, 0.5))])
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_gradcheck_contrastive_without_active_negatives(metric, margins, use_ref):
+    emb, lab = _separated_batch(normalize=True)
+    kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric)
+    if use_ref:
+        r, rl = emb[[0, 1, 2, 4]] + 0.01, lab[[0, 1, 2, 4]]
+        assert torch.autograd.gradcheck(lambda e, rr: L.contrastive_loss(e, lab, rr, rl, **kw),
+                                        (emb.clone().requires_grad_(), r.clone().requires_grad_()))
+    else:
+        assert torch.autograd.gradcheck(lambda e: L.contrastive_loss(e, lab, **kw), (emb.clone().requires_grad_(),))
+
+
 def test_matrix_losses_refuse_a_second_derivative():
     """The hand-written backward has no graph: asking for a second derivative raises instead of being wrong."""
     emb, lab = _separated_batch(normalize=True)
