@@ -18,6 +18,8 @@ torch.Size([4, 4])
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -216,6 +218,89 @@ def mahalanobis(
     return sq if squared else safe_sqrt(sq)
 
 
+def _check_curvature(c: float) -> float:
+    c = float(c)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"the curvature c must be a finite number > 0 (the ball has curvature −c), got {c}")
+    return c
+
+
+def _ball_factor(x: torch.Tensor, c: float, name: str) -> torch.Tensor:
+    """``1 − c‖x_i‖²`` for each row, which must be > 0 (the point is inside the ball)."""
+    factor = 1.0 - c * (x * x).sum(dim=1)
+    outside = int((factor <= 0).sum())
+    if outside:
+        raise ValueError(
+            f"{outside} row(s) of {name} lie on or outside the Poincaré ball of radius 1/√c = {c ** -0.5:.4g}; "
+            "map Euclidean vectors into it with metrix.distances.expmap0"
+        )
+    return factor
+
+
+def arcosh1p(z: torch.Tensor) -> torch.Tensor:
+    """``arcosh(1 + z)`` for ``z ≥ 0``, accurate near 0 (``log1p``) and with a finite gradient at 0."""
+    return torch.log1p(z + safe_sqrt(z * (z + 2.0)))
+
+
+def poincare(x: torch.Tensor, y: torch.Tensor | None = None, c: float = 1.0) -> torch.Tensor:
+    """Geodesic distance in the Poincaré ball of curvature −c (Nickel & Kiela, "Poincaré Embeddings for
+    Learning Hierarchical Representations", NeurIPS 2017; ``c = 1`` there):
+
+        d(x, y) = (1/√c) · arcosh(1 + 2c‖x − y‖² / ((1 − c‖x‖²)(1 − c‖y‖²)))
+
+    Rows must lie inside the ball, ``‖x‖ < 1/√c``; :func:`expmap0` maps Euclidean vectors (a network's
+    output) there. ``‖x − y‖²`` comes from the GEMM of :func:`squared_euclidean`, so the matrix costs one
+    matrix product plus element-wise work; identical points get 0 with a zero gradient.
+
+    Example
+    -------
+    >>> x = torch.tensor([[0.0, 0.0], [0.5, 0.0]])
+    >>> round(float(poincare(x)[0, 1]), 6)  # 2·artanh(0.5) = ln 3
+    1.098612
+    """
+    c = _check_curvature(c)
+    x, y, same = _prepare(x, y)
+    fx = _ball_factor(x, c, "x")
+    fy = fx if same else _ball_factor(y, c, "y")
+    z = squared_euclidean(x, None if same else y) * (2.0 * c) / (fx[:, None] * fy[None, :])
+    return arcosh1p(z) / math.sqrt(c)
+
+
+def expmap0(v: torch.Tensor, c: float = 1.0, eps: float | None = None) -> torch.Tensor:
+    """Exponential map at the origin of the Poincaré ball: ``tanh(√c‖v‖) · v / (√c‖v‖)``, row-wise.
+
+    It sends any Euclidean vector into the ball of radius ``1/√c`` (geodesic distance from the origin
+    ``2‖v‖`` for c = 1, since the ball's metric is twice the Euclidean one there). ``tanh`` rounds to 1
+    for ``√c‖v‖`` above ~9 in float32, which would put a point on the boundary (infinite distance): rows
+    are kept within ``(1 − eps)/√c`` (``eps`` 1e-5 for float64, 4e-3 otherwise, as in geoopt).
+    """
+    c = _check_curvature(c)
+    if eps is None:
+        eps = 1e-5 if v.dtype == torch.float64 else 4e-3
+    sc = math.sqrt(c)
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-15)
+    x = v * (torch.tanh(sc * norm) / (sc * norm))
+    return project_to_ball(x, c, eps)
+
+
+def logmap0(x: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+    """Inverse of :func:`expmap0`: ``artanh(√c‖x‖) · x / (√c‖x‖)`` for points inside the ball."""
+    c = _check_curvature(c)
+    sc = math.sqrt(c)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-15)
+    if bool((sc * norm >= 1).any()):
+        raise ValueError("logmap0 needs points inside the Poincaré ball (‖x‖ < 1/√c)")
+    return x * (torch.atanh(sc * norm) / (sc * norm))
+
+
+def project_to_ball(x: torch.Tensor, c: float = 1.0, eps: float = 4e-3) -> torch.Tensor:
+    """Rows scaled back to norm ``(1 − eps)/√c`` where they reach beyond it; others unchanged."""
+    c = _check_curvature(c)
+    limit = (1.0 - eps) / math.sqrt(c)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-15)
+    return torch.where(norm > limit, x * (limit / norm), x)
+
+
 # name -> (function, is_similarity). Similarities rank "larger is closer".
 METRICS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "euclidean": (euclidean, False),
@@ -223,6 +308,7 @@ METRICS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
     "cosine": (cosine_distance, False),
     "cosine_similarity": (cosine_similarity, True),
     "dot": (dot_product, True),
+    "poincare": (poincare, False),  # curvature −1; call poincare(x, y, c) for another
 }
 
 

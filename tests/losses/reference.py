@@ -17,6 +17,9 @@ def dist(a, b, metric):
         return 1 - (a @ b) / (a.norm() * b.norm())
     if metric == "dot":
         return a @ b
+    if metric == "poincare":  # Nickel & Kiela 2017, curvature −1
+        z = 2 * ((a - b) ** 2).sum() / ((1 - (a * a).sum()) * (1 - (b * b).sum()))
+        return torch.acosh(1 + z) if float(z.detach()) > 0 else z * 0  # acosh's gradient is infinite at 1
     raise ValueError(metric)
 
 
@@ -75,13 +78,13 @@ def triplet(emb, labels, ref=None, ref_labels=None, margin=0.05, triplets="all",
         negatives = [j for j in d if ref_labels[j] != labels[a] and keep_pair(a, j, False)]
         if triplets == "batch_hard":
             if positives and negatives:
-                p = max(positives, key=lambda j: float(d[j]))
-                n = min(negatives, key=lambda j: float(d[j]))
+                p = max(positives, key=lambda j: float(d[j].detach()))
+                n = min(negatives, key=lambda j: float(d[j].detach()))
                 terms.append(torch.relu(d[p] - d[n] + margin))
             continue
         for p in positives:
             for n in negatives:
-                gap = float(d[n] - d[p])  # "triplet margin" of pytorch-metric-learning's miner
+                gap = float((d[n] - d[p]).detach())  # "triplet margin" of pytorch-metric-learning's miner
                 keep = {
                     "all": True,
                     "hard": gap <= 0,
@@ -193,15 +196,16 @@ def circle(emb, labels, ref=None, ref_labels=None, m=0.4, gamma=80.0, selected=N
     return torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float64)
 
 
-def generalized_lifted(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, selected=None):
+def generalized_lifted(emb, labels, ref=None, ref_labels=None, pos_margin=0.0, neg_margin=1.0, selected=None,
+                       metric="euclidean"):
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
     keep_pair = selected or (lambda i, j, is_pos: True)
     losses = []
     for i in range(len(labels)):
-        pos = [torch.exp(dist(emb[i], ref[j], "euclidean") - pos_margin) for j in range(len(ref_labels))
+        pos = [torch.exp(dist(emb[i], ref[j], metric) - pos_margin) for j in range(len(ref_labels))
                if not (same and i == j) and ref_labels[j] == labels[i] and keep_pair(i, j, True)]
-        neg = [torch.exp(neg_margin - dist(emb[i], ref[j], "euclidean")) for j in range(len(ref_labels))
+        neg = [torch.exp(neg_margin - dist(emb[i], ref[j], metric)) for j in range(len(ref_labels))
                if ref_labels[j] != labels[i] and keep_pair(i, j, False)]
         total = torch.zeros((), dtype=torch.float64)
         if pos:

@@ -192,11 +192,14 @@ def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: 
 
     ``terms`` receives ``M`` without a graph and must return the loss with ``∂loss/∂M`` (:class:`Terms`).
     It may use ``M`` as scratch space except with ``metric="euclidean"``, whose backward divides by ``M``.
-    Cosine metrics normalise the rows first, under autograd (B×D work).
+    Cosine metrics normalise the rows first, under autograd (B×D work). A metric with no GEMM form here
+    (``poincare``) takes :func:`_autograd_matrix_loss`.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
     x, y = embeddings, None if same_set else ref_embeddings
+    if metric not in _PRODUCT:
+        return _autograd_matrix_loss(x, y, metric, terms)
     if metric in ("cosine", "cosine_similarity"):
         # normalise in the working precision: bfloat16 unit vectors would carry its rounding into the matrix
         x = x.to(compute_dtype(x))
@@ -204,6 +207,24 @@ def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: 
         x = F.normalize(x, dim=1, eps=1e-12)
         y = None if y is None else F.normalize(y, dim=1, eps=1e-12)
     return _MatrixLoss.apply(x, y, metric, terms)
+
+
+def _autograd_matrix_loss(x, y, metric: str, terms: Callable[[torch.Tensor], Terms]) -> torch.Tensor:
+    """The matrix under autograd and ``∂loss/∂M`` from ``terms`` applied to it as ``Σ G ⊙ M``, whose
+    gradient is the loss's: any differentiable metric works, at autograd's cost (several B×R passes)."""
+    with torch.autocast(x.device.type, enabled=False):
+        work = compute_dtype(x)
+        mat = METRICS[metric][0](x.to(work), None if y is None else y.to(work))
+        with torch.no_grad():
+            out = terms(mat.detach().clone())  # a copy: terms may write into its matrix
+            grad = out.grad
+            if isinstance(grad, RowListGrad):
+                grad = _densified(grad, mat)
+            elif isinstance(grad, SparseGrad):
+                grad = torch.zeros_like(mat).index_put_((grad.rows, grad.cols), grad.values, accumulate=True)
+            grad = grad * out.scale
+        surrogate = (mat * grad).sum()  # value Σ G ⊙ M, gradient Σ G ⊙ ∂M
+        return out.loss.detach() + (surrogate - surrogate.detach())
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,141 @@
+"""The Poincaré ball: distance against the formula, its metric axioms, the maps in and out of the ball,
+and pair losses on it against the float64 loop references."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metrix import distances as D
+from metrix import losses as L
+from tests.losses import reference as ref
+
+DT = torch.float64
+
+
+def ball_points(n, dim=4, seed=0, c=1.0, spread=0.8):
+    g = torch.Generator().manual_seed(seed)
+    return D.expmap0(spread * torch.randn(n, dim, generator=g, dtype=DT), c)
+
+
+def loop_distance(x, y, c):
+    out = torch.empty(len(x), len(y), dtype=DT)
+    for i in range(len(x)):
+        for j in range(len(y)):
+            z = 2 * c * ((x[i] - y[j]) ** 2).sum() / ((1 - c * (x[i] ** 2).sum()) * (1 - c * (y[j] ** 2).sum()))
+            out[i, j] = math.acosh(1 + float(z)) / math.sqrt(c)
+    return out
+
+
+@pytest.mark.parametrize("c", [1.0, 0.3, 2.5])
+def test_matches_the_formula_and_is_a_metric_matrix(c):
+    x, y = ball_points(6, c=c, seed=1), ball_points(8, c=c, seed=2)
+    torch.testing.assert_close(D.poincare(x, y, c), loop_distance(x, y, c), rtol=1e-9, atol=1e-9)
+    own = D.poincare(x, c=c)
+    torch.testing.assert_close(own, own.T, rtol=1e-14, atol=1e-14)
+    assert float(own.diagonal().abs().max()) == 0.0
+    torch.testing.assert_close(own, loop_distance(x, x, c), rtol=1e-9, atol=1e-7)
+
+
+def test_known_values_and_curvature_scaling():
+    x = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, -0.5]], dtype=DT)
+    d = D.poincare(x)
+    assert float(d[0, 1]) == pytest.approx(math.log(3.0), rel=1e-12)  # 2·artanh(0.5)
+    assert float(d[1, 2]) == pytest.approx(math.acosh(1 + 2 * 0.5 / 0.75**2), rel=1e-12)
+    # d_c(x, y) = d_1(√c x, √c y) / √c
+    c = 0.4
+    torch.testing.assert_close(D.poincare(x, c=c), D.poincare(math.sqrt(c) * x) / math.sqrt(c))
+    assert D.pairwise_distance(x, metric="poincare").equal(d)
+    assert not D.is_similarity("poincare")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), spread=st.floats(0.05, 3.0))
+def test_triangle_inequality(seed, spread):
+    x = ball_points(9, dim=3, seed=seed, spread=spread)
+    d = D.poincare(x)
+    # d_ik ≤ d_ij + d_jk for every triple
+    assert bool((d[:, None, :] <= d[:, :, None] + d[None, :, :] + 1e-9 * (1 + d.max())).all())
+
+
+def test_expmap0_logmap0_and_projection():
+    g = torch.Generator().manual_seed(4)
+    for c in (1.0, 0.5):
+        v = 0.3 * torch.randn(10, 5, generator=g, dtype=DT)
+        x = D.expmap0(v, c)
+        torch.testing.assert_close(D.logmap0(x, c), v, rtol=1e-9, atol=1e-12)
+        # the geodesic distance from the origin is twice the tangent vector's length
+        origin = torch.zeros(1, 5, dtype=DT)
+        torch.testing.assert_close(D.poincare(origin, x, c)[0], 2 * v.norm(dim=1), rtol=1e-9, atol=1e-12)
+    huge = D.expmap0(torch.full((2, 3), 50.0))  # tanh rounds to 1 in float32: kept off the boundary
+    assert bool((huge.norm(dim=1) < 1).all()) and torch.isfinite(D.poincare(huge)).all()
+    inside = torch.tensor([[0.1, 0.2]])
+    assert D.project_to_ball(inside).equal(inside)
+    assert float(D.project_to_ball(torch.tensor([[3.0, 4.0]]), eps=0.01).norm()) == pytest.approx(0.99)
+
+
+def test_gradients_are_finite_and_correct_including_coincident_points():
+    x = ball_points(5, dim=3, seed=3)
+    x = torch.cat([x, x[:1]]).requires_grad_()  # rows 0 and 5 coincide
+    d = D.poincare(x)
+    (grad,) = torch.autograd.grad(d.sum(), x)
+    assert torch.isfinite(grad).all()
+    y = ball_points(4, dim=3, seed=5)
+    assert torch.autograd.gradcheck(lambda a, b: D.poincare(a, b, 0.7), (y[:2].clone().requires_grad_(),
+                                                                         y[2:].clone().requires_grad_()))
+    assert torch.autograd.gradcheck(lambda a: D.poincare(a, c=0.7), (y.clone().requires_grad_(),))
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="outside the Poincaré ball"):
+        D.poincare(torch.tensor([[0.6, 0.8], [0.1, 0.0]]))
+    with pytest.raises(ValueError, match="outside the Poincaré ball"):
+        D.poincare(torch.tensor([[0.1, 0.0]]), torch.tensor([[2.0, 0.0]]), c=0.5)
+    with pytest.raises(ValueError, match="curvature"):
+        D.poincare(torch.zeros(2, 2), c=0.0)
+    with pytest.raises(ValueError, match="inside the Poincaré ball"):
+        D.logmap0(torch.tensor([[1.0, 0.0]]))
+
+
+def _labels(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.arange(3), torch.randint(0, 3, (n - 3,), generator=g)])
+
+
+LOSSES = {
+    "contrastive": (lambda e, l, r, rl: L.contrastive_loss(e, l, r, rl, neg_margin=2.0, metric="poincare"),
+                    lambda e, l, r, rl: ref.contrastive(e, l, r, rl, neg_margin=2.0, metric="poincare")),
+    "triplet_all": (lambda e, l, r, rl: L.triplet_margin_loss(e, l, r, rl, margin=0.5, metric="poincare"),
+                    lambda e, l, r, rl: ref.triplet(e, l, r, rl, margin=0.5, metric="poincare")),
+    "triplet_batch_hard": (
+        lambda e, l, r, rl: L.triplet_margin_loss(e, l, r, rl, margin=0.5, triplets="batch_hard", metric="poincare"),
+        lambda e, l, r, rl: ref.triplet(e, l, r, rl, margin=0.5, triplets="batch_hard", metric="poincare")),
+    "generalized_lifted": (
+        lambda e, l, r, rl: L.generalized_lifted_structure_loss(e, l, r, rl, neg_margin=2.0, metric="poincare"),
+        lambda e, l, r, rl: ref.generalized_lifted(e, l, r, rl, neg_margin=2.0, metric="poincare")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_pair_losses_on_the_ball_match_the_references(name, use_ref):
+    ours, expected = LOSSES[name]
+    emb, lab = ball_points(11, seed=7), _labels(11, 7)
+    r, rl = (ball_points(8, seed=8), _labels(8, 8)) if use_ref else (None, None)
+    inputs = [emb.clone().requires_grad_()] + ([r.clone().requires_grad_()] if use_ref else [])
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    a = ours(inputs[0], lab, inputs[1] if use_ref else None, rl)
+    b = expected(ref_inputs[0], lab, ref_inputs[1] if use_ref else None, rl)
+    a.backward()
+    b.backward()
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-9, abs=1e-12)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_gradcheck_contrastive_on_the_ball():
+    emb, lab = ball_points(7, dim=3, seed=9), _labels(7, 9)
+    assert torch.autograd.gradcheck(lambda e: L.contrastive_loss(e, lab, neg_margin=2.0, metric="poincare"),
+                                    (emb.clone().requires_grad_(),))
