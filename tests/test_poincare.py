@@ -139,3 +139,39 @@ def test_gradcheck_contrastive_on_the_ball():
     emb, lab = ball_points(7, dim=3, seed=9), _labels(7, 9)
     assert torch.autograd.gradcheck(lambda e: L.contrastive_loss(e, lab, neg_margin=2.0, metric="poincare"),
                                     (emb.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("n,k,use_ref", [(300, 5, False), (300, 5, True), (20_000, 40, False), (20_000, 40, True)])
+def test_exact_knn_on_the_ball_matches_brute_force(n, k, use_ref):
+    """All of knn's paths (small, sampled-threshold, symmetric) rank by the Poincaré distance and return it."""
+    from metrix.neighbors import knn
+
+    g = torch.Generator().manual_seed(n + k)
+    x = D.expmap0(1.5 * torch.randn(n, 8, generator=g))
+    q = D.expmap0(1.5 * torch.randn(60, 8, generator=g)) if use_ref else x[:60]
+    dist, idx = knn(q, x, k=k, metric="poincare") if use_ref else knn(x, None, k=k, metric="poincare")
+    if not use_ref:
+        dist, idx = dist[:60], idx[:60]
+    full = D.poincare(q.double(), x.double())
+    if not use_ref:
+        full[torch.arange(60), torch.arange(60)] = torch.inf
+    want_d, want_i = full.topk(k, largest=False)
+    torch.testing.assert_close(dist.double(), want_d, rtol=2e-3, atol=2e-3)
+    # float32 ranks: a swapped pair must be a near-tie of the exact distances
+    got_exact = full.gather(1, idx)
+    torch.testing.assert_close(got_exact, want_d, rtol=2e-3, atol=2e-3)
+
+
+def test_retrieval_metrics_on_the_ball():
+    from metrix.evaluation import retrieval_metrics
+
+    g = torch.Generator().manual_seed(2)
+    centres = 1.2 * torch.randn(5, 6, generator=g, dtype=DT)
+    labels = torch.arange(5).repeat_interleave(30)
+    x = D.expmap0(centres[labels] + 0.3 * torch.randn(150, 6, generator=g, dtype=DT))
+    got = retrieval_metrics(x, labels, metric="poincare")
+    d = D.poincare(x).fill_diagonal_(torch.inf)
+    first = d.argmin(dim=1)
+    assert got["precision_at_1"] == pytest.approx(float((labels[first] == labels).double().mean()))
+    with pytest.raises(ValueError, match="approximate search"):
+        retrieval_metrics(x, labels, metric="poincare", approximate="hnsw")

@@ -77,6 +77,9 @@ def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_o
         return
     from metrix.index import VectorIndex
 
+    if metric not in _INDEX_METRIC:
+        raise ValueError(f"approximate search supports the metrics {sorted(_INDEX_METRIC)}, not {metric!r}; "
+                         "leave approximate=None for exact search")
     index = VectorIndex(q.shape[1], metric=_INDEX_METRIC[metric], backend="faiss", faiss_index=approximate,
                         **(approximate_options or {}))
     index.add(r.numpy())  # ids are row positions

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from metrix._validation import check_embeddings, check_pair
-from metrix.distances import is_similarity, safe_sqrt
+from metrix.distances import _ball_factor, arcosh1p, is_similarity, safe_sqrt
 
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
@@ -346,7 +346,7 @@ def iter_knn(
         raise ValueError("the reference set is empty")
     if not 1 <= k <= n_avail:
         raise ValueError(f"k must be between 1 and {n_avail} (reference size{' minus self' if exclude_self else ''}), got {k}")
-    if not is_similarity(metric) and metric not in ("euclidean", "squared_euclidean", "cosine"):
+    if not is_similarity(metric) and metric not in ("euclidean", "squared_euclidean", "cosine", "poincare"):
         raise ValueError(f"metric {metric!r} is not supported by knn")
     # rank on a cheap score (larger = closer), then convert only the k kept values
     if metric in ("cosine", "cosine_similarity"):
@@ -361,7 +361,9 @@ def iter_knn(
     sampled = n_ref >= 4 * SAMPLE and SAMPLE_MARGIN * k * SAMPLE / n_ref + 8 < SAMPLE / 4
     state_mb = n_ref * _symmetric_state_width(k) * (q.element_size() + 4) / 2**20
     symmetric = same and sampled and state_mb <= max_memory_mb
-    if symmetric and euclid:  # a symmetric score: [2x, −‖x‖², 1]·[y, 1, −‖y‖²] = −‖x − y‖²
+    if metric == "poincare":  # one symmetric score for both paths: −w_x·w_y·‖x − y‖², w = 1/(1 − ‖x‖²)
+        qa, ra = _poincare_rows(qs, left=True), _poincare_rows(rs, left=False)
+    elif symmetric and euclid:  # a symmetric score: [2x, −‖x‖², 1]·[y, 1, −‖y‖²] = −‖x − y‖²
         sq_norm = (qs * qs).sum(1, keepdim=True)
         one = torch.ones_like(sq_norm)
         qa, ra = torch.cat([2 * qs, -sq_norm, one], 1), torch.cat([qs, one, -sq_norm], 1)
@@ -388,7 +390,20 @@ def iter_knn(
                 top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
             elif metric == "cosine":
                 top = 1.0 - top
+            elif metric == "poincare":  # the score is −z/2 for d = arcosh(1 + z)
+                top = arcosh1p((-2.0 * top).clamp_min(0))
             yield start, top, idx
+
+
+def _poincare_rows(x, left: bool):
+    """Rows whose products give ``−w_x·w_y·‖x − y‖²`` (``w = 1/(1 − ‖x‖²)``, the Poincaré ball of curvature
+    −1): ``[2x·w, −‖x‖²·w, −w]`` on the left, ``[y·w, w, ‖y‖²·w]`` on the right. ``arcosh`` is increasing,
+    so ranking by it ranks by distance, and ``d = arcosh(1 − 2·score)``."""
+    sq = (x * x).sum(1, keepdim=True)
+    w = 1.0 / _ball_factor(x, 1.0, "the vectors")[:, None]
+    if left:
+        return torch.cat([2 * x * w, -sq * w, -w], dim=1)
+    return torch.cat([x * w, w, sq * w], dim=1)
 
 
 def _iter_one_sided_topk(qa, ra, k, exclude_self, chunk, tile, sampled):
@@ -421,7 +436,7 @@ def knn(
     query : (Q, D) tensor or array
     reference : (R, D) tensor or array, or None to search ``query`` against itself
     k : number of neighbours
-    metric : ``euclidean``, ``squared_euclidean``, ``cosine``, ``cosine_similarity`` or ``dot``
+    metric : ``euclidean``, ``squared_euclidean``, ``cosine``, ``cosine_similarity``, ``dot`` or ``poincare``
     exclude_self : drop the query itself (defaults to True when ``reference`` is None)
     max_memory_mb : bound on the working memory (tiles, and the candidate lists of a search against itself)
 
