@@ -175,3 +175,55 @@ def test_retrieval_metrics_on_the_ball():
     assert got["precision_at_1"] == pytest.approx(float((labels[first] == labels).double().mean()))
     with pytest.raises(ValueError, match="approximate search"):
         retrieval_metrics(x, labels, metric="poincare", approximate="hnsw")
+
+
+def test_ball_model_outputs_stay_inside_and_survive_save_load(tmp_path):
+    from metrix.models import EmbeddingModel, load_model, save_model
+
+    torch.manual_seed(0)
+    model = EmbeddingModel("mlp", 6, normalize=False, input_shape=(10,), ball_curvature=0.5, ball_clip=1.5)
+    x = torch.randn(20, 10)
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)  # head outputs far beyond the clip radius
+    out = model(x)
+    assert bool((out.norm(dim=1) < 0.5**-0.5).all())
+    # the clip bounds the tangent vector: every row reaches ‖logmap0(out)‖ = ball_clip exactly
+    torch.testing.assert_close(D.logmap0(out, 0.5).norm(dim=1), torch.full((20,), 1.5), rtol=1e-4, atol=0)
+    save_model(model, tmp_path / "run")
+    loaded, config = load_model(tmp_path / "run")
+    assert (config["model"]["ball_curvature"], config["model"]["ball_clip"]) == (0.5, 1.5)
+    torch.testing.assert_close(loaded.embed(x), model.embed(x))
+    with pytest.raises(ValueError, match="exclude each other"):
+        EmbeddingModel("mlp", 6, normalize=True, input_shape=(10,), ball_curvature=1.0)
+    with pytest.raises(ValueError, match="curvature"):
+        EmbeddingModel("mlp", 6, normalize=False, input_shape=(10,), ball_curvature=-1.0)
+
+
+def test_train_evaluate_on_the_ball(tmp_path):
+    """``metrix train --geometry poincare``: the model embeds into the ball, validation and the report rank by
+    the Poincaré distance, ``evaluate`` reads the geometry back, the vector index refuses the run."""
+    from metrix.experiment import TrainConfig, build_index, evaluate, train
+    from metrix.models import load_model
+
+    cfg = TrainConfig.from_sources(None, loss="triplet", geometry="poincare", epochs=2, out=str(tmp_path),
+                                   progress=False)
+    result = train(cfg, echo=lambda *a: None)
+    model, config = load_model(result["run_dir"])
+    assert config["train"]["geometry"] == "poincare" and model.ball_curvature == 1.0
+    import metrix.experiment as experiment
+
+    used = []
+    real = experiment.retrieval_metrics
+    experiment.retrieval_metrics = lambda *a, **kw: used.append(kw.get("metric")) or real(*a, **kw)
+    try:
+        again = evaluate(result["run_dir"])
+    finally:
+        experiment.retrieval_metrics = real
+    assert used == ["poincare"]
+    assert again["map_at_r"] == pytest.approx(result["after"]["map_at_r"])
+    with pytest.raises(ValueError, match="Poincaré ball"):
+        build_index(result["run_dir"], "digits", tmp_path / "idx")
+    with pytest.raises(ValueError, match="needs a loss on distances"):
+        TrainConfig.from_sources(None, loss="ntxent", geometry="poincare")
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        TrainConfig.from_sources(None, geometry="sphre")

@@ -30,6 +30,7 @@ def train(
     temperature: Optional[float] = typer.Option(None, help="Temperature of --loss ntxent (default 0.1)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone: mlp (default) or convnet (for images)."),
     embedding_dim: Optional[int] = typer.Option(None, help="Size of the learned embedding (default 64)."),
+    geometry: Optional[str] = typer.Option(None, help="Embedding space: sphere (default; unit vectors, Euclidean distance) or poincare (the Poincaré ball, hyperbolic distance; with --loss contrastive or triplet)."),
     epochs: Optional[int] = typer.Option(None, help="Number of training epochs (default 40)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of Adam (default 1e-3)."),
     classes_per_batch: Optional[int] = typer.Option(None, help="Classes in each batch, the P of P×K batches (default 10)."),
@@ -53,7 +54,8 @@ def train(
     try:
         cfg = TrainConfig.from_sources(
             str(config) if config else None, data=data, loss=loss, triplets=triplets, margin=margin,
-            temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, epochs=epochs, lr=lr,
+            temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
+            epochs=epochs, lr=lr,
             classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
             seed=seed, label_column=label_column, out=out, name=name, progress=progress,
         )

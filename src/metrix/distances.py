@@ -218,14 +218,15 @@ def mahalanobis(
     return sq if squared else safe_sqrt(sq)
 
 
-def _check_curvature(c: float) -> float:
+def check_curvature(c: float) -> float:
+    """``c`` as a float, or ``ValueError`` unless it is finite and > 0 (the ball has curvature −c)."""
     c = float(c)
     if not (math.isfinite(c) and c > 0):
         raise ValueError(f"the curvature c must be a finite number > 0 (the ball has curvature −c), got {c}")
     return c
 
 
-def _ball_factor(x: torch.Tensor, c: float, name: str) -> torch.Tensor:
+def ball_factor(x: torch.Tensor, c: float, name: str) -> torch.Tensor:
     """``1 − c‖x_i‖²`` for each row, which must be > 0 (the point is inside the ball)."""
     factor = 1.0 - c * (x * x).sum(dim=1)
     outside = int((factor <= 0).sum())
@@ -258,10 +259,10 @@ def poincare(x: torch.Tensor, y: torch.Tensor | None = None, c: float = 1.0) -> 
     >>> round(float(poincare(x)[0, 1]), 6)  # 2·artanh(0.5) = ln 3
     1.098612
     """
-    c = _check_curvature(c)
+    c = check_curvature(c)
     x, y, same = _prepare(x, y)
-    fx = _ball_factor(x, c, "x")
-    fy = fx if same else _ball_factor(y, c, "y")
+    fx = ball_factor(x, c, "x")
+    fy = fx if same else ball_factor(y, c, "y")
     z = squared_euclidean(x, None if same else y) * (2.0 * c) / (fx[:, None] * fy[None, :])
     return arcosh1p(z) / math.sqrt(c)
 
@@ -274,7 +275,7 @@ def expmap0(v: torch.Tensor, c: float = 1.0, eps: float | None = None) -> torch.
     for ``√c‖v‖`` above ~9 in float32, which would put a point on the boundary (infinite distance): rows
     are kept within ``(1 − eps)/√c`` (``eps`` 1e-5 for float64, 4e-3 otherwise, as in geoopt).
     """
-    c = _check_curvature(c)
+    c = check_curvature(c)
     if eps is None:
         eps = 1e-5 if v.dtype == torch.float64 else 4e-3
     sc = math.sqrt(c)
@@ -285,7 +286,7 @@ def expmap0(v: torch.Tensor, c: float = 1.0, eps: float | None = None) -> torch.
 
 def logmap0(x: torch.Tensor, c: float = 1.0) -> torch.Tensor:
     """Inverse of :func:`expmap0`: ``artanh(√c‖x‖) · x / (√c‖x‖)`` for points inside the ball."""
-    c = _check_curvature(c)
+    c = check_curvature(c)
     sc = math.sqrt(c)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-15)
     if bool((sc * norm >= 1).any()):
@@ -295,7 +296,7 @@ def logmap0(x: torch.Tensor, c: float = 1.0) -> torch.Tensor:
 
 def project_to_ball(x: torch.Tensor, c: float = 1.0, eps: float = 4e-3) -> torch.Tensor:
     """Rows scaled back to norm ``(1 − eps)/√c`` where they reach beyond it; others unchanged."""
-    c = _check_curvature(c)
+    c = check_curvature(c)
     limit = (1.0 - eps) / math.sqrt(c)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-15)
     return torch.where(norm > limit, x * (limit / norm), x)

@@ -25,6 +25,15 @@ from metrix.models import EmbeddingModel, load_model, save_model
 from metrix.training import Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
+# geometry -> (model options, the metric its embeddings are compared with)
+GEOMETRIES = {"sphere": ({"normalize": True}, "euclidean"),
+              "poincare": ({"normalize": False, "ball_curvature": 1.0}, "poincare")}
+DISTANCE_LOSSES = ("contrastive", "triplet")  # the train losses that take metric="poincare"
+
+
+def run_metric(config: dict) -> str:
+    """The metric a saved run's embeddings are compared with (runs from before geometries: Euclidean)."""
+    return GEOMETRIES[config.get("train", {}).get("geometry", "sphere")][1]
 
 
 @dataclass
@@ -41,6 +50,7 @@ class TrainConfig:
     backbone: str = "mlp"
     hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
     embedding_dim: int = 64
+    geometry: str = "sphere"  # "sphere": unit vectors, Euclidean distance; "poincare": the Poincaré ball
     epochs: int = 40
     lr: float = 1e-3
     loss_lr: float | None = None
@@ -77,6 +87,11 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {self.geometry!r}")
+        if self.geometry == "poincare" and self.loss not in DISTANCE_LOSSES:
+            raise ValueError(f"geometry 'poincare' needs a loss on distances: {', '.join(DISTANCE_LOSSES)} "
+                             f"(got {self.loss!r}, which works on cosine similarities or class proxies)")
         if self.loss == "triplet" and self.triplets not in TRIPLET_SELECTIONS:
             raise ValueError(f"triplets must be one of {TRIPLET_SELECTIONS}, got {self.triplets!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
@@ -87,7 +102,7 @@ class TrainConfig:
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
-    kw: dict = {}
+    kw: dict = {"metric": "poincare"} if cfg.geometry == "poincare" else {}
     if cfg.loss == "triplet":
         kw["triplets"] = cfg.triplets
         kw["margin"] = 0.2 if cfg.margin is None else cfg.margin
@@ -185,8 +200,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if cfg.val_size > 0:
         fit_idx, val_idx = stratified_split(y_train, cfg.val_size, cfg.seed)
     codes, _ = encode_labels(y_train)
+    model_options, metric = GEOMETRIES[cfg.geometry]
     model = EmbeddingModel(
-        cfg.backbone, cfg.embedding_dim, normalize=True, input_shape=tuple(ds.X.shape[1:]),
+        cfg.backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
         backbone_kwargs={"hidden_dims": tuple(cfg.hidden_dims)} if cfg.backbone == "mlp" else {},
         input_mean=torch.from_numpy(X_train[fit_idx].mean(0)), input_std=torch.from_numpy(X_train[fit_idx].std(0)),
     )
@@ -197,9 +213,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     trainer = Trainer(
         model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
         classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
-        patience=cfg.patience, seed=cfg.seed, progress=cfg.progress,
+        patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
     )
-    echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d, loss {cfg.loss}, {cfg.epochs} epochs, "
+    echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
          f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
     history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val)
     if trainer.best_epoch is not None:
@@ -208,7 +224,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731  raw-pixel baseline on flattened inputs
     before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train)
     emb_test, emb_train = model.embed(X_test), model.embed(X_train)
-    after = retrieval_metrics(emb_test, y_test, emb_train, y_train)
+    after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric)
 
     run_dir = _free_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
     save_model(model, run_dir, {
@@ -248,7 +264,8 @@ def evaluate(run_dir, data: str | None = None, split: str = "auto", label_column
     ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
     model, config = load_model(run_dir)
     (xq, yq, xr, yr), used = _eval_split(config, data, split, label_column)
-    metrics = retrieval_metrics(model.embed(xq), yq, None if xr is None else model.embed(xr), yr)
+    metrics = retrieval_metrics(model.embed(xq), yq, None if xr is None else model.embed(xr), yr,
+                                metric=run_metric(config))
     metrics["split"] = used
     return metrics
 
@@ -288,7 +305,10 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
     from metrix.index import VectorIndex
 
-    model, _ = load_model(run_dir)
+    model, config = load_model(run_dir)
+    if run_metric(config) == "poincare":
+        raise ValueError("this run embeds into the Poincaré ball, which the vector index does not search (it has "
+                         "l2, cosine and ip); use metrix.neighbors.knn(..., metric='poincare') for exact search")
     x, y = _load_inputs(data, label_column)
     emb = model.embed(x).numpy()
     # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable

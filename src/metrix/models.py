@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metrix.distances import check_curvature, expmap0
 from metrix.io import load_json, load_tensors, save_json, save_tensors
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -130,6 +131,14 @@ class EmbeddingModel(nn.Module):
         model, so a saved model works on raw data
     head_hidden_dim : if given, the head is an MLP (Linear → BatchNorm → ReLU → Linear), the projection
         head of SimCLR/MoCo v2; downstream tasks then use :meth:`features` (the backbone's output)
+    ball_curvature : if given (c > 0), outputs are mapped into the Poincaré ball of curvature −c by
+        :func:`~metrix.distances.expmap0` (hyperbolic geometry; compare them with ``metric="poincare"``);
+        excludes ``normalize``
+    ball_clip : with ``ball_curvature``, head outputs longer than this are scaled down to it before the map
+        (feature clipping, Guo et al., "Clipped Hyperbolic Classifiers Are Super-Hyperbolic Classifiers",
+        CVPR 2022): unclipped, a freshly initialised head sends points next to the boundary, where ``tanh``
+        saturates and training crawls (on digits, contrastive MAP@R after 10 epochs 0.36 unclipped, 0.89
+        at 1.0). ``None`` turns it off
     """
 
     def __init__(
@@ -142,10 +151,18 @@ class EmbeddingModel(nn.Module):
         input_mean: torch.Tensor | None = None,
         input_std: torch.Tensor | None = None,
         head_hidden_dim: int | None = None,
+        ball_curvature: float | None = None,
+        ball_clip: float | None = 1.0,
     ):
         super().__init__()
         if int(embedding_dim) < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if ball_curvature is not None and normalize:
+            raise ValueError("normalize (the unit sphere) and ball_curvature (the Poincaré ball) exclude each other")
+        self.ball_curvature = None if ball_curvature is None else check_curvature(ball_curvature)
+        if ball_clip is not None and not float(ball_clip) > 0:
+            raise ValueError(f"ball_clip must be > 0 or None, got {ball_clip}")
+        self.ball_clip = None if ball_clip is None else float(ball_clip)
         self.embedding_dim, self.normalize = int(embedding_dim), bool(normalize)
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.backbone_kwargs = dict(backbone_kwargs or {})
@@ -201,6 +218,11 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.head(self.features(x))
+        if self.ball_curvature is not None:
+            if self.ball_clip is not None:
+                norm = torch.linalg.vector_norm(e, dim=1, keepdim=True).clamp_min(1e-15)
+                e = e * torch.clamp(self.ball_clip / norm, max=1.0)
+            return expmap0(e, self.ball_curvature)
         return F.normalize(e, dim=1) if self.normalize else e
 
     @torch.no_grad()
@@ -231,6 +253,8 @@ class EmbeddingModel(nn.Module):
             "backbone_kwargs": self.backbone_kwargs,
             "standardize": self.preprocess is not None,
             "head_hidden_dim": self.head_hidden_dim,
+            "ball_curvature": self.ball_curvature,
+            "ball_clip": self.ball_clip,
         }
 
 
@@ -243,7 +267,8 @@ def build_model(config: dict) -> EmbeddingModel:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("backbone_kwargs", {}).items()}
     return EmbeddingModel(
         config["backbone"], config["embedding_dim"], config.get("normalize", True), shape, kwargs, **placeholder,
-        head_hidden_dim=config.get("head_hidden_dim"),
+        head_hidden_dim=config.get("head_hidden_dim"), ball_curvature=config.get("ball_curvature"),
+        ball_clip=config.get("ball_clip", 1.0),
     )
 
 

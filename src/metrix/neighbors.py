@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from metrix._validation import check_embeddings, check_pair
-from metrix.distances import _ball_factor, arcosh1p, is_similarity, safe_sqrt
+from metrix.distances import arcosh1p, ball_factor, is_similarity, safe_sqrt
 
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
@@ -400,7 +400,7 @@ def _poincare_rows(x, left: bool):
     −1): ``[2x·w, −‖x‖²·w, −w]`` on the left, ``[y·w, w, ‖y‖²·w]`` on the right. ``arcosh`` is increasing,
     so ranking by it ranks by distance, and ``d = arcosh(1 − 2·score)``."""
     sq = (x * x).sum(1, keepdim=True)
-    w = 1.0 / _ball_factor(x, 1.0, "the vectors")[:, None]
+    w = 1.0 / ball_factor(x, 1.0, "the vectors")[:, None]
     if left:
         return torch.cat([2 * x * w, -sq * w, -w], dim=1)
     return torch.cat([x * w, w, sq * w], dim=1)
