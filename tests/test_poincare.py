@@ -107,6 +107,10 @@ def _labels(n, seed):
 LOSSES = {
     "contrastive": (lambda e, l, r, rl: L.contrastive_loss(e, l, r, rl, neg_margin=2.0, metric="poincare"),
                     lambda e, l, r, rl: ref.contrastive(e, l, r, rl, neg_margin=2.0, metric="poincare")),
+    # no negative within 0.05: the gradient comes as the positive list
+    "contrastive_no_active_negative": (
+        lambda e, l, r, rl: L.contrastive_loss(e, l, r, rl, neg_margin=0.05, metric="poincare"),
+        lambda e, l, r, rl: ref.contrastive(e, l, r, rl, neg_margin=0.05, metric="poincare")),
     "triplet_all": (lambda e, l, r, rl: L.triplet_margin_loss(e, l, r, rl, margin=0.5, metric="poincare"),
                     lambda e, l, r, rl: ref.triplet(e, l, r, rl, margin=0.5, metric="poincare")),
     "triplet_batch_hard": (
@@ -135,10 +139,14 @@ def test_pair_losses_on_the_ball_match_the_references(name, use_ref):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-10)
 
 
-def test_gradcheck_contrastive_on_the_ball():
+def test_gradcheck_pair_losses_on_the_ball():
     emb, lab = ball_points(7, dim=3, seed=9), _labels(7, 9)
+    r, rl = ball_points(5, dim=3, seed=10), _labels(5, 10)
     assert torch.autograd.gradcheck(lambda e: L.contrastive_loss(e, lab, neg_margin=2.0, metric="poincare"),
                                     (emb.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda e, rr: L.generalized_lifted_structure_loss(e, lab, rr, rl, neg_margin=2.0, metric="poincare"),
+        (emb.clone().requires_grad_(), r.clone().requires_grad_()))
 
 
 @pytest.mark.parametrize("n,k,use_ref", [(300, 5, False), (300, 5, True), (20_000, 40, False), (20_000, 40, True)])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from metrix.distances import METRICS, euclidean_backward, euclidean_matrix
+from metrix.distances import METRICS, ball_factor, euclidean_backward, euclidean_matrix
 from metrix.losses._common import (
     EXP_FLOOR, gather_positions, positive_positions, scratch, write_positions, zero_loss,
 )
@@ -103,7 +103,7 @@ def _sparse_backward(sg: SparseGrad, x, y, kind, same):
 
 
 def _densified(lg: RowListGrad, mat) -> torch.Tensor:
-    """A :class:`RowListGrad` written into a zero (B, R) matrix."""
+    """A :class:`RowListGrad` written into a zero matrix shaped like ``mat``."""
     dense = torch.zeros_like(mat)
     return dense.scatter_(1, lg.cols, lg.values.to(mat.dtype))
 
@@ -187,19 +187,80 @@ class _MatrixLoss(torch.autograd.Function):
         return gx, gy, None, None
 
 
+class _PoincareMatrixLoss(torch.autograd.Function):
+    """A pair loss on the Poincaré-ball distance ``d = arcosh(1 + z)``, ``z = 2s/(f_x f_y)``, ``s = ‖x − y‖²``,
+    ``f = 1 − ‖·‖²``, with the GEMM backward of ``s`` plus one row scaling per side:
+
+        ∂L/∂s = g · 2/(f_x f_y),   ∂L/∂x_i += x_i · (2/f_i) Σ_j g_ij z_ij   (likewise y_j over i),
+
+    where ``g = ∂L/∂d / sinh d`` and ``sinh(arcosh(1 + z)) = √(z(z + 2))``; ``g = 0`` at coincident points (the
+    zero subgradient, as for the Euclidean distance).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, terms: Callable[[torch.Tensor], Terms]):
+        same = y is None
+        in_dtype, work = x.dtype, compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xw = x.to(work)
+            yw = xw if same else y.to(work)
+            fx = ball_factor(xw, 1.0, "embeddings")
+            fy = fx if same else ball_factor(yw, 1.0, "ref_embeddings")
+            shape, device = (xw.shape[0], yw.shape[0]), xw.device
+            z = euclidean_matrix(xw, yw, same, squared=True, out=scratch("poincare_z", shape, work, device))
+            z.mul_(2.0).div_(fx[:, None]).div_(fy[None, :])
+            sinh = torch.add(z, 2.0, out=scratch("poincare_sinh", shape, work, device)).mul_(z).sqrt_()
+            out = terms(torch.add(sinh, z, out=scratch("matrix", shape, work, device)).log1p_())
+            g = _dense_grad(out, shape, work, device).div_(sinh).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            weighted = torch.mul(g, z, out=scratch("work", shape, work, device))
+            row, col = weighted.sum(dim=1).mul_(2.0 / fx), weighted.sum(dim=0).mul_(2.0 / fy)
+            w = g.mul_(2.0).div_(fx[:, None]).div_(fy[None, :])  # ∂L/∂s
+        ctx.save_for_backward(xw, yw, w, row, col)
+        ctx.same, ctx.symmetric = same, same and out.symmetric
+        ctx.dtypes = (in_dtype, None if same else y.dtype)
+        return out.loss.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        xw, yw, w, row, col = ctx.saved_tensors
+        with torch.autocast(xw.device.type, enabled=False):
+            gx, gy = euclidean_backward(w, xw, yw, ctx.same, ctx.symmetric)
+            gx.addcmul_(xw, (row + col)[:, None] if ctx.same else row[:, None])
+            if gy is not None:
+                gy.addcmul_(yw, col[:, None])
+        grad_out = grad_out.to(gx.dtype)
+        gx = gx.mul_(grad_out).to(ctx.dtypes[0])
+        gy = None if gy is None else gy.mul_(grad_out).to(ctx.dtypes[1])
+        return gx, gy, None
+
+
+def _dense_grad(out: Terms, shape, dtype, device) -> torch.Tensor:
+    """``∂loss/∂M`` of any :class:`Terms` form as a (B, R) matrix, its ``scale`` applied (a buffer of its own)."""
+    grad = out.grad
+    if isinstance(grad, RowListGrad):
+        dense = _densified(grad, torch.empty(shape, dtype=dtype, device=device))
+    elif isinstance(grad, SparseGrad):
+        dense = torch.zeros(shape, dtype=dtype, device=device)
+        dense.index_put_((grad.rows, grad.cols), grad.values.to(dtype), accumulate=True)
+    else:
+        dense = grad
+    return dense.mul_(out.scale) if out.scale != 1.0 else dense
+
+
 def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: Callable[[torch.Tensor], Terms]):
     """``terms(M)[0]`` for ``M`` = the ``metric`` matrix between the batch and the reference set.
 
     ``terms`` receives ``M`` without a graph and must return the loss with ``∂loss/∂M`` (:class:`Terms`).
     It may use ``M`` as scratch space except with ``metric="euclidean"``, whose backward divides by ``M``.
-    Cosine metrics normalise the rows first, under autograd (B×D work). A metric with no GEMM form here
-    (``poincare``) takes :func:`_autograd_matrix_loss`.
+    Cosine metrics normalise the rows first, under autograd (B×D work); ``poincare`` (curvature −1) takes
+    :class:`_PoincareMatrixLoss`.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
     x, y = embeddings, None if same_set else ref_embeddings
-    if metric not in _PRODUCT:
-        return _autograd_matrix_loss(x, y, metric, terms)
+    if metric == "poincare":
+        return _PoincareMatrixLoss.apply(x, y, terms)
     if metric in ("cosine", "cosine_similarity"):
         # normalise in the working precision: bfloat16 unit vectors would carry its rounding into the matrix
         x = x.to(compute_dtype(x))
@@ -207,24 +268,6 @@ def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: 
         x = F.normalize(x, dim=1, eps=1e-12)
         y = None if y is None else F.normalize(y, dim=1, eps=1e-12)
     return _MatrixLoss.apply(x, y, metric, terms)
-
-
-def _autograd_matrix_loss(x, y, metric: str, terms: Callable[[torch.Tensor], Terms]) -> torch.Tensor:
-    """The matrix under autograd and ``∂loss/∂M`` from ``terms`` applied to it as ``Σ G ⊙ M``, whose
-    gradient is the loss's: any differentiable metric works, at autograd's cost (several B×R passes)."""
-    with torch.autocast(x.device.type, enabled=False):
-        work = compute_dtype(x)
-        mat = METRICS[metric][0](x.to(work), None if y is None else y.to(work))
-        with torch.no_grad():
-            out = terms(mat.detach().clone())  # a copy: terms may write into its matrix
-            grad = out.grad
-            if isinstance(grad, RowListGrad):
-                grad = _densified(grad, mat)
-            elif isinstance(grad, SparseGrad):
-                grad = torch.zeros_like(mat).index_put_((grad.rows, grad.cols), grad.values, accumulate=True)
-            grad = grad * out.scale
-        surrogate = (mat * grad).sum()  # value Σ G ⊙ M, gradient Σ G ⊙ ∂M
-        return out.loss.detach() + (surrogate - surrogate.detach())
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
