@@ -231,6 +231,10 @@ def test_train_evaluate_on_the_ball(tmp_path):
     assert again["map_at_r"] == pytest.approx(result["after"]["map_at_r"])
     with pytest.raises(ValueError, match="Poincaré ball"):
         build_index(result["run_dir"], "digits", tmp_path / "idx")
+    from metrix.apps.jobs import enroll
+
+    with pytest.raises(ValueError, match="Poincaré ball"):
+        enroll(tmp_path / "gallery", result["run_dir"], "digits")
     with pytest.raises(ValueError, match="needs a loss on distances"):
         TrainConfig.from_sources(None, loss="ntxent", geometry="poincare")
     with pytest.raises(ValueError, match="geometry must be one of"):

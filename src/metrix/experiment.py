@@ -36,6 +36,17 @@ def run_metric(config: dict) -> str:
     return GEOMETRIES[config.get("train", {}).get("geometry", "sphere")][1]
 
 
+def load_sphere_run(run_dir, purpose: str):
+    """``load_model`` for tools that compare embeddings with L2/cosine (index, gallery, OOD): a run trained
+    on the Poincaré ball is refused instead of being compared in the wrong geometry."""
+    model, config = load_model(run_dir)
+    if run_metric(config) == "poincare":
+        raise ValueError(f"this run embeds into the Poincaré ball, which {purpose} does not support (it compares "
+                         "with L2 or cosine); use metrix.neighbors.knn(..., metric='poincare') or "
+                         "retrieval_metrics(..., metric='poincare') for exact search and evaluation")
+    return model, config
+
+
 @dataclass
 class TrainConfig:
     """Every setting of ``metrix train``; a YAML file may set any of them (CLI flags win)."""
@@ -305,10 +316,7 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
     from metrix.index import VectorIndex
 
-    model, config = load_model(run_dir)
-    if run_metric(config) == "poincare":
-        raise ValueError("this run embeds into the Poincaré ball, which the vector index does not search (it has "
-                         "l2, cosine and ip); use metrix.neighbors.knn(..., metric='poincare') for exact search")
+    model, _ = load_sphere_run(run_dir, "the vector index")
     x, y = _load_inputs(data, label_column)
     emb = model.embed(x).numpy()
     # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable
@@ -326,7 +334,7 @@ def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str
     from metrix.index import VectorIndex
 
     index = VectorIndex.load(index_path)
-    model, _ = load_model(run_dir)
+    model, _ = load_sphere_run(run_dir, "the vector index")
     if model.embedding_dim != index.dim:
         raise ValueError(f"the run embeds into {model.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
     x, y = _load_inputs(query, label_column)

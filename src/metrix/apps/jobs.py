@@ -10,10 +10,9 @@ from metrix.apps.verification import Gallery, calibrate_threshold
 
 
 def _embed(run_dir, data: str, label_column: str = "label"):
-    from metrix.experiment import _load_inputs
-    from metrix.models import load_model
+    from metrix.experiment import _load_inputs, load_sphere_run
 
-    model, _ = load_model(run_dir)
+    model, _ = load_sphere_run(run_dir, "the gallery and OOD tools")
     x, y = _load_inputs(data, label_column)
     return model.embed(x).numpy(), y
 
