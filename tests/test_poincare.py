@@ -3,6 +3,8 @@ and pair losses on it against the float64 loop references."""
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -209,8 +211,8 @@ def test_ball_model_outputs_stay_inside_and_survive_save_load(tmp_path):
 
 def test_train_evaluate_on_the_ball(tmp_path):
     """``metrix train --geometry poincare``: the model embeds into the ball, validation and the report rank by
-    the Poincaré distance, ``evaluate`` reads the geometry back, the vector index refuses the run."""
-    from metrix.experiment import TrainConfig, build_index, evaluate, train
+    the Poincaré distance, ``evaluate`` and the index read the geometry back, the gallery refuses the run."""
+    from metrix.experiment import TrainConfig, build_index, evaluate, search_index, train
     from metrix.models import load_model
 
     cfg = TrainConfig.from_sources(None, loss="triplet", geometry="poincare", epochs=2, out=str(tmp_path),
@@ -229,8 +231,15 @@ def test_train_evaluate_on_the_ball(tmp_path):
         experiment.retrieval_metrics = real
     assert used == ["poincare"]
     assert again["map_at_r"] == pytest.approx(result["after"]["map_at_r"])
-    with pytest.raises(ValueError, match="Poincaré ball"):
-        build_index(result["run_dir"], "digits", tmp_path / "idx")
+    index = build_index(result["run_dir"], "digits", tmp_path / "idx")
+    assert index.metric == "poincare"
+    hits = search_index(tmp_path / "idx", result["run_dir"], "digits", k=3, limit=5)
+    # itself first, at 0 up to float32: √ of a GEMM residual, as for the Euclidean distance
+    assert [h["neighbours"][0]["distance"] for h in hits] == pytest.approx([0.0] * 5, abs=5e-3)
+    sphere = train(TrainConfig.from_sources(None, loss="triplet", epochs=1, out=str(tmp_path), progress=False),
+                   echo=lambda *a: None)
+    with pytest.raises(ValueError, match="build the index with the same run"):
+        search_index(tmp_path / "idx", sphere["run_dir"], "digits", k=3)
     from metrix.apps.jobs import enroll
 
     with pytest.raises(ValueError, match="Poincaré ball"):
@@ -239,3 +248,39 @@ def test_train_evaluate_on_the_ball(tmp_path):
         TrainConfig.from_sources(None, loss="ntxent", geometry="poincare")
     with pytest.raises(ValueError, match="geometry must be one of"):
         TrainConfig.from_sources(None, geometry="sphre")
+
+
+@pytest.mark.parametrize("backend,faiss_index", [("exact", "Flat"), ("faiss", "Flat"), ("faiss", "IVF8,Flat")])
+def test_vector_index_on_the_ball(backend, faiss_index, tmp_path):
+    """A Poincaré index: exact and faiss (inner product over the augmented coordinates) return the brute-force
+    neighbours and distances, range search agrees, save/load keeps the metric, points outside are refused."""
+    from metrix.index import VectorIndex
+
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(1)
+    x = D.expmap0(torch.randn(400, 6, generator=g)).numpy()
+    q = D.expmap0(torch.randn(12, 6, generator=g)).numpy()
+    index = VectorIndex(6, metric="poincare", backend=backend, faiss_index=faiss_index, nprobe=8, ef_search=128)
+    index.add(x[:300], ids=np.arange(1000, 1300))
+    index.add(x[300:], ids=np.arange(1300, 1400))  # added after the faiss structure may exist
+    full = D.poincare(torch.from_numpy(q).double(), torch.from_numpy(x).double())
+    want_d, want_i = full.topk(5, largest=False)
+    dist, ids = index.search(q, 5)
+    np.testing.assert_array_equal(ids, want_i.numpy() + 1000)
+    np.testing.assert_allclose(dist, want_d.numpy(), rtol=2e-3, atol=2e-3)
+    radius = float(want_d[:, 2].median())
+    for (d_row, id_row), f_row in zip(index.range_search(q, radius), full):
+        inside = torch.nonzero(f_row <= radius).flatten()
+        near_edge = (f_row - radius).abs() < 2e-3
+        assert set(id_row.tolist()) ^ set((inside + 1000).tolist()) <= set((torch.nonzero(near_edge).flatten() + 1000).tolist())
+        assert list(d_row) == sorted(d_row)
+    index.save(tmp_path / "ball.idx")
+    loaded = VectorIndex.load(tmp_path / "ball.idx")
+    assert loaded.metric == "poincare"
+    np.testing.assert_array_equal(loaded.search(q, 5)[1], ids)
+    with pytest.raises(ValueError, match="outside the Poincaré ball"):
+        index.add(np.array([[1.0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    if backend == "faiss":
+        with pytest.raises(ValueError, match="HNSW"):
+            VectorIndex(6, metric="poincare", backend="faiss", faiss_index="HNSW32")

@@ -37,8 +37,8 @@ def run_metric(config: dict) -> str:
 
 
 def load_sphere_run(run_dir, purpose: str):
-    """``load_model`` for tools that compare embeddings with L2/cosine (index, gallery, OOD): a run trained
-    on the Poincaré ball is refused instead of being compared in the wrong geometry."""
+    """``load_model`` for tools that compare embeddings with L2/cosine (gallery, OOD): a run trained on the
+    Poincaré ball is refused instead of being compared in the wrong geometry."""
     model, config = load_model(run_dir)
     if run_metric(config) == "poincare":
         raise ValueError(f"this run embeds into the Poincaré ball, which {purpose} does not support (it compares "
@@ -316,11 +316,13 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
     from metrix.index import VectorIndex
 
-    model, _ = load_sphere_run(run_dir, "the vector index")
+    model, config = load_model(run_dir)
     x, y = _load_inputs(data, label_column)
     emb = model.embed(x).numpy()
-    # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable
-    index = VectorIndex(emb.shape[1], metric="l2", backend=backend, faiss_index=faiss_index)
+    # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable;
+    # a run trained on the Poincaré ball is searched with its own distance
+    metric = "poincare" if run_metric(config) == "poincare" else "l2"
+    index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
     metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]
     index.add(emb, metadata=metadata)
     if backend == "faiss":
@@ -334,7 +336,11 @@ def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str
     from metrix.index import VectorIndex
 
     index = VectorIndex.load(index_path)
-    model, _ = load_sphere_run(run_dir, "the vector index")
+    model, config = load_model(run_dir)
+    if (index.metric == "poincare") != (run_metric(config) == "poincare"):
+        raise ValueError(f"the index compares with {index.metric!r} but the run embeds "
+                         f"{'into the Poincaré ball' if run_metric(config) == 'poincare' else 'on the unit sphere'}: "
+                         "build the index with the same run")
     if model.embedding_dim != index.dim:
         raise ValueError(f"the run embeds into {model.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
     x, y = _load_inputs(query, label_column)

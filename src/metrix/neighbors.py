@@ -362,7 +362,7 @@ def iter_knn(
     state_mb = n_ref * _symmetric_state_width(k) * (q.element_size() + 4) / 2**20
     symmetric = same and sampled and state_mb <= max_memory_mb
     if metric == "poincare":  # one symmetric score for both paths: −w_x·w_y·‖x − y‖², w = 1/(1 − ‖x‖²)
-        qa, ra = _poincare_rows(qs, left=True), _poincare_rows(rs, left=False)
+        qa, ra = poincare_rows(qs, left=True), poincare_rows(rs, left=False)
     elif symmetric and euclid:  # a symmetric score: [2x, −‖x‖², 1]·[y, 1, −‖y‖²] = −‖x − y‖²
         sq_norm = (qs * qs).sum(1, keepdim=True)
         one = torch.ones_like(sq_norm)
@@ -395,7 +395,7 @@ def iter_knn(
             yield start, top, idx
 
 
-def _poincare_rows(x, left: bool):
+def poincare_rows(x, left: bool):
     """Rows whose products give ``−w_x·w_y·‖x − y‖²`` (``w = 1/(1 − ‖x‖²)``, the Poincaré ball of curvature
     −1): ``[2x·w, −‖x‖²·w, −w]`` on the left, ``[y·w, w, ‖y‖²·w]`` on the right. ``arcosh`` is increasing,
     so ranking by it ranks by distance, and ``d = arcosh(1 − 2·score)``."""
