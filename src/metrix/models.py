@@ -132,8 +132,9 @@ class EmbeddingModel(nn.Module):
     head_hidden_dim : if given, the head is an MLP (Linear → BatchNorm → ReLU → Linear), the projection
         head of SimCLR/MoCo v2; downstream tasks then use :meth:`features` (the backbone's output)
     ball_curvature : if given (c > 0), outputs are mapped into the Poincaré ball of curvature −c by
-        :func:`~metrix.distances.expmap0` (hyperbolic geometry; compare them with ``metric="poincare"``);
-        excludes ``normalize``
+        :func:`~metrix.distances.expmap0` (hyperbolic geometry); excludes ``normalize``. The losses, kNN and
+        index compare with ``metric="poincare"``, which is curvature −1: use ``ball_curvature=1`` with them
+        (``distances.poincare(x, y, c)`` takes any c)
     ball_clip : with ``ball_curvature``, head outputs longer than this are scaled down to it before the map
         (feature clipping, Guo et al., "Clipped Hyperbolic Classifiers Are Super-Hyperbolic Classifiers",
         CVPR 2022): unclipped, a freshly initialised head sends points next to the boundary, where ``tanh``
