@@ -91,14 +91,15 @@ def _sparse_product_grad(sg: SparseGrad, mat, metric) -> SparseGrad:
 def _sparse_backward(sg: SparseGrad, x, y, kind, same):
     """Gradients for a gradient with few entries: per entry ``w·(x_i − y_j)·2`` (Euclidean) or ``w·y_j`` (dot)."""
     w = sg.values[:, None]
-    xi, yj = x[sg.rows], y[sg.cols]
+    # two gathers and in-place arithmetic: every fresh (entries, D) temporary costs page faults
+    xi, yj = x.index_select(0, sg.rows), y.index_select(0, sg.cols)
     if kind == "euclid":
-        diff = 2 * w * (xi - yj)
-        gx_part, gy_part = diff, -diff
+        gx_part = xi.sub_(yj).mul_(2 * w)
+        gy_part, gy_sign = gx_part, -1.0
     else:
-        gx_part, gy_part = w * yj, w * xi
+        gx_part, gy_part, gy_sign = yj.mul_(w), xi.mul_(w), 1.0
     gx = torch.zeros_like(x).index_add_(0, sg.rows, gx_part)
-    gy = (gx if same else torch.zeros_like(y)).index_add_(0, sg.cols, gy_part)
+    gy = (gx if same else torch.zeros_like(y)).index_add_(0, sg.cols, gy_part, alpha=gy_sign)
     return gx, (None if same else gy)
 
 
