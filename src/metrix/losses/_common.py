@@ -208,6 +208,27 @@ def write_positions(t: torch.Tensor, flat: torch.Tensor, valid: torch.Tensor, va
     t.view(-1).scatter_(0, flat.view(-1), torch.where(valid, values, keep).view(-1))
 
 
+def set_positives_and_self(mat: torch.Tensor, flat: torch.Tensor, valid: torch.Tensor, same_set: bool, value: float):
+    """Overwrite the positive pairs (the valid slots of ``flat``) and, when ``same_set``, the self pairs of
+    ``mat`` with ``value``, so that a pass over the whole matrix sees only negatives.
+
+    Returns ``(at_positives, restore)``: what the slots held, (B, Pmax), and a function that puts the
+    positives and the diagonal back as they were.
+    """
+    at_positives = gather_positions(mat, flat)
+    diagonal = mat.diagonal().clone() if same_set else None
+    write_positions(mat, flat, valid, value)
+    if same_set:
+        mat.fill_diagonal_(value)
+
+    def restore() -> None:
+        write_positions(mat, flat, valid, at_positives)
+        if diagonal is not None:
+            mat.diagonal().copy_(diagonal)
+
+    return at_positives, restore
+
+
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
     """An exact 0 connected to the graph of ``tensors`` (gradient 0, backward() works)."""
     out = None

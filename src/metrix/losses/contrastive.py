@@ -18,7 +18,7 @@ from torch import nn
 from metrix._validation import check_choice
 from metrix.distances import is_similarity
 from metrix.losses._common import (
-    REDUCTIONS, gather_positions, label_masks, positive_positions, prepare_batch, scratch, write_positions,
+    REDUCTIONS, label_masks, positive_positions, prepare_batch, scratch, set_positives_and_self, write_positions,
 )
 from metrix.losses._matrix import RowListGrad, Terms, compute_dtype, inverse_count, matrix_loss
 
@@ -131,17 +131,12 @@ def _all_pairs_terms(b, hinge: _Hinges, on_squared_distances: bool, restore: boo
         return count, margin * count - total, -0.5
 
     def terms(mat):
-        m_pos = gather_positions(mat, flat)
-        diagonal = mat.diagonal().clone() if b.same_set and restore else None
-        write_positions(mat, flat, valid, never_active)
-        if b.same_set:
-            mat.fill_diagonal_(never_active)  # self pairs are neither positive nor negative
+        # self pairs are neither positive nor negative
+        m_pos, put_back = set_positives_and_self(mat, flat, valid, b.same_set, never_active)
         any_active = bool(mat.amin() < bound) if sign > 0 else bool(mat.amax() > bound)
         grad = negative_grad(mat) if any_active else None
         if restore:
-            write_positions(mat, flat, valid, m_pos)
-            if diagonal is not None:
-                mat.diagonal().copy_(diagonal)
+            put_back()
         count_neg_active, sum_neg, factor = negative_sums(grad, mat) if any_active else (0, 0.0, 1.0)
 
         mask = valid.to(dtype)

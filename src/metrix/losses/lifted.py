@@ -25,7 +25,7 @@ from torch import nn
 
 from metrix.losses._common import (
     gather_positions, label_masks, mask_positions, positive_positions, prepare_batch, same_label_mask, scratch,
-    write_positions, zero_loss,
+    set_positives_and_self, write_positions, zero_loss,
 )
 from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss, row_softmax
 
@@ -63,16 +63,11 @@ def _generalized_all_pairs_terms(b, pos_margin: float, neg_margin: float):
     has_neg = valid.sum(dim=1) + (1 if b.same_set else 0) < n_cols
 
     def terms(d):
-        d_pos = gather_positions(d, flat)
-        diagonal = d.diagonal().clone() if b.same_set else None
-        write_positions(d, flat, valid, torch.inf)
-        if b.same_set:
-            d.fill_diagonal_(torch.inf)
+        d_pos, put_back = set_positives_and_self(d, flat, valid, b.same_set, torch.inf)
         # the gradient outlives this call (saved for backward): the softmax goes into a fresh buffer
         lse_n, prob_n = row_softmax(torch.rsub(d, neg_margin), has_neg)
-        write_positions(d, flat, valid, d_pos)  # the matrix as it came: the backward reads it
+        put_back()  # the matrix as it came: the backward reads it
         if b.same_set:
-            d.diagonal().copy_(diagonal)
             prob_n.fill_diagonal_(0.0)
 
         logits_p = torch.where(valid, d_pos - pos_margin, -torch.inf)
