@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from metrix.distances import METRICS, ball_factor, euclidean_backward, euclidean_matrix
+from metrix.distances import METRICS, ball_factor, euclidean_backward, euclidean_matrix, half_inverse
 from metrix.losses._common import (
     EXP_FLOOR, gather_positions, positive_positions, scratch, write_positions, zero_loss,
 )
@@ -78,14 +78,16 @@ def _product_grad(grad, mat, metric):
     return grad.neg_() if metric == "cosine" else grad
 
 
-def _sparse_product_grad(sg: SparseGrad, mat, metric) -> SparseGrad:
-    values = sg.values
+def _entry_product_grad(values, entries: Callable[[], torch.Tensor], metric):
+    """:func:`_product_grad` for a few listed entries, ``entries()`` giving the matrix there; for the
+    Euclidean distance the ½ of ``∂d/∂d² = 1/(2d)`` is included (0 where ``d = 0``)."""
     if metric == "euclidean":
-        d = mat[sg.rows, sg.cols]
-        values = torch.where(d > 0, values / (2 * d.clamp_min(torch.finfo(d.dtype).tiny)), torch.zeros_like(values))
-    elif metric == "cosine":
-        values = -values
-    return SparseGrad(sg.rows, sg.cols, values)
+        return values * half_inverse(entries())
+    return -values if metric == "cosine" else values
+
+
+def _sparse_product_grad(sg: SparseGrad, mat, metric) -> SparseGrad:
+    return SparseGrad(sg.rows, sg.cols, _entry_product_grad(sg.values, lambda: mat[sg.rows, sg.cols], metric))
 
 
 def _sparse_backward(sg: SparseGrad, x, y, kind, same):
@@ -110,11 +112,7 @@ def _densified(lg: RowListGrad, mat) -> torch.Tensor:
 
 
 def _listed_product_grad(lg: RowListGrad, mat, metric) -> torch.Tensor:
-    """:func:`_product_grad` at the listed entries only (the ½ of ``∂d/∂d²`` included)."""
-    if metric == "euclidean":
-        d = mat.gather(1, lg.cols)
-        return torch.where(d > 0, lg.values / (2 * d.clamp_min(torch.finfo(d.dtype).tiny)), 0.0)
-    return -lg.values if metric == "cosine" else lg.values
+    return _entry_product_grad(lg.values, lambda: mat.gather(1, lg.cols), metric)
 
 
 def _listed_backward(lg: RowListGrad, x, kind, scale: float) -> torch.Tensor:
@@ -182,10 +180,7 @@ class _MatrixLoss(torch.autograd.Function):
                 half = 0.5 if ctx.metric == "euclidean" else 1.0  # the ½ of ∂d/∂d² = 1/(2d)
                 gx, gy = _dense_backward(g[0], xw, yw, kind, ctx.same, ctx.symmetric and ctx.same,
                                          ctx.grad_scale * half)
-        grad_out = grad_out.to(gx.dtype)
-        gx = gx.mul_(grad_out).to(ctx.dtypes[0])
-        gy = None if gy is None else gy.mul_(grad_out).to(ctx.dtypes[1])
-        return gx, gy, None, None
+        return (*_input_grads(gx, gy, grad_out, ctx.dtypes), None, None)
 
 
 class _PoincareMatrixLoss(torch.autograd.Function):
@@ -230,10 +225,14 @@ class _PoincareMatrixLoss(torch.autograd.Function):
             gx.addcmul_(xw, (row + col)[:, None] if ctx.same else row[:, None])
             if gy is not None:
                 gy.addcmul_(yw, col[:, None])
-        grad_out = grad_out.to(gx.dtype)
-        gx = gx.mul_(grad_out).to(ctx.dtypes[0])
-        gy = None if gy is None else gy.mul_(grad_out).to(ctx.dtypes[1])
-        return gx, gy, None
+        return (*_input_grads(gx, gy, grad_out, ctx.dtypes), None)
+
+
+def _input_grads(gx, gy, grad_out, dtypes):
+    """The working-precision gradients times the upstream gradient, in the inputs' dtypes."""
+    grad_out = grad_out.to(gx.dtype)
+    gx = gx.mul_(grad_out).to(dtypes[0])
+    return gx, (None if gy is None else gy.mul_(grad_out).to(dtypes[1]))
 
 
 def _dense_grad(out: Terms, shape, dtype, device) -> torch.Tensor:
