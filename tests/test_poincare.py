@@ -75,6 +75,10 @@ def test_expmap0_logmap0_and_projection():
     assert bool((huge.norm(dim=1) < 1).all()) and torch.isfinite(D.poincare(huge)).all()
     inside = torch.tensor([[0.1, 0.2]])
     assert D.project_to_ball(inside).equal(inside)
+    rows = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    clipped = D.clip_norm(rows, 2.0)
+    torch.testing.assert_close(clipped[0], torch.tensor([1.2, 1.6]))  # scaled to norm 2, direction kept
+    assert clipped[1:].equal(rows[1:])  # shorter rows (and zero) unchanged
     assert float(D.project_to_ball(torch.tensor([[3.0, 4.0]]), eps=0.01).norm()) == pytest.approx(0.99)
 
 

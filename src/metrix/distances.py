@@ -296,10 +296,13 @@ def logmap0(x: torch.Tensor, c: float = 1.0) -> torch.Tensor:
 
 def project_to_ball(x: torch.Tensor, c: float = 1.0, eps: float = 4e-3) -> torch.Tensor:
     """Rows scaled back to norm ``(1 − eps)/√c`` where they reach beyond it; others unchanged."""
-    c = check_curvature(c)
-    limit = (1.0 - eps) / math.sqrt(c)
+    return clip_norm(x, (1.0 - eps) / math.sqrt(check_curvature(c)))
+
+
+def clip_norm(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Rows longer than ``max_norm`` scaled down to it; others unchanged (differentiable)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-15)
-    return torch.where(norm > limit, x * (limit / norm), x)
+    return torch.where(norm > max_norm, x * (max_norm / norm), x)
 
 
 # name -> (function, is_similarity). Similarities rank "larger is closer".

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from metrix.io import CorruptFileError, load_tensors, save_tensors
-from metrix.distances import arcosh1p, ball_factor, poincare
-from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_rows
+from metrix.distances import ball_factor, poincare
+from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_from_score, poincare_rows
 
 INDEX_FORMAT = "1"
 # index metric -> metrix.neighbors metric
@@ -269,8 +269,8 @@ class VectorIndex:
             out = np.sqrt(np.maximum(raw, 0))
         elif self.metric == "cosine":
             out = 1.0 - raw
-        elif self.metric == "poincare":  # the score is −z/2 for d = arcosh(1 + z)
-            out = arcosh1p(torch.from_numpy(np.maximum(-2.0 * raw, 0.0))).numpy()
+        elif self.metric == "poincare":
+            out = poincare_from_score(torch.from_numpy(raw)).numpy()
         else:
             out = raw.copy()
         out[pos < 0] = missing

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrix.distances import check_curvature, expmap0
+from metrix.distances import check_curvature, clip_norm, expmap0
 from metrix.io import load_json, load_tensors, save_json, save_tensors
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -221,8 +221,7 @@ class EmbeddingModel(nn.Module):
         e = self.head(self.features(x))
         if self.ball_curvature is not None:
             if self.ball_clip is not None:
-                norm = torch.linalg.vector_norm(e, dim=1, keepdim=True).clamp_min(1e-15)
-                e = e * torch.clamp(self.ball_clip / norm, max=1.0)
+                e = clip_norm(e, self.ball_clip)
             return expmap0(e, self.ball_curvature)
         return F.normalize(e, dim=1) if self.normalize else e
 

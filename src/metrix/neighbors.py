@@ -390,8 +390,8 @@ def iter_knn(
                 top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
             elif metric == "cosine":
                 top = 1.0 - top
-            elif metric == "poincare":  # the score is −z/2 for d = arcosh(1 + z)
-                top = arcosh1p((-2.0 * top).clamp_min(0))
+            elif metric == "poincare":
+                top = poincare_from_score(top)
             yield start, top, idx
 
 
@@ -404,6 +404,11 @@ def poincare_rows(x, left: bool):
     if left:
         return torch.cat([2 * x * w, -sq * w, -w], dim=1)
     return torch.cat([x * w, w, sq * w], dim=1)
+
+
+def poincare_from_score(score: torch.Tensor) -> torch.Tensor:
+    """The Poincaré distance ``arcosh(1 + z)`` from a :func:`poincare_rows` score ``−z/2``."""
+    return arcosh1p((-2.0 * score).clamp_min(0))
 
 
 def _iter_one_sided_topk(qa, ra, k, exclude_self, chunk, tile, sampled):
