@@ -128,3 +128,54 @@ def test_zero_distance_gradient_is_zero_even_with_nonzero_upstream():
     u = (x[0] - x[2]).detach() / 5.0  # unit vector, |x0 - x2| = 5
     expected = torch.stack([2 * u, 2 * u, -4 * u])
     torch.testing.assert_close(x.grad, expected)
+
+
+# --- identical points are exactly 0 on any BLAS, CPU and thread count (the GEMM expansion alone is not) ---
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [3, 33, 512])
+def test_identical_points_are_exactly_zero_in_every_euclidean_matrix(dtype, dim):
+    from metrix.distances import euclidean, poincare, expmap0, squared_euclidean
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(300, dim, generator=g, dtype=dtype) * 3 + 1
+    x[150:] = x[:150]  # every row has a twin 150 rows away (before the fix, dozens were 1e-14..1e-3 here)
+    i = torch.arange(150)
+    for fn in (euclidean, squared_euclidean):
+        assert bool((fn(x)[i, i + 150] == 0).all())
+        assert bool((fn(x[:150], x[150:]).diagonal() == 0).all())
+        assert bool((fn(x) >= 0).all())
+    ball = expmap0(x * 0.1)
+    assert bool((poincare(ball)[i, i + 150] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expansion_error_factor_bounds_the_gemm_error(dtype):
+    """The bound behind the exact recomputation: |GEMM form − exact| ≤ γ·(‖x‖² + ‖y‖²) on adversarial
+    inputs (large common offset, so the expansion cancels badly)."""
+    from metrix.distances import expansion_error_factor
+
+    g = torch.Generator().manual_seed(1)
+    x = 50 + torch.randn(200, 64, generator=g, dtype=dtype)
+    y = 50 + torch.randn(150, 64, generator=g, dtype=dtype)
+    gemm = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
+    exact = ((x.double()[:, None] - y.double()[None]) ** 2).sum(-1)
+    bound = expansion_error_factor(64, dtype) * ((x.double() ** 2).sum(1)[:, None] + (y.double() ** 2).sum(1)[None])
+    assert bool(((gemm.double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "poincare"])
+@pytest.mark.parametrize("n", [300, 40_000])  # merging path, and the sampled / symmetric paths
+def test_knn_gives_duplicates_distance_exactly_zero(metric, n):
+    from metrix.distances import expmap0
+    from metrix.neighbors import knn
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 24, generator=g)
+    if metric == "poincare":
+        x = expmap0(0.3 * x)
+    x[n // 2:] = x[: n // 2]
+    dist, idx = knn(x, k=3, metric=metric)
+    twin = (torch.arange(n) + n // 2) % n
+    assert bool((idx[:, 0] == twin).all()) and bool((dist[:, 0] == 0).all())
+    d1, _ = knn(x[:50], x, k=2, metric=metric)  # one-sided: the query's own row and its twin, both exactly 0
+    assert bool((d1 == 0).all())

@@ -1,11 +1,13 @@
 """Pairwise distance and similarity matrices between ``x`` (B, D) and ``y`` (R, D).
 
 All Euclidean-family work is a matrix product (``‖x‖² + ‖y‖² − 2·x·yᵀ``), so it runs at GEMM
-speed. The square root is "safe": identical points get distance exactly 0 *and* a finite
-(zero) gradient, where a plain ``sqrt`` would return ``inf · 0 = NaN`` in backward.
+speed. The expansion loses up to ``γ·(‖x‖² + ‖y‖²)`` to rounding, so the few entries within that bound
+of 0 are recomputed as ``Σ(x − y)²`` (:func:`exact_near_zero_`): identical points get distance exactly
+0 on every CPU and BLAS, and small distances keep full accuracy. The square root is "safe": identical
+points get a finite (zero) gradient, where a plain ``sqrt`` would return ``inf · 0 = NaN`` in backward.
 
 ``y=None`` means "compare ``x`` with itself"; the diagonal is then exactly 0 (distance) or the
-self-similarity, independent of rounding in the matrix product.
+self-similarity.
 
 Example
 -------
@@ -57,16 +59,63 @@ def _prepare(x, y):
     return x, y, False
 
 
+def expansion_error_factor(dim: int, dtype: torch.dtype) -> float:
+    """``γ`` with ``|fl(‖x‖² + ‖y‖² − 2x·y) − ‖x − y‖²| ≤ γ·(‖x‖² + ‖y‖²)`` for any summation order.
+
+    Each of the three length-``dim`` sums is within ``γ_dim = dim·u/(1 − dim·u)`` of its value relative to
+    the sum of its absolute terms (Higham, *Accuracy and Stability*, §3.1; any order, blocking or FMA),
+    and ``2|x·y| ≤ ‖x‖² + ‖y‖²``; the two additions and the rounding of the result add ``3u``. Sums of
+    half-precision inputs accumulate in float32 on every backend, so ``u`` of the sums is float32's there.
+    """
+    u_out = torch.finfo(dtype).eps / 2
+    u_acc = min(u_out, torch.finfo(torch.float32).eps / 2)
+    gamma = dim * u_acc / (1 - dim * u_acc)
+    return 2 * gamma + 3 * u_out
+
+
+EXACT_CHUNK = 1 << 22  # elements of (entries, D) differences per chunk of the exact recomputation
+
+
+def exact_sq_distances(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``Σ_k (x[rows] − y[cols])_k²`` entry by entry, in chunks of bounded memory: exactly 0 for identical
+    rows and accurate to a few ulps elsewhere (no cancellation, unlike the GEMM expansion)."""
+    step = max(1, EXACT_CHUNK // max(1, x.shape[1]))
+    parts = [(x[rows[s : s + step]] - y[cols[s : s + step]]).square_().sum(dim=1) for s in range(0, len(rows), step)]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def exact_near_zero_(sq: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_sq: torch.Tensor,
+                     y_sq: torch.Tensor, cols: torch.Tensor | None = None, extra_terms: int = 2) -> torch.Tensor:
+    """Entries of a GEMM-expanded ``‖x_i − y_j‖²`` that rounding could have moved by their own size (those
+    within :func:`expansion_error_factor` of 0) recomputed directly, in place.
+
+    This makes identical points exactly 0 and small distances accurate by construction, on any BLAS, CPU
+    and thread count: the expansion alone leaves up to ``γ·(‖x‖² + ‖y‖²)`` (a distance of ``√γ·‖x‖``).
+    Entries are few unless points nearly coincide, and every negative rounding result is among them.
+    ``cols`` (same shape as ``sq``) names the column of ``y`` behind each entry (a kNN result); without
+    it, entry ``(i, j)`` is ``x_i`` against ``y_j``. ``extra_terms`` widens the bound for products over
+    augmented rows (2: the norms inside the product, as kNN does).
+    """
+    if sq.numel() == 0:
+        return sq
+    gamma = expansion_error_factor(x.shape[1] + extra_terms, sq.dtype)
+    bound = gamma * (x_sq + y_sq.max())
+    rows, pos = torch.nonzero(sq <= bound[:, None], as_tuple=True)
+    if len(rows):
+        sq[rows, pos] = exact_sq_distances(x, y, rows, pos if cols is None else cols[rows, pos]).to(sq.dtype)
+    return sq
+
+
 def euclidean_matrix(x: torch.Tensor, y: torch.Tensor, same: bool, squared: bool,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """No-grad (squared) Euclidean matrix: one GEMM plus in-place clamp/sqrt; exact 0 diagonal when ``same``.
+    """No-grad (squared) Euclidean matrix: one GEMM, then the entries near 0 recomputed exactly
+    (:func:`exact_near_zero_`: identical points give exactly 0, nothing is negative) and an in-place sqrt.
     ``out`` is an optional (B, R) buffer to write into."""
     x_sq = (x * x).sum(dim=1)
     y_sq = x_sq if same else (y * y).sum(dim=1)
     out = torch.add(x_sq[:, None], y_sq[None, :], out=out)  # one B×R buffer: the GEMM accumulates into it
-    out.addmm_(x, y.T, alpha=-2.0).clamp_min_(0)
-    if same:
-        out.fill_diagonal_(0)
+    out.addmm_(x, y.T, alpha=-2.0)
+    exact_near_zero_(out, x, y, x_sq, y_sq)
     return out if squared else out.sqrt_()
 
 

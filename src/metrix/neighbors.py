@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from metrix._validation import check_embeddings, check_pair
-from metrix.distances import arcosh1p, ball_factor, is_similarity, safe_sqrt
+from metrix.distances import arcosh1p, ball_factor, exact_near_zero_, is_similarity, safe_sqrt
 
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
@@ -372,6 +372,7 @@ def iter_knn(
         qa = torch.cat([qs, torch.ones(qs.shape[0], 1, dtype=qs.dtype, device=qs.device)], dim=1)
     else:
         ra, qa = rs, qs
+    r_sq = (rs * rs).sum(1) if euclid or metric == "poincare" else None
     with torch.no_grad():
         if symmetric:
             chunks = _iter_symmetric_topk(qa, ra, k, exclude_self, chunk, tile)
@@ -385,13 +386,14 @@ def iter_knn(
             top, order = torch.sort(best_val, dim=1, descending=True)
             idx = best_idx.gather(1, order)
             if euclid:
-                sq = -top if symmetric else (qs[ids] * qs[ids]).sum(1, keepdim=True) - top
-                sq = sq.clamp_min(0)
+                q_sq = (qs[ids] * qs[ids]).sum(1)
+                sq = -top if symmetric else q_sq[:, None] - top
+                exact_near_zero_(sq, qs[ids], rs, q_sq, r_sq, cols=idx)  # duplicates exactly 0, none negative
                 top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
             elif metric == "cosine":
                 top = 1.0 - top
             elif metric == "poincare":
-                top = poincare_from_score(top)
+                top = _exact_poincare(top, qs[ids], rs, idx, r_sq)
             yield start, top, idx
 
 
@@ -404,6 +406,18 @@ def poincare_rows(x, left: bool):
     if left:
         return torch.cat([2 * x * w, -sq * w, -w], dim=1)
     return torch.cat([x * w, w, sq * w], dim=1)
+
+
+def _exact_poincare(score, q, r, idx, r_sq):
+    """Poincaré distances of the kept neighbours from their :func:`poincare_rows` scores, with the entries
+    that rounding could have moved by their own size recomputed from ``Σ(x − y)²`` (duplicates exactly 0).
+    The score is ``−w_x·w_y·‖x − y‖²``, so ``‖x − y‖²`` carries the expansion's usual error bound plus a few
+    ulps from forming the rows (``extra_terms``)."""
+    q_sq = (q * q).sum(1)
+    ww = (1.0 / (1.0 - q_sq))[:, None] / (1.0 - r_sq[idx])
+    sq = -score / ww
+    exact_near_zero_(sq, q, r, q_sq, r_sq, cols=idx, extra_terms=8)
+    return arcosh1p(sq.mul_(ww).mul_(2.0))
 
 
 def poincare_from_score(score: torch.Tensor) -> torch.Tensor:
