@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from metrix.io import load_json
+
 from metrix.losses import MultiSimilarityLoss, ProxyAnchorLoss, TripletMarginLoss
-from metrix.models import EmbeddingModel, load_model
+from metrix.models import EmbeddingModel, load_model_file
 from metrix.training import Trainer
 from tests.conftest import clustered
 
@@ -65,9 +65,8 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     model, trainer = make(epochs=10, lr=0.0, patience=2, checkpoint_dir=tmp_path)
     history = trainer.fit(x, y, val=(x, y))
     assert len(history) == 3 and trainer.best_epoch == 1
-    best = load_json(tmp_path / "best" / "config.json")
+    loaded, best = load_model_file(tmp_path / "best.safetensors")
     assert best["epoch"] == 1 and best["monitor"] == "map_at_r"
-    loaded, _ = load_model(tmp_path / "best")
     torch.testing.assert_close(loaded.embed(x), model.embed(x))
 
 

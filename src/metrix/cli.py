@@ -42,6 +42,8 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run folder name (default '<data>-<loss>', numbered if taken)."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default: none)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run (a run folder started with --checkpoint-every) from its last checkpoint, with its own settings; it ends with the weights an uninterrupted run would have."),
 ) -> None:
     """Train an embedding on labelled data and report retrieval before/after.
 
@@ -49,17 +51,24 @@ def train(
     trained with supervised NT-Xent; the test split queries the train split. Writes
     runs/<name>/ with model.safetensors, config.json, metrics.json, history.csv (and plots).
     """
-    from metrix.experiment import TrainConfig, train as run_train
+    from metrix.experiment import TrainConfig, resume_config, train as run_train
 
+    settings = dict(data=data, loss=loss, triplets=triplets, margin=margin,
+                    temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
+                    epochs=epochs, lr=lr,
+                    classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
+                    seed=seed, label_column=label_column, out=out, name=name, checkpoint_every=checkpoint_every)
     try:
-        cfg = TrainConfig.from_sources(
-            str(config) if config else None, data=data, loss=loss, triplets=triplets, margin=margin,
-            temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
-            epochs=epochs, lr=lr,
-            classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
-            seed=seed, label_column=label_column, out=out, name=name, progress=progress,
-        )
-        run_train(cfg, echo=typer.echo)
+        if resume is not None:
+            given = sorted(f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None)
+            if given or config:
+                raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given) or '--config'}")
+            cfg = resume_config(resume)
+            if progress is not None:
+                cfg.progress = progress
+        else:
+            cfg = TrainConfig.from_sources(str(config) if config else None, progress=progress, **settings)
+        run_train(cfg, echo=typer.echo, resume=resume)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         _fail(exc)
 

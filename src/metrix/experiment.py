@@ -19,7 +19,7 @@ import torch
 
 from metrix.datasets import encode_labels, load_dataset, stratified_split
 from metrix.evaluation import retrieval_metrics
-from metrix.io import atomic_write_bytes, save_json
+from metrix.io import atomic_write_bytes, load_json, reading, save_json
 from metrix.losses import TRIPLET_SELECTIONS, build_loss
 from metrix.models import EmbeddingModel, load_model, save_model
 from metrix.training import Trainer
@@ -75,6 +75,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     progress: bool = True
+    checkpoint_every: int | None = None  # epochs between resumable checkpoints in <run>/checkpoints/ (None: none)
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"triplets must be one of {TRIPLET_SELECTIONS}, got {self.triplets!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
             raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
         for name in ("epochs", "embedding_dim", "classes_per_batch", "samples_per_class"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,13 +128,6 @@ def _loss_kwargs(cfg: TrainConfig) -> dict:
         else:
             kw["margin"] = cfg.margin
     return kw
-
-
-def _free_run_dir(out: Path, name: str) -> Path:
-    candidate, n = out / name, 2
-    while candidate.exists():
-        candidate, n = out / f"{name}-{n}", n + 1
-    return candidate
 
 
 def _summary(m: dict) -> dict:
@@ -195,10 +191,50 @@ def _plots(run_dir: Path, history: list[dict], emb: np.ndarray, labels: np.ndarr
     return ["curves.png", "embedding.png"]
 
 
-def train(cfg: TrainConfig, echo=print) -> dict:
-    """Run the whole job; returns ``{"run_dir", "before", "after", "seconds"}``."""
+CHECKPOINTS = "checkpoints"
+SETTINGS_FILE = "train.json"
+
+
+def _start_run_dir(out: Path, name: str) -> Path:
+    """A new run folder, created now so that two runs never pick the same one."""
+    out.mkdir(parents=True, exist_ok=True)
+    candidate, n = out / name, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, n = out / f"{name}-{n}", n + 1
+
+
+def resume_config(run_dir) -> TrainConfig:
+    """The settings of an interrupted ``metrix train --checkpoint-every`` run, for ``--resume``."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINTS / SETTINGS_FILE
+    if not path.is_file():
+        if (run_dir / "model.safetensors").is_file():
+            raise ValueError(f"{run_dir} is a finished run; there is nothing to resume")
+        raise FileNotFoundError(f"{run_dir} has no checkpoints to resume from ({path} is missing); "
+                                "start the run with --checkpoint-every N to make it resumable")
+    settings = load_json(path)
+    with reading(path, "training settings"):
+        cfg = TrainConfig(**settings)
+        cfg.validate()
+    return cfg
+
+
+def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dict:
+    """Run the whole job; returns ``{"run_dir", "before", "after", "seconds"}``.
+
+    With ``cfg.checkpoint_every`` the run folder is created at the start and gets resumable checkpoints
+    in ``checkpoints/``; ``resume`` (a run folder) continues such a run to the same final weights.
+    """
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    run_dir = None
+    if resume is not None:
+        run_dir = Path(resume)
+        echo(f"resuming {run_dir} from its last checkpoint")
     ds = load_dataset(cfg.data, cfg.label_column, None if cfg.image_size is None else tuple(cfg.image_size))
     train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
     X_train, y_train, X_test, y_test = ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx]
@@ -221,14 +257,21 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     val = None
     if val_idx is not None:
         val = (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx])
+    checkpoint_dir = None
+    if cfg.checkpoint_every is not None or resume is not None:
+        if run_dir is None:
+            run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
+            save_json(run_dir / CHECKPOINTS / SETTINGS_FILE, dataclasses.asdict(cfg))
+        checkpoint_dir = run_dir / CHECKPOINTS
     trainer = Trainer(
         model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
         classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1,
     )
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
          f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
-    history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val)
+    history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val, resume=resume is not None)
     if trainer.best_epoch is not None:
         echo(f"best validation {trainer.monitor} {trainer.best_value:.4f} at epoch {trainer.best_epoch}")
 
@@ -237,7 +280,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     emb_test, emb_train = model.embed(X_test), model.embed(X_train)
     after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric)
 
-    run_dir = _free_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
+    if run_dir is None:
+        run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
     save_model(model, run_dir, {
         "train": dataclasses.asdict(cfg), "classes": [c.item() if hasattr(c, "item") else c for c in classes],
         "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data},

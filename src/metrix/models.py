@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix.distances import check_curvature, clip_norm, expmap0
-from metrix.io import load_json, load_tensors, save_json, save_tensors
+from metrix.io import (CorruptFileError, build_to_fit, load_json, load_tagged, remove_orphan_temps, save_json,
+                       save_tagged)
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -258,9 +259,20 @@ class EmbeddingModel(nn.Module):
         }
 
 
+MAX_INPUT_ELEMENTS = 2**28  # per sample: far above any image a backbone here takes, far below a forged header
+
+
+def _checked_shape(shape) -> tuple[int, ...]:
+    if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4
+            or not all(type(s) is int and s > 0 for s in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS):
+        raise ValueError(f"input_shape must be 1 to 4 positive integers with at most {MAX_INPUT_ELEMENTS} "
+                         f"elements in all, got {shape!r}")
+    return tuple(shape)
+
+
 def build_model(config: dict) -> EmbeddingModel:
     """Rebuild an :class:`EmbeddingModel` from :meth:`EmbeddingModel.config` (weights not loaded)."""
-    shape = tuple(config["input_shape"])
+    shape = _checked_shape(config["input_shape"])
     placeholder = {}
     if config.get("standardize"):
         placeholder = {"input_mean": torch.zeros(shape), "input_std": torch.ones(shape)}
@@ -272,24 +284,41 @@ def build_model(config: dict) -> EmbeddingModel:
     )
 
 
+MODEL_TAG = "metrix_run_config"
+
+
 def save_model(model: EmbeddingModel, folder, extra_config: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``{"model": ..., **extra_config}``) atomically."""
+    """Write ``config.json`` (``{"model": ..., **extra_config}``), then ``model.safetensors``, both atomically.
+
+    The weights file carries the same config in its checksummed header and is written last, so it is
+    the commit point: a crash between the two writes leaves a ``config.json`` that does not match, which
+    :func:`load_model` refuses instead of pairing new settings with old weights.
+    """
     folder = Path(folder)
-    save_tensors(folder / "model.safetensors", model.state_dict())
-    save_json(folder / "config.json", {"model": model.config(), **(extra_config or {})})
+    config = {"model": model.config(), **(extra_config or {})}
+    remove_orphan_temps(folder)
+    save_json(folder / "config.json", config)
+    save_tagged(folder / "model.safetensors", model.state_dict(), MODEL_TAG, config)
     return folder
 
 
 def load_model(folder) -> tuple[EmbeddingModel, dict]:
     """Load a model written by :func:`save_model`; returns ``(model, config)``. Fails loudly if damaged."""
     folder = Path(folder)
-    config = load_json(folder / "config.json")
-    if "model" not in config:
-        raise ValueError(f"{folder / 'config.json'} has no 'model' section")
-    model = build_model(config["model"])
-    tensors, _ = load_tensors(folder / "model.safetensors")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the architecture: missing {missing}, unexpected {unexpected}")
-    model.eval()
+    path = folder / "model.safetensors"
+    model, config = load_model_file(path)
+    readable = folder / "config.json"
+    if not readable.is_file() or load_json(readable) != config:
+        raise CorruptFileError(f"{readable} is missing or does not match {path}: the run was interrupted while "
+                               "saving or one of its files was edited; train it again or restore both files")
     return model, config
+
+
+def load_model_file(path) -> tuple[EmbeddingModel, dict]:
+    """Load one weights file whose header holds ``{"model": config, ...}`` (a run's model, a best
+    checkpoint); returns ``(model in eval mode, header)``."""
+    tensors, config = load_tagged(path, MODEL_TAG, "model")
+    if not isinstance(config.get("model"), dict):
+        raise CorruptFileError(f"{path} has no 'model' section")
+    model = build_to_fit(lambda: build_model(config["model"]), tensors, path, "model")
+    return model.eval(), config

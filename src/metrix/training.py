@@ -4,7 +4,7 @@ One model, one loss, one optimizer: no string-keyed dicts of models, no hook tow
 class-balanced P×K batches, an optimizer over the model *and* the loss's own parameters (proxies,
 class weights), a scheduler stepped per epoch, a progress bar with loss and samples/s, retrieval
 evaluation on a validation split each epoch, early stopping on a chosen metric, an atomic
-best checkpoint (safetensors + JSON) and a "last" checkpoint from which :meth:`Trainer.fit`
+best checkpoint and a "last" checkpoint (each one checksummed safetensors file) from which :meth:`Trainer.fit`
 with ``resume=True`` continues to bit-identical final weights.
 
 Example
@@ -33,9 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metrix.evaluation import _encode_labels, retrieval_metrics
-from metrix.io import flatten_state, load_json, load_tensors, save_json, save_tensors, unflatten_state
+from metrix.io import (CorruptFileError, flatten_state, load_tagged, reading, remove_orphan_temps, save_tagged,
+                       unflatten_state)
+from metrix.models import MODEL_TAG
 from metrix.sampling import ClassBalancedBatchSampler
 
+LAST_FILE, BEST_FILE, CHECKPOINT_TAG = "last.safetensors", "best.safetensors", "metrix_checkpoint"
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULERS = ("cosine", "none")
 
@@ -73,7 +76,9 @@ class Trainer:
     classes_per_batch, samples_per_class : the P×K batch shape
     monitor, mode : validation metric for early stopping/best checkpoint, and whether higher is better
     patience : stop after this many epochs without improvement (None: never)
-    checkpoint_dir : where ``best/`` and ``last/`` checkpoints are written (None: no files)
+    checkpoint_dir : folder of the checkpoints (None: no files): ``last.safetensors`` (everything a resume
+        needs, one atomic file) and ``best.safetensors`` (the best epoch's weights)
+    checkpoint_every : write ``last.safetensors`` every this many epochs (and after the final one)
     restore_best : after training, load the best epoch's weights back into the model
     seed : seeds torch and the sampler at the start of training
     callbacks : ``callable(trainer, epoch, row)`` run after each epoch (after checkpointing)
@@ -96,6 +101,7 @@ class Trainer:
         mode: str = "max",
         patience: int | None = None,
         checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 1,
         restore_best: bool = True,
         seed: int = 0,
         metric: str = "euclidean",
@@ -118,6 +124,9 @@ class Trainer:
         self.classes_per_batch, self.samples_per_class = int(classes_per_batch), int(samples_per_class)
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+        self.checkpoint_every = int(checkpoint_every)
         self.restore_best, self.seed, self.metric = restore_best, int(seed), metric
         self.progress, self.callbacks = progress, list(callbacks)
         self.optimizer = self._build_optimizer(optimizer)
@@ -167,6 +176,8 @@ class Trainer:
         torch.manual_seed(self.seed)
         if resume:
             start_epoch = self._load_last()
+        elif self.checkpoint_dir is not None:
+            remove_orphan_temps(self.checkpoint_dir)
         bar = tqdm(total=(self.epochs - start_epoch) * len(sampler), desc="training", unit="batch",
                    disable=not self.progress, dynamic_ncols=True)
         for epoch in range(start_epoch, self.epochs):
@@ -179,8 +190,9 @@ class Trainer:
                                     **{self.monitor: f"{row[self.monitor]:.4f}"})
             self.history.append(row)
             stop = self._track_best(epoch, row)
-            if self.checkpoint_dir is not None:
-                self._save_last(epoch + 1)
+            last = stop or epoch + 1 == self.epochs
+            if self.checkpoint_dir is not None and (last or (epoch + 1) % self.checkpoint_every == 0):
+                self._save_last(self.epochs if stop else epoch + 1)  # an early stop is final: resume finds it done
             for callback in self.callbacks:
                 callback(self, epoch, row)
             if stop:
@@ -230,15 +242,15 @@ class Trainer:
         return self.patience is not None and self._bad_epochs >= self.patience
 
     def _save_best(self):
-        folder = self.checkpoint_dir / "best"
-        save_tensors(folder / "model.safetensors", self.model.state_dict())
-        save_json(folder / "config.json", {
+        save_tagged(self.checkpoint_dir / BEST_FILE, self.model.state_dict(), MODEL_TAG, {
             "model": _model_config(self.model), "epoch": self.best_epoch,
             "monitor": self.monitor, "value": self.best_value,
         })
 
     # ------------------------------------------------------------- resuming
     def _save_last(self, next_epoch: int):
+        """One file holds everything a resume needs (weights, optimiser, scheduler, RNG, history), so a kill
+        at any moment leaves either the previous checkpoint or this one, never a mix of two epochs."""
         state = {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
@@ -248,9 +260,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
         }
         tensors, tree = flatten_state(state, "s")
-        folder = self.checkpoint_dir / "last"
-        save_tensors(folder / "state.safetensors", tensors)
-        save_json(folder / "state.json", {
+        save_tagged(self.checkpoint_dir / LAST_FILE, tensors, CHECKPOINT_TAG, {
             "tree": tree, "next_epoch": next_epoch, "history": self.history, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "bad_epochs": self._bad_epochs, "epochs": self.epochs,
         })
@@ -258,19 +268,24 @@ class Trainer:
     def _load_last(self) -> int:
         if self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        folder = self.checkpoint_dir / "last"
-        if not (folder / "state.json").exists():
+        remove_orphan_temps(self.checkpoint_dir)
+        path = self.checkpoint_dir / LAST_FILE
+        if not path.exists():
             return 0  # nothing to resume: a fresh start
-        meta = load_json(folder / "state.json")
-        tensors, _ = load_tensors(folder / "state.safetensors")
-        state = unflatten_state(meta["tree"], tensors)
-        self.model.load_state_dict(state["model"])
-        self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self._best_state = state["best_state"]
-        torch.set_rng_state(state["rng"])
-        self.history = meta["history"]
-        self.best_value, self.best_epoch, self._bad_epochs = meta["best_value"], meta["best_epoch"], meta["bad_epochs"]
-        return int(meta["next_epoch"])
+        tensors, meta = load_tagged(path, CHECKPOINT_TAG, "training checkpoint")
+        with reading(path, "training checkpoint"):
+            if int(meta["epochs"]) != self.epochs:
+                raise CorruptFileError(f"{path} was written for {meta['epochs']} epochs, this trainer runs "
+                                       f"{self.epochs}; resume with the same settings")
+            state = unflatten_state(meta["tree"], tensors)
+            self.model.load_state_dict(state["model"])
+            self.loss.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state["scheduler"] is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self._best_state = state["best_state"]
+            torch.set_rng_state(state["rng"])
+            self.history = list(meta["history"])
+            self.best_value, self.best_epoch = meta["best_value"], meta["best_epoch"]
+            self._bad_epochs = int(meta["bad_epochs"])
+            return int(meta["next_epoch"])
