@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, load_tensors, save_tensors
+from metrix.io import CorruptFileError, load_tensors, reading, save_tensors
 from metrix.distances import ball_factor, poincare
 from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_from_score, poincare_rows
 
@@ -336,46 +336,78 @@ class VectorIndex:
         return {"dim": self.dim, "metric": self.metric, "backend": self.backend, "faiss_index": self.faiss_index,
                 "nprobe": self.nprobe, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
 
-    def save(self, path) -> Path:
-        """Write the index to one safetensors file (atomic, checksummed, no pickle)."""
+    def save(self, path, key: bytes | str | None = None) -> Path:
+        """Write the index to one safetensors file (atomic, checksummed, no pickle; signed with ``key``)."""
         with self._lock:
             tensors = {
-                "vectors": torch.from_numpy(self._vectors[: self._n].copy()),
-                "ids": torch.from_numpy(self._ids[: self._n].copy()),
+                "vectors": torch.from_numpy(self._vectors[: self._n]),  # views: save_tensors streams them out
+                "ids": torch.from_numpy(self._ids[: self._n]),
                 "metadata_json": torch.frombuffer(bytearray(json.dumps(self._meta).encode()), dtype=torch.uint8),
             }
             if self.backend == "faiss" and self._faiss is not None:
                 faiss = require_faiss()
-                tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._faiss).copy())
+                tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._faiss))
             header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config())}
-            return save_tensors(path, tensors, header)
+            return save_tensors(path, tensors, header, key=key)
 
     @classmethod
-    def load(cls, path) -> "VectorIndex":
-        """Load an index saved by :meth:`save`; a damaged file or unknown format raises ``CorruptFileError``."""
-        tensors, header = load_tensors(path)
+    def load(cls, path, key: bytes | str | None = None) -> "VectorIndex":
+        """Load an index saved by :meth:`save`; a damaged, forged or inconsistent file raises
+        ``CorruptFileError`` (every header field is checked against the stored vectors before any index
+        structure is built). ``key``: the key the file was signed with, if any."""
+        tensors, header = load_tensors(path, key=key)
         if header.get("kind") != "metrix.VectorIndex":
             raise CorruptFileError(f"{path} is not a metrix vector index (kind {header.get('kind')!r})")
         if header.get("index_format") != INDEX_FORMAT:
             raise CorruptFileError(f"{path} has index format {header.get('index_format')!r}; this metrix reads {INDEX_FORMAT!r}")
-        try:
+        with reading(path, "vector index"):
             config = json.loads(header["config"])
+            vectors, ids, meta_bytes = tensors["vectors"], tensors["ids"], tensors["metadata_json"]
+            if set(tensors) - {"vectors", "ids", "metadata_json", "faiss"}:
+                raise CorruptFileError(f"{path}: unexpected tensors {sorted(set(tensors) - {'vectors', 'ids', 'metadata_json', 'faiss'})}")
+            if (vectors.dtype != torch.float32 or vectors.ndim != 2 or ids.dtype != torch.int64 or ids.ndim != 1
+                    or meta_bytes.dtype != torch.uint8 or meta_bytes.ndim != 1):
+                raise CorruptFileError(f"{path}: vectors, ids or metadata have the wrong type or rank")
+            if not isinstance(config, dict) or config.get("dim") != vectors.shape[1] or vectors.shape[0] != len(ids):
+                raise CorruptFileError(f"{path}: the header's dimension {config.get('dim') if isinstance(config, dict) else None} "
+                                       f"does not match the stored vectors {tuple(vectors.shape)} and {len(ids)} ids")
+            for name in ("nprobe", "ef_search", "ef_construction"):
+                if type(config.get(name)) is not int or config[name] < 1:
+                    raise CorruptFileError(f"{path}: invalid {name} {config.get(name)!r}")
             index = cls(**config)
-            vectors, ids = tensors["vectors"].numpy(), tensors["ids"].numpy()
-            meta = json.loads(bytes(tensors["metadata_json"].numpy()).decode())
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptFileError(f"{path} has an inconsistent index layout: {exc}") from exc
-        if vectors.shape != (len(ids), index.dim) or len(meta) != len(ids) or len(np.unique(ids)) != len(ids):
-            raise CorruptFileError(f"{path}: vectors {vectors.shape}, {len(ids)} ids and {len(meta)} metadata entries disagree")
-        index._grow(len(ids))
-        index._vectors[: len(ids)] = vectors
-        index._n = len(ids)
-        index._ids = ids.astype(np.int64).copy()
-        index._pos = {int(i): p for p, i in enumerate(index._ids)}
+            vectors, ids = vectors.numpy(), ids.numpy()
+            meta = json.loads(bytes(meta_bytes.numpy()).decode())
+        if not isinstance(meta, list) or len(meta) != len(ids) or len(np.unique(ids)) != len(ids) or bool((ids < 0).any()):
+            raise CorruptFileError(f"{path}: vectors {vectors.shape}, {len(ids)} ids and metadata entries disagree")
+        if not np.isfinite(vectors).all():
+            raise CorruptFileError(f"{path}: the stored vectors contain NaN or infinity")
+        index._vectors, index._n = vectors, len(ids)  # the loaded buffer is the store: no second copy
+        index._ids = ids
+        index._pos = {int(i): p for p, i in enumerate(ids.tolist())}
         index._meta = meta
         if "faiss" in tensors:
-            faiss = require_faiss()
-            index._faiss = faiss.deserialize_index(tensors["faiss"].numpy())
-            if index._faiss.ntotal != index._n:
-                raise CorruptFileError(f"{path}: the faiss structure holds {index._faiss.ntotal} vectors, the store {index._n}")
+            index._faiss = index._checked_faiss(tensors["faiss"].numpy(), path)
         return index
+
+    def _checked_faiss(self, blob: np.ndarray, path):
+        """Deserialise a stored faiss structure and check it against the stored vectors: its size, dimension
+        and metric, and (where faiss can reconstruct vectors) a sample of them; a structure that disagrees
+        is dropped and rebuilt from the vectors at the first search rather than trusted."""
+        faiss = require_faiss()
+        try:
+            structure = faiss.deserialize_index(np.ascontiguousarray(blob))
+        except RuntimeError as exc:
+            raise CorruptFileError(f"{path}: the faiss structure does not deserialise: {str(exc).splitlines()[0]}") from exc
+        dim = self.dim + (2 if self.metric == "poincare" else 0)
+        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if structure.ntotal != self._n or structure.d != dim or structure.metric_type != metric:
+            raise CorruptFileError(f"{path}: the faiss structure ({structure.ntotal} vectors of dimension {structure.d}, "
+                                   f"metric {structure.metric_type}) disagrees with the store ({self._n} of dimension "
+                                   f"{dim}, metric {metric})")
+        flat = faiss.downcast_index(structure)
+        if isinstance(flat, faiss.IndexFlat) and self._n:  # a flat structure must hold exactly the stored vectors
+            sample = np.unique(np.linspace(0, self._n - 1, min(self._n, 256)).astype(np.int64))
+            held = np.stack([flat.reconstruct(int(i)) for i in sample])
+            if not np.array_equal(held, self._search_space(self._vectors[sample], data=True).astype(np.float32)):
+                raise CorruptFileError(f"{path}: the faiss structure's vectors differ from the stored ones")
+        return structure

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from metrix.io import CorruptFileError, load_tagged, save_tagged
+from metrix.io import CorruptFileError, build_to_fit, load_tagged, save_tagged
+from metrix.models import MAX_INPUT_ELEMENTS
 from metrix.training import optimizer_step
 
 
@@ -79,6 +80,9 @@ def rotate_classes(X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
         xs.append(np.rot90(X, k, axes=(-2, -1)).copy())
         ys.append(np.char.add(labels, f"@rot{90 * k}"))
     return np.concatenate(xs), np.concatenate(ys)
+
+
+MAX_SIDE = int(MAX_INPUT_ELEMENTS ** 0.5)  # an image side no real few-shot set comes near
 
 
 class PrototypicalNetwork:
@@ -148,10 +152,12 @@ class PrototypicalNetwork:
     @classmethod
     def load(cls, path) -> "PrototypicalNetwork":
         tensors, info = load_tagged(path, "metrix_fewshot", "few-shot model")
-        net = cls(input_shape=info["input_shape"])
-        try:
-            net.encoder.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise CorruptFileError(f"{path}: weights do not fit the conv net: {exc}") from exc
-        net.encoder.eval()
-        return net
+        shape = info.get("input_shape")
+        if (not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int and 1 <= s <= MAX_SIDE for s in shape)
+                or info.get("encoder") != "convnet"):
+            raise CorruptFileError(f"{path}: invalid few-shot header (input_shape {shape!r}: (C, H, W), each "
+                                   f"1..{MAX_SIDE}; encoder {info.get('encoder')!r})")
+        from metrix.models import convnet
+
+        encoder = build_to_fit(lambda: convnet(tuple(shape)), tensors, path, "few-shot conv net")
+        return cls(encoder=encoder.eval(), input_shape=tuple(shape))

@@ -372,12 +372,14 @@ def load_recommender(path):
     """Inverse of :func:`save_recommender`; returns ``(model, extra)``."""
     from metrix.io import CorruptFileError, load_tagged
 
+    from metrix.io import build_to_fit, reading
+
     tensors, info = load_tagged(path, "metrix_recommender", "recommender")
-    config = dict(info["model"])
-    cls = MODELS[config.pop("kind")]
-    model = cls(**config)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CorruptFileError(f"{path}: weights do not fit the model: {exc}") from exc
-    return model.eval(), info["extra"]
+    with reading(path, "recommender"):
+        config = dict(info["model"])
+        cls = MODELS.get(config.pop("kind"))
+        if cls is None:
+            raise CorruptFileError(f"{path}: unknown recommender kind")
+        extra = dict(info["extra"])
+    model = build_to_fit(lambda: cls(**config), tensors, path, "recommender")  # sizes checked before allocating
+    return model.eval(), extra

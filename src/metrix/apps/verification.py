@@ -9,13 +9,14 @@ Distances are Euclidean (or cosine) between embeddings; "same" means distance â‰
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, load_tagged, save_tagged
+from metrix.io import CorruptFileError, load_tagged, reading, save_tagged
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -253,21 +254,28 @@ class Gallery:
         return results
 
     # -- persistence -----------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """One safetensors file (embeddings per identity + JSON settings), atomic and checksummed."""
+    def save(self, path, key: bytes | str | None = None) -> Path:
+        """One safetensors file (embeddings per identity + JSON settings), atomic and checksummed; with
+        ``key`` signed (HMAC-SHA256), and :meth:`load` then needs the same key."""
         with self._lock:
             names = list(self._samples)
             tensors = {f"identity.{i}": torch.from_numpy(s) for i, s in enumerate(self._samples.values())}
             info = {"identities": names, "threshold": self.threshold, "metric": self.metric, "match": self.match}
-            return save_tagged(path, tensors, "metrix_gallery", info)
+            return save_tagged(path, tensors, "metrix_gallery", info, key=key)
 
     @classmethod
-    def load(cls, path) -> "Gallery":
-        tensors, info = load_tagged(path, "metrix_gallery", "gallery file")
-        gallery = cls(info["threshold"], info["metric"], info["match"])
-        for i, name in enumerate(info["identities"]):
-            key = f"identity.{i}"
-            if key not in tensors:
-                raise CorruptFileError(f"{path}: embeddings of {name!r} are missing")
-            gallery._samples[name] = tensors[key].numpy().astype(np.float32)
+    def load(cls, path, key: bytes | str | None = None) -> "Gallery":
+        tensors, info = load_tagged(path, "metrix_gallery", "gallery file", key=key)
+        with reading(path, "gallery file"):
+            names, threshold = info["identities"], info["threshold"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+                raise CorruptFileError(f"{path}: the identities must be distinct names")
+            if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                          or not math.isfinite(threshold)):
+                raise CorruptFileError(f"{path}: invalid threshold {threshold!r}")
+            if set(tensors) != {f"identity.{i}" for i in range(len(names))}:
+                raise CorruptFileError(f"{path}: the stored embeddings do not match the {len(names)} identities")
+            gallery = cls(threshold, info["metric"], info["match"])
+            for i, name in enumerate(names):
+                gallery._samples[name] = gallery._check(tensors[f"identity.{i}"].numpy(), f"embeddings of {name!r}")
         return gallery

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from metrix.io import CorruptFileError, load_tagged, save_tagged
+from metrix.io import CorruptFileError, load_tagged, reading, save_tagged
 
 #: fitted attributes besides components_ that survive a save/load round trip
 _FITTED_SCALARS = ("n_features_in_", "threshold_", "bounds_", "n_iter_", "fit_time_", "objective_history_")
@@ -65,14 +65,25 @@ def load_estimator(path, return_extra: bool = False):
     cls = ESTIMATORS.get(header.get("class"))
     if cls is None:
         raise CorruptFileError(f"{path}: unknown estimator class {header.get('class')!r}")
-    params = dict(header["params"])
-    for key, tensor in tensors.items():
-        if key.startswith("param."):
-            params[key[len("param."):]] = tensor.numpy()
-    if isinstance(params.get("bounds"), list):
-        params["bounds"] = tuple(params["bounds"])
-    estimator = cls(**params)
-    estimator.components_ = tensors["components"].numpy().astype(np.float64)
-    for key, value in header["fitted"].items():
-        setattr(estimator, key, tuple(value) if key == "bounds_" else value)
+    components = tensors["components"]
+    if components.ndim != 2 or not components.is_floating_point() or not bool(torch.isfinite(components).all()):
+        raise CorruptFileError(f"{path}: the components must be a finite 2-D matrix, got {tuple(components.shape)}")
+    with reading(path, "classical estimator file"):
+        params = dict(header["params"])
+        for key, tensor in tensors.items():
+            if key.startswith("param."):
+                params[key[len("param."):]] = tensor.numpy()
+            elif key != "components":
+                raise CorruptFileError(f"{path}: unexpected tensor {key!r}")
+        if isinstance(params.get("bounds"), list):
+            params["bounds"] = tuple(params["bounds"])
+        estimator = cls(**params)
+        estimator.components_ = components.numpy().astype(np.float64)
+        fitted = header["fitted"]
+        if set(fitted) - set(_FITTED_SCALARS):
+            raise CorruptFileError(f"{path}: unexpected fitted attributes {sorted(set(fitted) - set(_FITTED_SCALARS))}")
+        for key, value in fitted.items():
+            setattr(estimator, key, tuple(value) if key == "bounds_" else value)
+        if getattr(estimator, "n_features_in_", components.shape[1]) != components.shape[1]:
+            raise CorruptFileError(f"{path}: n_features_in_ disagrees with the components' {components.shape[1]} columns")
     return (estimator, header["extra"]) if return_extra else estimator
