@@ -210,3 +210,81 @@ def test_text_loaders_reject_bad_files(tmp_path):
         load_text_csv(tmp_path / "t.csv")
     with pytest.raises(FileNotFoundError, match="download_missing"):
         load_trec(tmp_path / "none", "test")
+
+
+# --- downloads: pinned digests and no archive member outside the data folder ---------------------
+@pytest.mark.parametrize("member", ["ml-100k/../../evil", "/etc/passwd", "ml-100k/a/../../x", "ml-100k/C:evil",
+                                    "ml-100k/..", "ml-100k/sub/u.data", "other/u.data"])
+def test_archive_members_outside_the_folder_are_refused(member):
+    from metrix.datasets import archive_member_name
+
+    with pytest.raises(ValueError, match="refusing the archive"):
+        archive_member_name(member, prefix="ml-100k/")
+
+
+def test_archive_member_names_that_stay_inside():
+    from metrix.datasets import archive_member_name
+
+    assert archive_member_name("ml-100k/u.data", prefix="ml-100k/") == "u.data"
+    assert archive_member_name("ml-100k/", prefix="ml-100k/") is None
+
+
+def test_movielens_download_refuses_zip_slip_and_unpinned_bytes(tmp_path, monkeypatch):
+    """The real extraction code on archives served from memory: a ../ member is refused and nothing is
+    written; a member whose bytes differ from the pinned SHA-256 is refused and nothing is written."""
+    import hashlib
+    import io
+    import zipfile
+
+    from metrix import datasets
+    from metrix.apps import recommend
+
+    def archive(members):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return buf.getvalue()
+
+    pinned = {"u.data": b"1\t1\t5\t0\n"}
+    monkeypatch.setattr(recommend, "MOVIELENS_100K_FILES", {"u.data": hashlib.sha256(pinned["u.data"]).hexdigest()})
+    served = {}
+    monkeypatch.setattr(datasets, "fetch_archive", lambda url, md5=None: served["zip"])
+    out = tmp_path / "ml"
+    served["zip"] = archive({"ml-100k/u.data": pinned["u.data"], "ml-100k/../../evil.txt": b"x"})
+    with pytest.raises(ValueError, match="outside"):
+        recommend._ensure_movielens(out, "u.data", download_missing=True)
+    assert not (tmp_path / "evil.txt").exists() and not out.exists()
+    served["zip"] = archive({"ml-100k/u.data": b"2\t2\t1\t0\n"})
+    with pytest.raises(ValueError, match="pinned sha256"):
+        recommend._ensure_movielens(out, "u.data", download_missing=True)
+    assert not (out / "u.data").exists()
+    served["zip"] = archive({"ml-100k/u.data": pinned["u.data"], "ml-100k/allbut.pl": b"#!"})
+    recommend._ensure_movielens(out, "u.data", download_missing=True)
+    assert (out / "u.data").read_bytes() == pinned["u.data"] and not (out / "allbut.pl").exists()
+
+
+def test_pinned_digests_match_the_local_copies_of_the_official_files():
+    """The SHA-256 pins are those of the official files (the shared copies are byte-identical to them)."""
+    import hashlib
+
+    from metrix import datasets
+    from metrix.apps import recommend
+    from tests.conftest import SHARED_DATA
+
+    pins = [(SHARED_DATA / "fashion_mnist" / n, d[1]) for n, d in datasets.FASHION_MNIST_FILES.items()]
+    pins += [(SHARED_DATA / "omniglot" / n, d) for n, d in datasets.OMNIGLOT_FILES.values()]
+    pins += [(SHARED_DATA / "stsb" / n, d) for n, d in datasets.STSB_FILES.items()]
+    pins += [(SHARED_DATA / "movielens_100k" / n, d) for n, d in recommend.MOVIELENS_100K_FILES.items()]
+    present = [(p, d) for p, d in pins if p.is_file()]
+    if not present:
+        pytest.skip("../shared/data is not here")
+    for path, digest in present:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path
+
+
+def test_a_download_without_a_pinned_digest_is_refused():
+    from metrix.datasets import fetch_bytes
+
+    with pytest.raises(ValueError, match="pinned sha256"):
+        fetch_bytes("https://example.invalid/x", sha256=None)

@@ -162,31 +162,91 @@ def stratified_split(y, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarr
 
 # --- public benchmark datasets (real download code; tests use local copies) ---------------------
 
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-FASHION_MNIST_FILES = {  # name -> official md5
-    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+# Every download is checked against a pinned SHA-256 before it is used or written where a loader reads it.
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the only official host
+FASHION_MNIST_FILES = {  # name -> (official md5, sha256)
+    "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                   "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+    "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe",
+                                   "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+    "t10k-images-idx3-ubyte.gz": ("bef4ecab320f06d8554ea6380940ec79",
+                                  "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+    "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310",
+                                  "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
 }
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
-OMNIGLOT_FILES = {"background": "images_background.zip", "evaluation": "images_evaluation.zip"}
+OMNIGLOT_FILES = {  # split -> (name, sha256)
+    "background": ("images_background.zip", "34c131e7f2ec78fb457a4de7dfe4c7455c6b7923df1e53e297db20d049c0aa86"),
+    "evaluation": ("images_evaluation.zip", "3db3d39e67b1cd9b26980f8f8bf247b6df123357ea7b95c73971dcb4732f1dd4"),
+}
 
 
-def download(url: str, path: Path, md5: str | None = None, sha256: str | None = None) -> Path:
-    """Fetch ``url`` to ``path`` atomically, checking ``md5`` / ``sha256`` when given."""
+def fetch_bytes(url: str, sha256: str, md5: str | None = None) -> bytes:
+    """Download ``url`` and return its bytes only if they match the pinned ``sha256`` (and ``md5``)."""
     import hashlib
     import urllib.request
 
-    from metrix.io import atomic_write_bytes
+    if not (isinstance(sha256, str) and len(sha256) == 64):
+        raise ValueError(f"a download needs a pinned sha256 digest, got {sha256!r} for {url}")
+    with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 - fixed official URLs
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"download of {url} does not match its pinned sha256 digest (damaged or altered); not used")
+    if md5 is not None and hashlib.md5(data).hexdigest() != md5:  # noqa: S324 - published checksum
+        raise ValueError(f"download of {url} does not match its published md5; not used")
+    return data
 
-    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - fixed official URLs
+
+def fetch_archive(url: str, md5: str | None = None) -> bytes:
+    """Download an archive whose own SHA-256 is not pinned (its host publishes none); only
+    :func:`extract_pinned` may use it, which checks every member it writes against a pinned SHA-256."""
+    import hashlib
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310 - fixed official URLs
         data = response.read()
     if md5 is not None and hashlib.md5(data).hexdigest() != md5:  # noqa: S324 - published checksum
-        raise ValueError(f"download of {url} is corrupt (md5 mismatch)")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"download of {url} is corrupt (sha256 mismatch)")
-    return atomic_write_bytes(path, data)
+        raise ValueError(f"download of {url} does not match its published md5; not used")
+    return data
+
+
+def download(url: str, path: Path, sha256: str, md5: str | None = None) -> Path:
+    """Fetch ``url`` to ``path`` atomically once it matches the pinned ``sha256`` (and ``md5``)."""
+    from metrix.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, fetch_bytes(url, sha256, md5))
+
+
+def archive_member_name(member: str, prefix: str = "") -> str | None:
+    """The plain file name an archive member may be extracted as, or None for folders; a member that
+    would land outside the target folder (``..``, an absolute path, a drive, a nested path) raises
+    ``ValueError`` (zip-slip)."""
+    if member.endswith("/"):
+        return None
+    if prefix:
+        if not member.startswith(prefix):
+            raise ValueError(f"archive member {member!r} is outside {prefix!r}; refusing the archive")
+        member = member[len(prefix):]
+    parts = member.replace("\\", "/").split("/")
+    if (member.startswith(("/", "\\")) or ":" in member or len(parts) != 1 or parts[0] in ("", ".", "..")):
+        raise ValueError(f"archive member {member!r} would be written outside the data folder; refusing the archive")
+    return parts[0]
+
+
+def extract_pinned(members: dict[str, bytes], root: Path, pinned: dict[str, str]) -> list[Path]:
+    """Write the pinned members (name -> bytes) into ``root`` after checking each one's SHA-256; members
+    that are not pinned are skipped, pinned ones that are missing or differ raise ``ValueError``."""
+    import hashlib
+
+    from metrix.io import atomic_write_bytes
+
+    missing = sorted(set(pinned) - set(members))
+    if missing:
+        raise ValueError(f"the archive lacks {missing}")
+    for name, digest in pinned.items():
+        if hashlib.sha256(members[name]).hexdigest() != digest:
+            raise ValueError(f"archive member {name} does not match its pinned sha256 digest; nothing extracted")
+    return [atomic_write_bytes(root / name, members[name]) for name in sorted(pinned)]
 
 
 def read_idx(path) -> np.ndarray:
@@ -225,7 +285,8 @@ def load_fashion_mnist(root, split: str = "train", download_missing: bool = Fals
         if not paths[kind].is_file():
             if not download_missing:
                 raise FileNotFoundError(f"{paths[kind]} is missing (pass download_missing=True to fetch it)")
-            download(FASHION_MNIST_URL + name, paths[kind], FASHION_MNIST_FILES[name])
+            md5, sha256 = FASHION_MNIST_FILES[name]
+            download(FASHION_MNIST_URL + name, paths[kind], sha256, md5)
     X = read_idx(paths["images-idx3"]).astype(np.float32)[:, None] / 255.0
     y = read_idx(paths["labels-idx1"]).astype(np.int64)
     if len(X) != len(y):
@@ -247,11 +308,12 @@ def load_omniglot(root, split: str = "background", image_size: int = 28, downloa
 
     if split not in OMNIGLOT_FILES:
         raise ValueError(f"split must be one of {sorted(OMNIGLOT_FILES)}, got {split!r}")
-    path = Path(root) / OMNIGLOT_FILES[split]
+    name, sha256 = OMNIGLOT_FILES[split]
+    path = Path(root) / name
     if not path.is_file():
         if not download_missing:
             raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch it)")
-        download(OMNIGLOT_URL + OMNIGLOT_FILES[split], path)
+        download(OMNIGLOT_URL + name, path, sha256)
     images, labels = [], []
     try:
         with zipfile.ZipFile(path) as zf:
@@ -299,6 +361,11 @@ class SentencePairs:
 
 STSB_URL = "http://ixa2.si.ehu.eus/stswiki/images/4/48/Stsbenchmark.tar.gz"
 STSB_MD5 = "4eb0065aba063ef77873d3a9c8088811"
+STSB_FILES = {  # the three CSV files, byte-identical to the official archive's
+    "sts-train.csv": "0f71910b59aa1ad973c5897f0791f3b0965a92b8f82b1a95f3eea9f4162fda82",
+    "sts-dev.csv": "5d7e944d8b02734b07bfdb5df67db3420c64bed153fcaa1ba47ad03480cf4234",
+    "sts-test.csv": "affe45928a66ee5a708531233c95b7dacbbdc57f974f002a3d32ea0180cf816a",
+}
 BANKING77_URL = "https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/banking_data/"
 BANKING77_FILES = {  # name -> sha256
     "train.csv": "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b",
@@ -318,19 +385,19 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> None:
 
 
 def _fetch_stsb(root: Path) -> None:
-    """Download the official STS-B archive and extract its three CSV files into ``root``."""
+    """Download the official STS-B archive and extract its three CSV files into ``root`` (each checked
+    against its pinned SHA-256; no other member is written)."""
+    import io
     import tarfile
-    import tempfile
 
-    from metrix.io import atomic_write_bytes
-
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = download(STSB_URL, Path(tmp) / "Stsbenchmark.tar.gz", md5=STSB_MD5)
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                name = Path(member.name).name
-                if member.isfile() and name in ("sts-train.csv", "sts-dev.csv", "sts-test.csv"):
-                    atomic_write_bytes(root / name, tar.extractfile(member).read())
+    data = fetch_archive(STSB_URL, STSB_MD5)
+    members = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name in STSB_FILES:
+                members[name] = tar.extractfile(member).read()
+    extract_pinned(members, root, STSB_FILES)
 
 
 def load_stsb(root, split: str = "test", download_missing: bool = False) -> SentencePairs:
@@ -371,7 +438,7 @@ def load_banking77(root, split: str = "train", download_missing: bool = False) -
         if not (root / name).is_file():
             if not download_missing:
                 raise FileNotFoundError(f"{root / name} is missing (pass download_missing=True to fetch it)")
-            download(BANKING77_URL + name, root / name, sha256=BANKING77_FILES[name])
+            download(BANKING77_URL + name, root / name, BANKING77_FILES[name])
     classes = json.loads((root / "categories.json").read_text(encoding="utf-8"))
     index = {c: i for i, c in enumerate(classes)}
     texts, y = [], []
@@ -399,7 +466,7 @@ def load_trec(root, split: str = "train", fine: bool = False, download_missing: 
         if not path.is_file():
             if not download_missing:
                 raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch it)")
-            download(TREC_URL + name, path, sha256=digest)
+            download(TREC_URL + name, path, digest)
         rows = []
         for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
             label, _, text = line.partition(" ")

@@ -29,6 +29,29 @@ from torch import nn
 from metrix.training import optimizer_step
 
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+MOVIELENS_100K_FILES = {  # the data files of the official ml-100k.zip -> SHA-256 (the zip's own is not published)
+    "README": "4883b8cf340ed0059971b33f56ad3adc88a40792108ebca3d24aafc4c82e8b52",
+    "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+    "u.genre": "9757e0d3e6b298159a80dd48eaf938114690e911e39af97a76949ef1663610bb",
+    "u.info": "5b0a40b2e47a729ee6203063f6dcf8790c2e63f5a18663e6ee318a72c5f3c27b",
+    "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+    "u.occupation": "cd5fbec9afe345d993a62fc7817df1a4a9079c4feb267b3118763b8fd942137d",
+    "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
+    "u1.base": "ce253ec86c448b44fb3ba9a30d12dcfc2e9210cbde71efada3730c22e9ac212a",
+    "u1.test": "18c6014a4b2c7324f250a63f8904a7b16b2b19f911129e346141507b0cbac950",
+    "u2.base": "6c06f0b5df4b256da1a994f3ac66edc8da4d3f09bc9282df6b14d893366d703e",
+    "u2.test": "4de658d1e04ed9104629509a2e2528fce833ac8e048280183f1df167632038c3",
+    "u3.base": "afdc155c291c6edc41c0407e39d7462eb98d341e064f0b0a12175b80b3c4af5d",
+    "u3.test": "0f548b51c78327de4c156461d3e430b7e5579fe2b5681586a59416e48fd35f6d",
+    "u4.base": "219f0f4d40dfe9c5141d425f53fa91ee23ed275f14e280bbf1b50117afb064ca",
+    "u4.test": "7c02ad0a1e7ab1083c8b9d4b627203a051dd7b5eab46d99fa44de33470de8db9",
+    "u5.base": "a9574e59ce961eec2121627760b6e9b0974ce1637b3fe69ac32cb14a4bfab485",
+    "u5.test": "351cc52e0d15b6c721466276fc24671d40936899e3d01fadeaf312915b8c5634",
+    "ua.base": "67b5bcdb380c29f85d56a012ecd88612ae020f30a6730d117a334ee8203b91f2",
+    "ua.test": "d0497e202417720f57a184ec8c66be2d1afa4ff41bb53787c57b28d6bf79bc42",
+    "ub.base": "237254d253b6ad7de84f919d041055428646254f34ed8f562703c899430cd881",
+    "ub.test": "d54a72d05730d5892062734b2bec73e976f9b713d18c828a18b968d6cce442da",
+}
 MOVIELENS_100K_SHAPE = (943, 1682)
 
 
@@ -71,15 +94,16 @@ def _ensure_movielens(root: Path, name: str, download_missing: bool) -> Path:
         return path
     if not download_missing:
         raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch {MOVIELENS_100K_URL})")
-    import urllib.request
+    from metrix.datasets import archive_member_name, extract_pinned, fetch_archive
 
-    from metrix.io import atomic_write_bytes
-
-    with urllib.request.urlopen(MOVIELENS_100K_URL, timeout=120) as response:  # noqa: S310 - official URL
-        archive = zipfile.ZipFile(io.BytesIO(response.read()))
-    for member in archive.namelist():
-        if member.startswith("ml-100k/") and not member.endswith("/"):
-            atomic_write_bytes(root / member.split("/", 1)[1], archive.read(member))
+    data = fetch_archive(MOVIELENS_100K_URL)
+    members = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for member in archive.namelist():
+            name = archive_member_name(member, prefix="ml-100k/")  # refuses ../ and absolute paths (zip-slip)
+            if name in MOVIELENS_100K_FILES:
+                members[name] = archive.read(member)
+    extract_pinned(members, root, MOVIELENS_100K_FILES)
     return path
 
 
