@@ -32,6 +32,16 @@ def check_embeddings(x: Any, name: str = "embeddings") -> torch.Tensor:
     return x
 
 
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def check_loss_input(x: Any, name: str = "embeddings") -> torch.Tensor:
+    """:func:`check_embeddings` for a loss: half-precision inputs are computed in float32 (squared norms of
+    float16 values above ~256 overflow its range of 65504; the gradient still flows back as float16)."""
+    x = check_embeddings(x, name)
+    return x.float() if x.dtype in HALF_TYPES else x
+
+
 def check_pair(x: torch.Tensor, y: torch.Tensor, x_name: str, y_name: str) -> None:
     """Check that two embedding matrices can be compared: same width and dtype."""
     if x.shape[1] != y.shape[1]:

@@ -28,6 +28,14 @@ class Dataset:
     name: str
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # every loader ends here: a file whose X and y disagree never trains on a silent prefix of it
+        if len(self.X) != len(self.y):
+            raise ValueError(f"{self.name}: X has {len(self.X)} samples but y has {len(self.y)} labels; "
+                             "each sample needs exactly one label")
+        if len(self.X) == 0:
+            raise ValueError(f"{self.name}: the dataset is empty (no samples)")
+
     def __len__(self) -> int:
         return len(self.X)
 

@@ -23,6 +23,7 @@ Example
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -145,6 +146,9 @@ class VectorIndex:
                 new_ids = np.asarray(ids)
                 if new_ids.dtype.kind not in "iu":
                     raise TypeError(f"ids must be integers, got dtype {new_ids.dtype}")
+                if new_ids.size and (int(new_ids.min()) < 0 or int(new_ids.max()) > np.iinfo(np.int64).max):
+                    raise ValueError("ids must be between 0 and 2**63 - 1 (negative ids, −1 among them, mark "
+                                     "'no result'; larger ones would wrap around)")
                 new_ids = new_ids.astype(np.int64).reshape(-1)
                 if len(new_ids) != n_new:
                     raise ValueError(f"{n_new} vectors but {len(new_ids)} ids")
@@ -281,10 +285,13 @@ class VectorIndex:
 
         Returns one ``(distances, ids)`` pair per query, nearest first.
         """
+        radius = float(radius)
+        if not math.isfinite(radius):
+            raise ValueError(f"radius must be a finite number, got {radius}")
         with self._lock:
             q = self._check_query(queries)
             if self.backend == "faiss":
-                return self._faiss_range(q, float(radius))
+                return self._faiss_range(q, radius)
             if self.metric == "poincare":  # the distance itself, not the augmented score
                 data, qs = torch.from_numpy(self._vectors[: self._n]), torch.from_numpy(q)
             else:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from metrix._validation import check_choice, check_embeddings, check_labels, check_pair
+from metrix._validation import check_choice, check_labels, check_loss_input, check_pair
 
 REDUCTIONS = ("mean_nonzero", "mean", "sum")
 
@@ -77,13 +77,13 @@ class Batch:
 
 
 def prepare_batch(embeddings, labels, ref_embeddings=None, ref_labels=None) -> Batch:
-    emb = check_embeddings(embeddings, "embeddings")
+    emb = check_loss_input(embeddings, "embeddings")
     lab = check_labels(labels, emb.shape[0], "labels", device=emb.device)
     if ref_embeddings is None:
         if ref_labels is not None:
             raise ValueError("ref_labels given without ref_embeddings")
         return Batch(emb, lab, emb, lab, True)
-    ref = check_embeddings(ref_embeddings, "ref_embeddings")
+    ref = check_loss_input(ref_embeddings, "ref_embeddings")
     check_pair(emb, ref, "embeddings", "ref_embeddings")
     if ref_labels is None:
         raise ValueError("ref_embeddings given without ref_labels")

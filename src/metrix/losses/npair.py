@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrix._validation import check_embeddings, check_pair, check_positive
+from metrix._validation import check_loss_input, check_pair, check_positive
 from metrix.losses._common import prepare_batch, zero_loss
 
 
@@ -63,8 +63,8 @@ class NPairLoss(nn.Module):
 def info_nce_loss(query, positive, negatives=None, *, temperature: float = 0.07) -> torch.Tensor:
     """InfoNCE over explicit (query, positive, negatives) triples; see the module docstring."""
     temperature = check_positive(temperature, "temperature")
-    q = F.normalize(check_embeddings(query, "query"), dim=1)
-    p = check_embeddings(positive, "positive")
+    q = F.normalize(check_loss_input(query, "query"), dim=1)
+    p = check_loss_input(positive, "positive")
     check_pair(q, p, "query", "positive")
     if p.shape[0] != q.shape[0]:
         raise ValueError(f"query has shape {tuple(q.shape)} but positive has shape {tuple(p.shape)}; one positive per query")
@@ -73,7 +73,7 @@ def info_nce_loss(query, positive, negatives=None, *, temperature: float = 0.07)
         logits = q @ p.T / temperature
         return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
     if negatives.ndim == 2:  # shared negatives (M, D)
-        n = F.normalize(check_embeddings(negatives, "negatives"), dim=1)
+        n = F.normalize(check_loss_input(negatives, "negatives"), dim=1)
         check_pair(q, n, "query", "negatives")
         neg_logits = q @ n.T
     elif negatives.ndim == 3 and negatives.shape[0] == q.shape[0] and negatives.shape[2] == q.shape[1]:

@@ -47,9 +47,10 @@ def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _unit_rows_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """∂/∂x of ``x/‖x‖`` applied to ``grad`` (in place): ``(g − x̂·(g·x̂)) / ‖x‖``; a clamped norm is a constant."""
-    along = torch.linalg.vecdot(grad, unit, dim=1).unsqueeze_(1).mul_(norm > _NORM_EPS)
-    return grad.addcmul_(unit, along, value=-1.0).div_(norm)
+    """∂/∂x of ``x/‖x‖`` applied to ``grad`` (in place): ``(g − x̂·(g·x̂)) / ‖x‖``. A row whose norm was clamped
+    (a zero vector: no direction) gets a zero gradient, not ``g/eps`` (≈1e12 that would wreck the network)."""
+    along = torch.linalg.vecdot(grad, unit, dim=1).unsqueeze_(1)
+    return grad.addcmul_(unit, along, value=-1.0).div_(norm).mul_(norm > _NORM_EPS)
 
 
 class _ClassCosine(torch.autograd.Function):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrix._validation import check_choice, check_embeddings, check_pair
+from metrix._validation import check_choice, check_loss_input, check_pair
 
 def _check_lists(scores, relevance, mask):
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
@@ -118,13 +118,13 @@ def negative_sampling_loss(anchor, positive, negatives) -> torch.Tensor:
 
     ``negatives`` is (B, M, D) — M sampled negatives per anchor — or (M, D) shared by all anchors.
     """
-    a = check_embeddings(anchor, "anchor")
-    p = check_embeddings(positive, "positive")
+    a = check_loss_input(anchor, "anchor")
+    p = check_loss_input(positive, "positive")
     check_pair(a, p, "anchor", "positive")
     if p.shape[0] != a.shape[0]:
         raise ValueError(f"anchor has shape {tuple(a.shape)} but positive has shape {tuple(p.shape)}; one positive per anchor")
     if negatives.ndim == 2:
-        n = check_embeddings(negatives, "negatives")
+        n = check_loss_input(negatives, "negatives")
         check_pair(a, n, "anchor", "negatives")
         neg_logits = a @ n.T
     elif negatives.ndim == 3 and negatives.shape[0] == a.shape[0] and negatives.shape[2] == a.shape[1]:
