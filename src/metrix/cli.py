@@ -16,6 +16,9 @@ app = typer.Typer(
 )
 
 
+ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -145,12 +148,13 @@ def index_search(
     limit: Optional[int] = typer.Option(None, help="Search only the first N queries."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Embed queries and print their nearest gallery items: ids, labels and distances."""
     from metrix.experiment import search_index
 
     try:
-        results = search_index(index, run, query, k, label_column, limit)
+        results = search_index(index, run, query, k, label_column, limit, allow_other_run)
     except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
         _fail(exc)
     if as_json:
@@ -216,15 +220,17 @@ def gallery_enroll(
     data: str = typer.Option(..., help="Samples: a folder of class sub-folders (each folder = one identity), .npz, .csv, or a .npy with --identity."),
     identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Add identities to a gallery (no retraining needed for new people)."""
     from metrix.apps.jobs import enroll
 
     try:
-        counts = enroll(gallery, run, data, identity, label_column)
+        r = enroll(gallery, run, data, identity, label_column, allow_other_run)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
-    typer.echo(f"enrolled {len(counts)} identities ({sum(counts.values())} samples) -> {gallery}")
+    skipped = f"; {r['duplicates']} already enrolled, skipped" if r["duplicates"] else ""
+    typer.echo(f"enrolled {len(r['added'])} identities ({sum(r['added'].values())} samples{skipped}) -> {gallery}")
 
 
 @gallery_app.command("calibrate")
@@ -234,12 +240,13 @@ def gallery_calibrate(
     data: str = typer.Option(..., help="Labelled samples (people not in the gallery are fine): all their pairs are scored."),
     far: Optional[float] = typer.Option(None, help="Target false-accept rate (default: the threshold of best pair accuracy)."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Choose the accept threshold on labelled pairs, for a target false-accept rate."""
     from metrix.apps.jobs import calibrate
 
     try:
-        r = calibrate(gallery, run, data, far, label_column)
+        r = calibrate(gallery, run, data, far, label_column, allow_other_run=allow_other_run)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     typer.echo(f"threshold {r['threshold']:.4f}: FAR {r['far']:.4f}, TAR {r['tar']:.4f} on {r['pairs']} pairs -> {gallery}")
@@ -253,12 +260,13 @@ def gallery_verify(
     identity: str = typer.Option(..., help="Claimed identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """1:1 — is each probe the claimed identity?"""
     from metrix.apps.jobs import verify
 
     try:
-        results = verify(gallery, run, data, identity, label_column)
+        results = verify(gallery, run, data, identity, label_column, allow_other_run)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         _fail(exc)
     if as_json:
@@ -277,12 +285,14 @@ def gallery_identify(
     limit: Optional[int] = typer.Option(None, help="Only the first N probes."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
-    """1:N — who is each probe? 'unknown' when the best match is beyond the threshold."""
+    """1:N — who is each probe? 'unknown' when the best match is beyond the threshold (without a threshold,
+    every probe gets its nearest identity, and a warning says so)."""
     from metrix.apps.jobs import identify
 
     try:
-        results = identify(gallery, run, data, k, label_column, limit)
+        results = identify(gallery, run, data, k, label_column, limit, allow_other_run)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     if as_json:

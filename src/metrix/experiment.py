@@ -21,7 +21,7 @@ from metrix.datasets import encode_labels, load_dataset, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, reading, save_json
 from metrix.losses import TRIPLET_SELECTIONS, build_loss
-from metrix.models import EmbeddingModel, load_model, save_model
+from metrix.models import EmbeddingModel, check_same_run, load_model, run_fingerprint, save_model
 from metrix.training import Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -367,6 +367,7 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     # a run trained on the Poincaré ball is searched with its own distance
     metric = "poincare" if run_metric(config) == "poincare" else "l2"
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
+    index.provenance = {"run": run_fingerprint(run_dir)}
     metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]
     index.add(emb, metadata=metadata)
     if backend == "faiss":
@@ -375,12 +376,15 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     return index
 
 
-def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str = "label", limit: int | None = None):
-    """Embed queries with a saved run and search an index; returns one result dict per query."""
+def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str = "label", limit: int | None = None,
+                 allow_other_run: bool = False):
+    """Embed queries with a saved run and search an index; returns one result dict per query. An index
+    built with another run is refused unless ``allow_other_run``."""
     from metrix.index import VectorIndex
 
     index = VectorIndex.load(index_path)
     model, config = load_model(run_dir)
+    check_same_run(index.provenance, run_dir, "index", allow_other_run)
     if (index.metric == "poincare") != (run_metric(config) == "poincare"):
         raise ValueError(f"the index compares with {index.metric!r} but the run embeds "
                          f"{'into the Poincaré ball' if run_metric(config) == 'poincare' else 'on the unit sphere'}: "

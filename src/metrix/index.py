@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, load_tensors, reading, save_tensors
+from metrix.io import CorruptFileError, check_provenance, load_tensors, reading, save_tensors
 from metrix.distances import ball_factor, poincare
 from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_from_score, poincare_rows
 
@@ -112,6 +112,7 @@ class VectorIndex:
         self._meta: list = []
         self._faiss = None  # derived structure over positions 0..n-1; None = build before next search
         self._lock = threading.RLock()
+        self.provenance: dict[str, str] = {}  # what made the vectors (e.g. {"run": fingerprint}), saved with them
 
     # ------------------------------------------------------------------ store
     def __len__(self) -> int:
@@ -354,7 +355,8 @@ class VectorIndex:
             if self.backend == "faiss" and self._faiss is not None:
                 faiss = require_faiss()
                 tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._faiss))
-            header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config())}
+            header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config()),
+                      "provenance": json.dumps(self.provenance)}
             return save_tensors(path, tensors, header, key=key)
 
     @classmethod
@@ -392,6 +394,8 @@ class VectorIndex:
         index._ids = ids
         index._pos = {int(i): p for p, i in enumerate(ids.tolist())}
         index._meta = meta
+        with reading(path, "vector index"):
+            index.provenance = check_provenance(json.loads(header.get("provenance", "{}")), path)
         if "faiss" in tensors:
             index._faiss = index._checked_faiss(tensors["faiss"].numpy(), path)
         return index

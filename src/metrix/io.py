@@ -424,3 +424,10 @@ def build_to_fit(build, tensors: dict[str, torch.Tensor], path, what: str, stric
         module = build()
         module.load_state_dict(tensors, strict=strict)
     return module
+
+
+def check_provenance(value, path) -> dict[str, str]:
+    """A stored provenance record (what produced the vectors of an index or gallery): a flat string map."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CorruptFileError(f"{path}: invalid provenance record {value!r}")
+    return dict(value)

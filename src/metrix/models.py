@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metrix.distances import check_curvature, clip_norm, expmap0
-from metrix.io import (CorruptFileError, build_to_fit, load_json, load_tagged, remove_orphan_temps, save_json,
-                       save_tagged)
+from metrix.io import (CorruptFileError, build_to_fit, file_digest, load_json, load_tagged, remove_orphan_temps,
+                       save_json, save_tagged)
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -322,3 +322,20 @@ def load_model_file(path) -> tuple[EmbeddingModel, dict]:
         raise CorruptFileError(f"{path} has no 'model' section")
     model = build_to_fit(lambda: build_model(config["model"]), tensors, path, "model")
     return model.eval(), config
+
+
+def run_fingerprint(folder) -> str:
+    """SHA-256 of a run's weights file (weights and config): what an index or gallery built from the run
+    records, so that searching it with the embeddings of another run is refused."""
+    return file_digest(Path(folder) / "model.safetensors")
+
+
+def check_same_run(provenance: dict, folder, what: str, allow_other_run: bool = False) -> None:
+    """Refuse to compare embeddings of the run at ``folder`` with vectors that another run produced."""
+    recorded = provenance.get("run")
+    if recorded is None or allow_other_run:
+        return
+    if recorded != run_fingerprint(folder):
+        raise ValueError(f"the {what} was built with another run (fingerprint {recorded[:12]}…) than {folder}; "
+                         "embeddings of different runs are not comparable: rebuild it with this run, or pass "
+                         "--allow-other-run if both runs are known to embed alike")

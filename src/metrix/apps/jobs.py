@@ -17,42 +17,49 @@ def _embed(run_dir, data: str, label_column: str = "label"):
     return model.embed(x).numpy(), y
 
 
-def _open(path, create: bool = False) -> Gallery:
+def _open(path, run_dir, create: bool = False, allow_other_run: bool = False) -> Gallery:
+    """The gallery at ``path`` (new and tied to the run when ``create``); one enrolled with another run
+    is refused unless ``allow_other_run``."""
+    from metrix.models import check_same_run, run_fingerprint
+
     path = Path(path)
     if path.exists():
-        return Gallery.load(path)
+        gallery = Gallery.load(path)
+        check_same_run(gallery.provenance, run_dir, "gallery", allow_other_run)
+        return gallery
     if create:
-        return Gallery()
+        gallery = Gallery()
+        gallery.provenance = {"run": run_fingerprint(run_dir)}
+        return gallery
     raise FileNotFoundError(f"no gallery at {path}: create one with 'metrix gallery enroll'")
 
 
-def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_column: str = "label") -> dict:
-    """Enrol ``data``: every label as an identity, or all samples as ``identity``. Returns counts."""
+def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_column: str = "label",
+           allow_other_run: bool = False) -> dict:
+    """Enrol ``data``: every label as an identity, or all samples as ``identity``. Returns the samples
+    added per identity (samples the identity already holds are not added twice)."""
     emb, labels = _embed(run_dir, data, label_column)
-    gallery = _open(gallery_path, create=True)
+    gallery = _open(gallery_path, run_dir, create=True, allow_other_run=allow_other_run)
     counts: dict[str, int] = {}
     if identity is not None:
-        gallery.enroll(identity, emb)
-        counts[identity] = len(emb)
+        counts[identity] = gallery.enroll(identity, emb)
     else:
         if labels is None:
             raise ValueError(f"{data} has no labels: give --identity to enrol all its samples as one person")
         for name in np.unique(labels):
-            rows = emb[labels == name]
-            gallery.enroll(str(name), rows)
-            counts[str(name)] = len(rows)
+            counts[str(name)] = gallery.enroll(str(name), emb[labels == name])
     gallery.save(gallery_path)
-    return counts
+    return {"added": counts, "duplicates": int(len(emb) - sum(counts.values()))}
 
 
 def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_column: str = "label",
-              max_samples: int = 3000) -> dict:
+              max_samples: int = 3000, allow_other_run: bool = False) -> dict:
     """Set the gallery threshold from labelled data: all pairs of its samples (same label = genuine),
     from a seeded sample of ``max_samples`` when there are more."""
     emb, labels = _embed(run_dir, data, label_column)
     if labels is None:
         raise ValueError("calibration needs labelled data")
-    gallery = _open(gallery_path)
+    gallery = _open(gallery_path, run_dir, allow_other_run=allow_other_run)
     if len(emb) > max_samples:  # all pairs of 3,000 samples are 4.5 M distances: plenty, and bounded memory
         keep = np.random.default_rng(0).choice(len(emb), max_samples, replace=False)
         emb, labels = emb[keep], labels[keep]
@@ -68,17 +75,19 @@ def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_
             "tar": float(np.mean(d[same] <= gallery.threshold)), "pairs": int(len(d))}
 
 
-def verify(gallery_path, run_dir, data: str, identity: str, label_column: str = "label") -> list[dict]:
+def verify(gallery_path, run_dir, data: str, identity: str, label_column: str = "label",
+           allow_other_run: bool = False) -> list[dict]:
     emb, _ = _embed(run_dir, data, label_column)
-    accepted, dist = _open(gallery_path).verify(emb, identity)
+    accepted, dist = _open(gallery_path, run_dir, allow_other_run=allow_other_run).verify(emb, identity)
     return [{"sample": i, "accepted": bool(a), "distance": float(d)} for i, (a, d) in enumerate(zip(accepted, dist))]
 
 
-def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "label", limit: int | None = None) -> list[dict]:
+def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "label", limit: int | None = None,
+             allow_other_run: bool = False) -> list[dict]:
     emb, labels = _embed(run_dir, data, label_column)
     if limit is not None:
         emb = emb[:limit]
-    out = _open(gallery_path).identify(emb, k)
+    out = _open(gallery_path, run_dir, allow_other_run=allow_other_run).identify(emb, k)
     for i, r in enumerate(out):
         r["sample"] = i
         if labels is not None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, load_tagged, reading, save_tagged
+from metrix.io import CorruptFileError, check_provenance, load_tagged, reading, save_tagged
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -146,6 +147,7 @@ class Gallery:
         self.threshold = threshold
         self.metric = metric
         self.match = match
+        self.provenance: dict[str, str] = {}  # what made the embeddings (e.g. {"run": fingerprint})
         self._samples: dict[str, np.ndarray] = {}
         self._lock = threading.RLock()
 
@@ -173,14 +175,24 @@ class Gallery:
     def __len__(self) -> int:
         return len(self._samples)
 
-    def enroll(self, identity: str, samples, replace: bool = False) -> None:
-        """Add embeddings of ``identity`` (appended to earlier ones unless ``replace``)."""
+    def enroll(self, identity: str, samples, replace: bool = False) -> int:
+        """Add embeddings of ``identity`` (appended to earlier ones unless ``replace``). A sample identical to
+        one the identity already holds (or repeated in ``samples``) is skipped, so enrolling the same images
+        twice does not weigh them double. Returns the number of samples added."""
         identity = str(identity)
         with self._lock:
             x = self._check(samples)
-            if identity in self._samples and not replace:
-                x = np.concatenate([self._samples[identity], x])
-            self._samples[identity] = x
+            held = self._samples.get(identity) if not replace else None
+            _, first = np.unique(x, axis=0, return_index=True)
+            x = x[np.sort(first)]
+            if held is not None:
+                seen = {row.tobytes() for row in held}
+                x = x[[row.tobytes() not in seen for row in x]]
+                x = np.concatenate([held, x])
+            added = len(x) - (0 if held is None else len(held))
+            if len(x):
+                self._samples[identity] = x
+            return added
 
     def remove(self, identity: str) -> None:
         with self._lock:
@@ -235,7 +247,12 @@ class Gallery:
 
     def identify(self, x, k: int = 1) -> list[dict]:
         """1:N — the ``k`` closest identities of each probe; ``identity`` is None ("unknown") when
-        the best distance is beyond the threshold (open set)."""
+        the best distance is beyond the threshold (open set). Without a threshold every probe is given its
+        nearest identity (closed set), which a warning says."""
+        if self.threshold is None:
+            warnings.warn("the gallery has no threshold, so identify never answers 'unknown': every probe gets its "
+                          "nearest identity; set one with 'metrix gallery calibrate' (or Gallery.threshold)",
+                          UserWarning, stacklevel=2)
         with self._lock:
             x = self._check(x, "probes")
             D, names = self._distances(x)
@@ -260,7 +277,8 @@ class Gallery:
         with self._lock:
             names = list(self._samples)
             tensors = {f"identity.{i}": torch.from_numpy(s) for i, s in enumerate(self._samples.values())}
-            info = {"identities": names, "threshold": self.threshold, "metric": self.metric, "match": self.match}
+            info = {"identities": names, "threshold": self.threshold, "metric": self.metric, "match": self.match,
+                    "provenance": self.provenance}
             return save_tagged(path, tensors, "metrix_gallery", info, key=key)
 
     @classmethod
@@ -276,6 +294,7 @@ class Gallery:
             if set(tensors) != {f"identity.{i}" for i in range(len(names))}:
                 raise CorruptFileError(f"{path}: the stored embeddings do not match the {len(names)} identities")
             gallery = cls(threshold, info["metric"], info["match"])
+            gallery.provenance = check_provenance(info.get("provenance", {}), path)
             for i, name in enumerate(names):
                 gallery._samples[name] = gallery._check(tensors[f"identity.{i}"].numpy(), f"embeddings of {name!r}")
         return gallery
