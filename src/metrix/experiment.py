@@ -384,13 +384,13 @@ def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str
 
     index = VectorIndex.load(index_path)
     model, config = load_model(run_dir)
-    check_same_run(index.provenance, run_dir, "index", allow_other_run)
     if (index.metric == "poincare") != (run_metric(config) == "poincare"):
         raise ValueError(f"the index compares with {index.metric!r} but the run embeds "
                          f"{'into the Poincaré ball' if run_metric(config) == 'poincare' else 'on the unit sphere'}: "
                          "build the index with the same run")
     if model.embedding_dim != index.dim:
         raise ValueError(f"the run embeds into {model.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
+    check_same_run(index.provenance, run_dir, "index", allow_other_run)
     x, y = _load_inputs(query, label_column)
     if limit is not None:
         x, y = x[:limit], None if y is None else y[:limit]

@@ -1,8 +1,10 @@
 """A vector index with ids, metadata, safe persistence and exact or approximate (faiss) search.
 
 The index keeps a canonical store — vectors, int64 ids, optional JSON metadata per vector — and,
-for the ``faiss`` backend, an acceleration structure derived from it: extended in place when vectors
-are added, rebuilt on the next search after a removal (HNSW cannot remove), and saved with the store.
+for the ``faiss`` backend, an acceleration structure derived from it (:mod:`metrix.ann`): built at the
+first search outside the lock (searches are exact meanwhile), extended in place when vectors are added,
+kept across removals (removed vectors are excluded by an ID selector; HNSW cannot drop them), rebuilt
+only when most of it is removed, and saved with the store.
 
 Metrics: ``"l2"`` (Euclidean distance), ``"cosine"`` (cosine distance ``1 − cos``), ``"poincare"`` (the
 Poincaré-ball distance of curvature −1; vectors must lie inside the unit ball), all "smaller is closer";
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrix.ann import FaissStructure, require_faiss
 from metrix.io import CorruptFileError, check_provenance, load_tensors, reading, save_tensors
 from metrix.distances import ball_factor, poincare
 from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_from_score, poincare_rows
@@ -39,15 +42,6 @@ INDEX_FORMAT = "1"
 METRICS = {"l2": "euclidean", "cosine": "cosine", "ip": "dot", "poincare": "poincare"}
 BACKENDS = ("exact", "faiss")
 
-
-def require_faiss():
-    try:
-        import faiss
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the faiss backend needs the 'faiss' extra: pip install 'metrix[faiss]' (faiss-cpu)"
-        ) from exc
-    return faiss
 
 
 def _as_matrix(x, dim: int, name: str) -> np.ndarray:
@@ -110,7 +104,8 @@ class VectorIndex:
         self._ids = np.empty(0, dtype=np.int64)
         self._pos: dict[int, int] = {}
         self._meta: list = []
-        self._faiss = None  # derived structure over positions 0..n-1; None = build before next search
+        self._ann: FaissStructure | None = None  # faiss backend: built at the first search, outside the lock
+        self._build_log: list | None = None  # changes made while a structure is being built, replayed onto it
         self._lock = threading.RLock()
         self.provenance: dict[str, str] = {}  # what made the vectors (e.g. {"run": fingerprint}), saved with them
 
@@ -173,8 +168,10 @@ class VectorIndex:
             for offset, i in enumerate(new_ids):
                 self._pos[int(i)] = self._n + offset
             self._meta.extend(metadata if metadata is not None else [None] * n_new)
-            if self._faiss is not None:
-                self._faiss.add(self._search_space(x, data=True))  # positions continue after the current ones
+            if self._ann is not None:
+                self._ann.add(self._search_space(x, data=True), new_ids)
+            if self._build_log is not None:
+                self._build_log.append(("add", new_ids))
             self._n += n_new
             return new_ids
 
@@ -200,7 +197,12 @@ class VectorIndex:
             self._meta = [m for m, k in zip(self._meta, keep) if k]
             self._n = len(self._ids)
             self._pos = {int(i): p for p, i in enumerate(self._ids)}
-            self._faiss = None  # positions changed: rebuild before the next search
+            if self._ann is not None:  # the structure keeps its slots; removed ones are excluded from searches
+                self._ann.remove(ids)
+                if self._ann.needs_rebuild():
+                    self._ann = None
+            if self._build_log is not None:
+                self._build_log.append(("remove", ids))
             return int((~keep).sum())
 
     # ----------------------------------------------------------------- search
@@ -213,29 +215,35 @@ class VectorIndex:
             return np.ascontiguousarray(poincare_rows(torch.from_numpy(x), left=not data).numpy())
         return x
 
-    def _build_faiss(self):
-        faiss = require_faiss()
-        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        index = faiss.index_factory(self.dim + (2 if self.metric == "poincare" else 0), self.faiss_index, metric)
-        if hasattr(faiss.downcast_index(index), "hnsw"):
-            faiss.downcast_index(index).hnsw.efConstruction = self.ef_construction
-        data = self._search_space(self._vectors[: self._n], data=True)
-        if not index.is_trained:
-            nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1) if "IVF" in self.faiss_index else 1
-            if self._n < nlist:
-                raise ValueError(f"{self.faiss_index} needs at least {nlist} vectors to train, the index has {self._n}")
-            index.train(data)
-        index.add(data)
-        self._faiss = index
+    def _faiss_dim(self) -> int:
+        return self.dim + (2 if self.metric == "poincare" else 0)
 
-    def _configure_faiss(self):
-        faiss = require_faiss()
-        if "IVF" in self.faiss_index:
-            faiss.extract_index_ivf(self._faiss).nprobe = self.nprobe
-        if "HNSW" in self.faiss_index:
-            hnsw = faiss.downcast_index(self._faiss)
-            if hasattr(hnsw, "hnsw"):
-                hnsw.hnsw.efSearch = self.ef_search
+    def _ensure_structure(self) -> None:
+        """Build the faiss structure if there is none, *outside* the lock: the build (minutes for HNSW at a
+        million vectors) blocks neither searches, which use exact search meanwhile, nor writes, which are
+        logged and replayed onto the new structure before it is installed."""
+        with self._lock:
+            if self.backend != "faiss" or self._ann is not None or self._build_log is not None or self._n == 0:
+                return
+            self._build_log = []
+            data, ids = self._vectors[: self._n], self._ids[: self._n].copy()  # add/remove never write into this view
+        try:
+            built = FaissStructure.build(self.faiss_index, self._faiss_dim(), self.metric == "l2",
+                                         self._search_space(data, data=True), ids, self.ef_construction)
+        except BaseException:
+            with self._lock:
+                self._build_log = None
+            raise
+        with self._lock:
+            for op, op_ids in self._build_log:
+                if op == "remove":
+                    built.remove(op_ids)
+                    continue
+                present = [int(i) for i in op_ids if int(i) in self._pos and not built.holds(i)]
+                if present:
+                    rows = self._vectors[[self._pos[i] for i in present]]
+                    built.add(self._search_space(rows, data=True), np.asarray(present, dtype=np.int64))
+            self._ann, self._build_log = built, None
 
     def _check_query(self, queries, k=None) -> np.ndarray:
         q = _as_matrix(queries, self.dim, "queries")
@@ -245,28 +253,35 @@ class VectorIndex:
             raise ValueError(f"k must be between 1 and the index size {self._n}, got {k}")
         return q
 
-    def search(self, queries, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int = 10, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest vectors of each query: ``(distances, ids)``, both (n_queries, k).
 
         Approximate backends may find fewer than ``k``; missing slots have id −1 and distance inf
-        (−inf for ``ip``).
+        (−inf for ``ip``). ``nprobe`` / ``ef_search`` override the index's settings for this call only.
+        While the faiss structure is first being built, searches are answered exactly.
         """
+        self._ensure_structure()
         with self._lock:
             q = self._check_query(queries, k)
-            if self.backend == "exact":
+            if self._ann is None:
                 dist, pos = [], []
                 for _, d, p in iter_knn(q, self._vectors[: self._n], int(k), METRICS[self.metric], False, self.max_memory_mb):
                     dist.append(d.numpy())
                     pos.append(p.numpy())
                 dist, pos = np.concatenate(dist), np.concatenate(pos)
+                ids = self._ids[pos]
             else:
-                if self._faiss is None:
-                    self._build_faiss()
-                self._configure_faiss()
-                raw, pos = self._faiss.search(self._search_space(q), int(k))
-                dist = self._from_faiss(raw, pos)
-            ids = np.where(pos >= 0, self._ids[np.clip(pos, 0, None)], -1)
+                raw, ids = self._ann.search(self._search_space(q), int(k), self.faiss_index, *self._knobs(nprobe, ef_search))
+                dist = self._from_faiss(raw, ids)
             return dist.astype(np.float32), ids.astype(np.int64)
+
+    def _knobs(self, nprobe, ef_search) -> tuple[int, int]:
+        nprobe = self.nprobe if nprobe is None else int(nprobe)
+        ef_search = self.ef_search if ef_search is None else int(ef_search)
+        if nprobe < 1 or ef_search < 1:
+            raise ValueError(f"nprobe and ef_search must be >= 1, got {nprobe} and {ef_search}")
+        return nprobe, ef_search
 
     def _from_faiss(self, raw: np.ndarray, pos: np.ndarray) -> np.ndarray:
         missing = np.inf if self.metric != "ip" else -np.inf
@@ -281,7 +296,8 @@ class VectorIndex:
         out[pos < 0] = missing
         return out
 
-    def range_search(self, queries, radius: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    def range_search(self, queries, radius: float, nprobe: int | None = None,
+                     ef_search: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """All vectors within ``radius`` of each query (distance ≤ radius; for ``ip``: similarity ≥ radius).
 
         Returns one ``(distances, ids)`` pair per query, nearest first.
@@ -289,10 +305,11 @@ class VectorIndex:
         radius = float(radius)
         if not math.isfinite(radius):
             raise ValueError(f"radius must be a finite number, got {radius}")
+        self._ensure_structure()
         with self._lock:
             q = self._check_query(queries)
-            if self.backend == "faiss":
-                return self._faiss_range(q, radius)
+            if self._ann is not None:
+                return self._faiss_range(q, radius, *self._knobs(nprobe, ef_search))
             if self.metric == "poincare":  # the distance itself, not the augmented score
                 data, qs = torch.from_numpy(self._vectors[: self._n]), torch.from_numpy(q)
             else:
@@ -318,10 +335,7 @@ class VectorIndex:
                     out.append((vals[order].numpy(), self._ids[pos[order].numpy()]))
             return out
 
-    def _faiss_range(self, q: np.ndarray, radius: float):
-        if self._faiss is None:
-            self._build_faiss()
-        self._configure_faiss()
+    def _faiss_range(self, q: np.ndarray, radius: float, nprobe: int, ef_search: int):
         if self.metric == "l2":
             threshold = radius * radius
         elif self.metric == "cosine":
@@ -330,13 +344,13 @@ class VectorIndex:
             threshold = -float(np.sinh(radius / 2)) ** 2
         else:
             threshold = radius
-        lims, raw, pos = self._faiss.range_search(self._search_space(q), threshold)
+        lims, raw, ids = self._ann.range_search(self._search_space(q), threshold, self.faiss_index, nprobe, ef_search)
         out = []
         for i in range(len(q)):
-            r, p = raw[lims[i] : lims[i + 1]], pos[lims[i] : lims[i + 1]]
+            r, p = raw[lims[i] : lims[i + 1]], ids[lims[i] : lims[i + 1]]
             d = self._from_faiss(r, p)
             order = np.argsort(-d if self.metric == "ip" else d, kind="stable")
-            out.append((d[order].astype(np.float32), self._ids[p[order]]))
+            out.append((d[order].astype(np.float32), p[order]))
         return out
 
     # ------------------------------------------------------------ persistence
@@ -352,9 +366,11 @@ class VectorIndex:
                 "ids": torch.from_numpy(self._ids[: self._n]),
                 "metadata_json": torch.frombuffer(bytearray(json.dumps(self._meta).encode()), dtype=torch.uint8),
             }
-            if self.backend == "faiss" and self._faiss is not None:
+            if self._ann is not None:  # the structure with its slots, so a load does not rebuild it
                 faiss = require_faiss()
-                tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._faiss))
+                tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._ann.index))
+                tensors["faiss_slot_ids"] = torch.from_numpy(self._ann.slot_ids)
+                tensors["faiss_dead_slots"] = torch.tensor(sorted(self._ann.dead), dtype=torch.int64)
             header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config()),
                       "provenance": json.dumps(self.provenance)}
             return save_tensors(path, tensors, header, key=key)
@@ -372,8 +388,9 @@ class VectorIndex:
         with reading(path, "vector index"):
             config = json.loads(header["config"])
             vectors, ids, meta_bytes = tensors["vectors"], tensors["ids"], tensors["metadata_json"]
-            if set(tensors) - {"vectors", "ids", "metadata_json", "faiss"}:
-                raise CorruptFileError(f"{path}: unexpected tensors {sorted(set(tensors) - {'vectors', 'ids', 'metadata_json', 'faiss'})}")
+            known = {"vectors", "ids", "metadata_json", "faiss", "faiss_slot_ids", "faiss_dead_slots"}
+            if set(tensors) - known or ("faiss" in tensors) != ("faiss_slot_ids" in tensors):
+                raise CorruptFileError(f"{path}: unexpected or missing tensors ({sorted(tensors)})")
             if (vectors.dtype != torch.float32 or vectors.ndim != 2 or ids.dtype != torch.int64 or ids.ndim != 1
                     or meta_bytes.dtype != torch.uint8 or meta_bytes.ndim != 1):
                 raise CorruptFileError(f"{path}: vectors, ids or metadata have the wrong type or rank")
@@ -397,28 +414,36 @@ class VectorIndex:
         with reading(path, "vector index"):
             index.provenance = check_provenance(json.loads(header.get("provenance", "{}")), path)
         if "faiss" in tensors:
-            index._faiss = index._checked_faiss(tensors["faiss"].numpy(), path)
+            index._ann = index._checked_structure(tensors, path)
         return index
 
-    def _checked_faiss(self, blob: np.ndarray, path):
-        """Deserialise a stored faiss structure and check it against the stored vectors: its size, dimension
-        and metric, and (where faiss can reconstruct vectors) a sample of them; a structure that disagrees
-        is dropped and rebuilt from the vectors at the first search rather than trusted."""
+    def _checked_structure(self, tensors: dict, path) -> FaissStructure:
+        """Deserialise a stored faiss structure and check it against the store: its size, dimension and
+        metric, its slots' ids (every stored id held by exactly one live slot), and, for a flat structure,
+        a sample of its vectors against the stored ones."""
         faiss = require_faiss()
         try:
-            structure = faiss.deserialize_index(np.ascontiguousarray(blob))
+            index = faiss.deserialize_index(np.ascontiguousarray(tensors["faiss"].numpy()))
         except RuntimeError as exc:
             raise CorruptFileError(f"{path}: the faiss structure does not deserialise: {str(exc).splitlines()[0]}") from exc
-        dim = self.dim + (2 if self.metric == "poincare" else 0)
+        slot_ids = tensors["faiss_slot_ids"].numpy()
+        dead = tensors.get("faiss_dead_slots", torch.zeros(0, dtype=torch.int64)).numpy()
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        if structure.ntotal != self._n or structure.d != dim or structure.metric_type != metric:
-            raise CorruptFileError(f"{path}: the faiss structure ({structure.ntotal} vectors of dimension {structure.d}, "
-                                   f"metric {structure.metric_type}) disagrees with the store ({self._n} of dimension "
-                                   f"{dim}, metric {metric})")
-        flat = faiss.downcast_index(structure)
+        if index.ntotal != len(slot_ids) or index.d != self._faiss_dim() or index.metric_type != metric:
+            raise CorruptFileError(f"{path}: the faiss structure ({index.ntotal} vectors of dimension {index.d}, "
+                                   f"metric {index.metric_type}) disagrees with its {len(slot_ids)} slots, dimension "
+                                   f"{self._faiss_dim()} and metric {metric}")
+        if slot_ids.ndim != 1 or dead.ndim != 1 or (len(dead) and (dead.min() < 0 or dead.max() >= len(slot_ids))):
+            raise CorruptFileError(f"{path}: invalid faiss slot table")
+        live = np.delete(slot_ids, dead)
+        if len(live) != self._n or not np.array_equal(np.sort(live), np.sort(self._ids[: self._n])):
+            raise CorruptFileError(f"{path}: the faiss structure's live slots do not hold exactly the stored ids")
+        structure = FaissStructure(index, slot_ids, dead)
+        flat = faiss.downcast_index(index)
         if isinstance(flat, faiss.IndexFlat) and self._n:  # a flat structure must hold exactly the stored vectors
-            sample = np.unique(np.linspace(0, self._n - 1, min(self._n, 256)).astype(np.int64))
-            held = np.stack([flat.reconstruct(int(i)) for i in sample])
-            if not np.array_equal(held, self._search_space(self._vectors[sample], data=True).astype(np.float32)):
+            slots = np.setdiff1d(np.unique(np.linspace(0, len(slot_ids) - 1, min(len(slot_ids), 256)).astype(np.int64)), dead)
+            held = np.stack([flat.reconstruct(int(i)) for i in slots])
+            rows = self._vectors[[self._pos[int(i)] for i in slot_ids[slots]]]
+            if not np.array_equal(held, self._search_space(rows, data=True).astype(np.float32)):
                 raise CorruptFileError(f"{path}: the faiss structure's vectors differ from the stored ones")
         return structure
