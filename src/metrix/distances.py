@@ -100,8 +100,11 @@ def exact_near_zero_(sq: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_sq: t
         return sq
     gamma = expansion_error_factor(x.shape[1] + extra_terms, sq.dtype)
     bound = gamma * (x_sq + y_sq.max())
-    rows, pos = torch.nonzero(sq <= bound[:, None], as_tuple=True)
+    # one read-only row minimum finds the rows with any entry near 0; only those are compared entry-wise
+    rows = torch.nonzero(sq.amin(dim=1) <= bound).squeeze(1)
     if len(rows):
+        sub, pos = torch.nonzero(sq[rows] <= bound[rows, None], as_tuple=True)
+        rows = rows[sub]
         sq[rows, pos] = exact_sq_distances(x, y, rows, pos if cols is None else cols[rows, pos]).to(sq.dtype)
     return sq
 
@@ -115,7 +118,11 @@ def euclidean_matrix(x: torch.Tensor, y: torch.Tensor, same: bool, squared: bool
     y_sq = x_sq if same else (y * y).sum(dim=1)
     out = torch.add(x_sq[:, None], y_sq[None, :], out=out)  # one B×R buffer: the GEMM accumulates into it
     out.addmm_(x, y.T, alpha=-2.0)
+    if same:  # the diagonal is 0 by definition; kept out of the search for entries near 0
+        out.fill_diagonal_(float("inf"))
     exact_near_zero_(out, x, y, x_sq, y_sq)
+    if same:
+        out.fill_diagonal_(0.0)
     return out if squared else out.sqrt_()
 
 
