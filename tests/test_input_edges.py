@@ -83,3 +83,30 @@ def test_float16_inputs_of_large_magnitude_stay_finite(make):
     value = make()(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
     value.backward()
     assert bool(torch.isfinite(value)) and bool(torch.isfinite(x.grad).all())
+
+
+def _empty_cases():
+    from metrix.evaluation import knn_accuracy, retrieval_metrics
+    from metrix.index import VectorIndex
+    from metrix.neighbors import knn
+
+    e, lab = torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)
+    ref, ref_lab = np.random.default_rng(0).normal(size=(5, 8)), np.arange(5)
+    index = VectorIndex(8)
+    index.add(np.eye(8))
+    return [
+        (lambda: knn(e, torch.randn(5, 8), k=1), "query set is empty"),
+        (lambda: retrieval_metrics(np.zeros((0, 8)), np.zeros(0), ref, ref_lab), "query set is empty"),
+        (lambda: retrieval_metrics(ref, ref_lab, np.zeros((0, 8)), np.zeros(0)), "reference set is empty"),
+        (lambda: knn_accuracy(np.zeros((0, 8)), np.zeros(0), ref, ref_lab), "query set is empty"),
+        (lambda: index.search(np.zeros((0, 8)), 1), "queries is empty"),
+        *[(lambda make=make: make()(e, lab), "embeddings is empty")
+          for make in (L.TripletMarginLoss, L.ContrastiveLoss, L.NTXentLoss, L.MultiSimilarityLoss, L.NPairLoss,
+                       lambda: L.ArcFaceLoss(3, 8), lambda: L.CenterLoss(3, 8))],
+    ]
+
+
+def test_empty_inputs_say_what_is_empty():
+    for call, message in _empty_cases():
+        with pytest.raises(ValueError, match=message):
+            call()

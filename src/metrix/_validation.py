@@ -39,6 +39,8 @@ def check_loss_input(x: Any, name: str = "embeddings") -> torch.Tensor:
     """:func:`check_embeddings` for a loss: half-precision inputs are computed in float32 (squared norms of
     float16 values above ~256 overflow its range of 65504; the gradient still flows back as float16)."""
     x = check_embeddings(x, name)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: a loss needs at least one sample")
     return x.float() if x.dtype in HALF_TYPES else x
 
 

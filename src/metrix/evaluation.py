@@ -45,6 +45,8 @@ def _encode_labels(*label_arrays):
 def _check_lengths(x, labels, name):
     if x.shape[0] != len(labels):
         raise ValueError(f"{name} has {x.shape[0]} rows but {name}_labels has {len(labels)} entries")
+    if x.shape[0] == 0:
+        raise ValueError(f"the {name} set is empty: there is nothing to evaluate")
 
 
 def _prepare(query, query_labels, reference, reference_labels):

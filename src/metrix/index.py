@@ -247,6 +247,8 @@ class VectorIndex:
 
     def _check_query(self, queries, k=None) -> np.ndarray:
         q = _as_matrix(queries, self.dim, "queries")
+        if len(q) == 0:
+            raise ValueError("queries is empty: give at least one query vector")
         if self._n == 0:
             raise ValueError("the index is empty: add vectors before searching")
         if k is not None and not 1 <= int(k) <= self._n:
@@ -405,8 +407,8 @@ class VectorIndex:
             meta = json.loads(bytes(meta_bytes.numpy()).decode())
         if not isinstance(meta, list) or len(meta) != len(ids) or len(np.unique(ids)) != len(ids) or bool((ids < 0).any()):
             raise CorruptFileError(f"{path}: vectors {vectors.shape}, {len(ids)} ids and metadata entries disagree")
-        if not np.isfinite(vectors).all():
-            raise CorruptFileError(f"{path}: the stored vectors contain NaN or infinity")
+        if not all(np.isfinite(vectors[s : s + 65536]).all() for s in range(0, len(vectors), 65536)):  # chunks: no
+            raise CorruptFileError(f"{path}: the stored vectors contain NaN or infinity")  # full-size bool temporary
         index._vectors, index._n = vectors, len(ids)  # the loaded buffer is the store: no second copy
         index._ids = ids
         index._pos = {int(i): p for p, i in enumerate(ids.tolist())}

@@ -341,6 +341,8 @@ def iter_knn(
         raise ValueError(
             f"exclude_self needs query and reference of equal length, got {tuple(q.shape)} and {tuple(r.shape)}"
         )
+    if q.shape[0] == 0:
+        raise ValueError("the query set is empty: give at least one query")
     n_avail = r.shape[0] - int(exclude_self)
     if r.shape[0] == 0:
         raise ValueError("the reference set is empty")
