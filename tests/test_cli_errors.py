@@ -1,0 +1,51 @@
+"""Every command's error path ends in the one error boundary: exit code 2, one line on stderr that says what
+is wrong, no traceback, nothing written; ``--debug`` shows the traceback instead."""
+
+import subprocess
+import sys
+
+import pytest
+
+from metrix.cli import app
+
+MISSING = "/nonexistent/thing"
+ERROR_CASES = [
+    (["train", "--data", "nope"], "no dataset at"),
+    (["train", "--epochs", "0"], "epochs must be >= 1"),
+    (["train", "--resume", MISSING], "no checkpoints to resume"),
+    (["evaluate", MISSING], "no such file"),
+    (["embed", MISSING, "--data", "digits", "--out", "x.npy"], "no such file"),
+    (["index", "build", MISSING, "--data", "digits", "--out", "x.idx"], "no such file"),
+    (["index", "search", MISSING, "--run", MISSING, "--query", "digits"], "no such file"),
+    (["fit-linear", "NOPE"], "NOPE"),
+    (["transform-linear", MISSING, "--data", "digits", "--out", "o.npz"], "no such file"),
+    (["gallery", "enroll", "g.gallery", "--run", MISSING, "--data", "digits"], "no such file"),
+    (["gallery", "identify", MISSING, "--run", MISSING, "--data", "digits"], "no such file"),
+    (["ood", "--run", MISSING, "--fit-data", "digits", "--in-data", "digits", "--ood-data", "digits"], "no such file"),
+    (["recommend", "eval", MISSING], "no such file"),
+    (["fewshot", "eval", MISSING], "no such file"),
+    (["selfsup", "eval", MISSING], ""),
+    (["text", "eval", "--task", "nope"], "nope"),
+]
+
+
+@pytest.mark.parametrize("args,message", ERROR_CASES, ids=[" ".join(a[:2]) for a, _ in ERROR_CASES])
+def test_error_paths_print_one_line_and_exit_2(args, message, tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_traceback():
+    out = subprocess.run([sys.executable, "-c", "from metrix.cli import main; main()", "--debug", "train", "--data", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "FileNotFoundError" in out.stderr
+    plain = subprocess.run([sys.executable, "-c", "from metrix.cli import main; main()", "train", "--data", "nope"],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines() == ["error: no dataset at 'nope': use 'digits', a class-folder of images, "
+                                                 "an .npz or a .csv"]
