@@ -505,3 +505,17 @@ def load_text_csv(path, text_column: str = "text", label_column: str = "category
     index = {c: i for i, c in enumerate(classes)}
     return TextDataset([r[text_column] for r in rows], np.asarray([index[r[label_column]] for r in rows], dtype=np.int64),
                        classes, path.stem)
+
+
+def load_inputs(spec: str, label_column: str = "label"):
+    """Raw inputs to embed: a dataset spec (labels kept) or a ``.npy`` array of raw inputs (no labels)."""
+    if spec.endswith(".npy"):
+        try:
+            x = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {spec} as a NumPy array: {exc}") from exc
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{spec} must hold numbers, got dtype {x.dtype}")
+        return x.astype(np.float32), None
+    ds = load_dataset(spec, label_column)
+    return ds.X, ds.y

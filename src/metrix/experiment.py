@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.datasets import encode_labels, load_dataset, stratified_split
+from metrix.datasets import encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, reading, save_json
 from metrix.losses import TRIPLET_SELECTIONS, build_loss
-from metrix.models import EmbeddingModel, check_same_run, load_model, run_fingerprint, save_model
+from metrix.models import EmbeddingModel, save_model
+from metrix.runs import Run, as_run
 from metrix.training import Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -29,22 +30,6 @@ REPORTED = ("precision_at_1", "r_precision", "map_at_r")
 GEOMETRIES = {"sphere": ({"normalize": True}, "euclidean"),
               "poincare": ({"normalize": False, "ball_curvature": 1.0}, "poincare")}
 DISTANCE_LOSSES = ("contrastive", "triplet")  # the train losses that take metric="poincare"
-
-
-def run_metric(config: dict) -> str:
-    """The metric a saved run's embeddings are compared with (runs from before geometries: Euclidean)."""
-    return GEOMETRIES[config.get("train", {}).get("geometry", "sphere")][1]
-
-
-def load_sphere_run(run_dir, purpose: str):
-    """``load_model`` for tools that compare embeddings with L2/cosine (gallery, OOD): a run trained on the
-    Poincaré ball is refused instead of being compared in the wrong geometry."""
-    model, config = load_model(run_dir)
-    if run_metric(config) == "poincare":
-        raise ValueError(f"this run embeds into the Poincaré ball, which {purpose} does not support (it compares "
-                         "with L2 or cosine); use metrix.neighbors.knn(..., metric='poincare') or "
-                         "retrieval_metrics(..., metric='poincare') for exact search and evaluation")
-    return model, config
 
 
 @dataclass
@@ -314,22 +299,21 @@ def _eval_split(config: dict, data: str | None, split: str, label_column: str):
     raise ValueError(f"split must be 'auto', 'test' or 'all', got {split!r}")
 
 
-def evaluate(run_dir, data: str | None = None, split: str = "auto", label_column: str = "label") -> dict:
+def evaluate(run: Run | str | Path, data: str | None = None, split: str = "auto", label_column: str = "label") -> dict:
     """Re-evaluate a saved run. ``split="test"`` recreates the run's own test-vs-train split;
     ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
-    model, config = load_model(run_dir)
-    (xq, yq, xr, yr), used = _eval_split(config, data, split, label_column)
-    metrics = retrieval_metrics(model.embed(xq), yq, None if xr is None else model.embed(xr), yr,
-                                metric=run_metric(config))
+    run = as_run(run)
+    (xq, yq, xr, yr), used = _eval_split(run.config, data, split, label_column)
+    metrics = retrieval_metrics(run.embed(xq), yq, None if xr is None else run.embed(xr), yr, metric=run.metric)
     metrics["split"] = used
     return metrics
 
 
-def embed(run_dir, data: str, out, label_column: str = "label") -> tuple[Path, int]:
+def embed(run: Run | str | Path, data: str, out, label_column: str = "label") -> tuple[Path, int]:
     """Embed every sample of ``data`` with a saved run and write a ``.npy`` (labels beside it)."""
-    model, _ = load_model(run_dir)
+    run = as_run(run)
     ds = load_dataset(data, label_column)
-    emb = model.embed(ds.X).numpy()
+    emb = run.embed(ds.X).numpy()
     out = Path(out)
     buf = io.BytesIO()
     np.save(buf, emb, allow_pickle=False)
@@ -341,33 +325,19 @@ def embed(run_dir, data: str, out, label_column: str = "label") -> tuple[Path, i
     return out, emb.shape[1]
 
 
-def _load_inputs(spec: str, label_column: str = "label"):
-    """Raw inputs to embed: a dataset spec (labels kept) or a ``.npy`` array of raw inputs (no labels)."""
-    if spec.endswith(".npy"):
-        try:
-            x = np.load(spec, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {spec} as a NumPy array: {exc}") from exc
-        if x.dtype.kind not in "fiu":
-            raise ValueError(f"{spec} must hold numbers, got dtype {x.dtype}")
-        return x.astype(np.float32), None
-    ds = load_dataset(spec, label_column)
-    return ds.X, ds.y
-
-
-def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: str = "Flat",
+def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", faiss_index: str = "Flat",
                 label_column: str = "label"):
     """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
     from metrix.index import VectorIndex
 
-    model, config = load_model(run_dir)
-    x, y = _load_inputs(data, label_column)
-    emb = model.embed(x).numpy()
+    run = as_run(run)
+    x, y = load_inputs(data, label_column)
+    emb = run.embed(x).numpy()
     # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable;
     # a run trained on the Poincaré ball is searched with its own distance
-    metric = "poincare" if run_metric(config) == "poincare" else "l2"
+    metric = "poincare" if run.metric == "poincare" else "l2"
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
-    index.provenance = {"run": run_fingerprint(run_dir)}
+    index.provenance = {"run": run.fingerprint}
     metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]
     index.add(emb, metadata=metadata)
     if backend == "faiss":
@@ -376,25 +346,25 @@ def build_index(run_dir, data: str, out, backend: str = "exact", faiss_index: st
     return index
 
 
-def search_index(index_path, run_dir, query: str, k: int = 10, label_column: str = "label", limit: int | None = None,
-                 allow_other_run: bool = False):
+def search_index(index_path, run: Run | str | Path, query: str, k: int = 10, label_column: str = "label",
+                 limit: int | None = None, allow_other_run: bool = False):
     """Embed queries with a saved run and search an index; returns one result dict per query. An index
     built with another run is refused unless ``allow_other_run``."""
     from metrix.index import VectorIndex
 
     index = VectorIndex.load(index_path)
-    model, config = load_model(run_dir)
-    if (index.metric == "poincare") != (run_metric(config) == "poincare"):
+    run = as_run(run)
+    if (index.metric == "poincare") != (run.metric == "poincare"):
         raise ValueError(f"the index compares with {index.metric!r} but the run embeds "
-                         f"{'into the Poincaré ball' if run_metric(config) == 'poincare' else 'on the unit sphere'}: "
+                         f"{'into the Poincaré ball' if run.metric == 'poincare' else 'on the unit sphere'}: "
                          "build the index with the same run")
-    if model.embedding_dim != index.dim:
-        raise ValueError(f"the run embeds into {model.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
-    check_same_run(index.provenance, run_dir, "index", allow_other_run)
-    x, y = _load_inputs(query, label_column)
+    if run.embedding_dim != index.dim:
+        raise ValueError(f"the run embeds into {run.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
+    run.check_built_here(index.provenance, "index", allow_other_run)
+    x, y = load_inputs(query, label_column)
     if limit is not None:
         x, y = x[:limit], None if y is None else y[:limit]
-    dist, ids = index.search(model.embed(x).numpy(), k)
+    dist, ids = index.search(run.embed(x).numpy(), k)
     results = []
     for i, (d_row, id_row) in enumerate(zip(dist, ids)):
         neighbours = []

@@ -7,39 +7,41 @@ from pathlib import Path
 import numpy as np
 
 from metrix.apps.verification import Gallery, calibrate_threshold
+from metrix.datasets import load_inputs
+from metrix.runs import Run, as_run
 
 
-def _embed(run_dir, data: str, label_column: str = "label"):
-    from metrix.experiment import _load_inputs, load_sphere_run
-
-    model, _ = load_sphere_run(run_dir, "the gallery and OOD tools")
-    x, y = _load_inputs(data, label_column)
-    return model.embed(x).numpy(), y
+def _sphere_run(run) -> Run:
+    return as_run(run).require_sphere("the gallery and OOD tools")
 
 
-def _open(path, run_dir, create: bool = False, allow_other_run: bool = False) -> Gallery:
+def _embed(run: Run, data: str, label_column: str = "label"):
+    x, y = load_inputs(data, label_column)
+    return run.embed(x).numpy(), y
+
+
+def _open(path, run: Run, create: bool = False, allow_other_run: bool = False) -> Gallery:
     """The gallery at ``path`` (new and tied to the run when ``create``); one enrolled with another run
     is refused unless ``allow_other_run``."""
-    from metrix.models import check_same_run, run_fingerprint
-
     path = Path(path)
     if path.exists():
         gallery = Gallery.load(path)
-        check_same_run(gallery.provenance, run_dir, "gallery", allow_other_run)
+        run.check_built_here(gallery.provenance, "gallery", allow_other_run)
         return gallery
     if create:
         gallery = Gallery()
-        gallery.provenance = {"run": run_fingerprint(run_dir)}
+        gallery.provenance = {"run": run.fingerprint}
         return gallery
     raise FileNotFoundError(f"no gallery at {path}: create one with 'metrix gallery enroll'")
 
 
-def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_column: str = "label",
+def enroll(gallery_path, run, data: str, identity: str | None = None, label_column: str = "label",
            allow_other_run: bool = False) -> dict:
     """Enrol ``data``: every label as an identity, or all samples as ``identity``. Returns the samples
     added per identity (samples the identity already holds are not added twice)."""
-    emb, labels = _embed(run_dir, data, label_column)
-    gallery = _open(gallery_path, run_dir, create=True, allow_other_run=allow_other_run)
+    run = _sphere_run(run)
+    emb, labels = _embed(run, data, label_column)
+    gallery = _open(gallery_path, run, create=True, allow_other_run=allow_other_run)
     counts: dict[str, int] = {}
     if identity is not None:
         counts[identity] = gallery.enroll(identity, emb)
@@ -52,14 +54,15 @@ def enroll(gallery_path, run_dir, data: str, identity: str | None = None, label_
     return {"added": counts, "duplicates": int(len(emb) - sum(counts.values()))}
 
 
-def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_column: str = "label",
+def calibrate(gallery_path, run, data: str, target_far: float | None, label_column: str = "label",
               max_samples: int = 3000, allow_other_run: bool = False) -> dict:
     """Set the gallery threshold from labelled data: all pairs of its samples (same label = genuine),
     from a seeded sample of ``max_samples`` when there are more."""
-    emb, labels = _embed(run_dir, data, label_column)
+    run = _sphere_run(run)
+    emb, labels = _embed(run, data, label_column)
     if labels is None:
         raise ValueError("calibration needs labelled data")
-    gallery = _open(gallery_path, run_dir, allow_other_run=allow_other_run)
+    gallery = _open(gallery_path, run, allow_other_run=allow_other_run)
     if len(emb) > max_samples:  # all pairs of 3,000 samples are 4.5 M distances: plenty, and bounded memory
         keep = np.random.default_rng(0).choice(len(emb), max_samples, replace=False)
         emb, labels = emb[keep], labels[keep]
@@ -75,19 +78,21 @@ def calibrate(gallery_path, run_dir, data: str, target_far: float | None, label_
             "tar": float(np.mean(d[same] <= gallery.threshold)), "pairs": int(len(d))}
 
 
-def verify(gallery_path, run_dir, data: str, identity: str, label_column: str = "label",
+def verify(gallery_path, run, data: str, identity: str, label_column: str = "label",
            allow_other_run: bool = False) -> list[dict]:
-    emb, _ = _embed(run_dir, data, label_column)
-    accepted, dist = _open(gallery_path, run_dir, allow_other_run=allow_other_run).verify(emb, identity)
+    run = _sphere_run(run)
+    emb, _ = _embed(run, data, label_column)
+    accepted, dist = _open(gallery_path, run, allow_other_run=allow_other_run).verify(emb, identity)
     return [{"sample": i, "accepted": bool(a), "distance": float(d)} for i, (a, d) in enumerate(zip(accepted, dist))]
 
 
-def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "label", limit: int | None = None,
+def identify(gallery_path, run, data: str, k: int = 1, label_column: str = "label", limit: int | None = None,
              allow_other_run: bool = False) -> list[dict]:
-    emb, labels = _embed(run_dir, data, label_column)
+    run = _sphere_run(run)
+    emb, labels = _embed(run, data, label_column)
     if limit is not None:
         emb = emb[:limit]
-    out = _open(gallery_path, run_dir, allow_other_run=allow_other_run).identify(emb, k)
+    out = _open(gallery_path, run, allow_other_run=allow_other_run).identify(emb, k)
     for i, r in enumerate(out):
         r["sample"] = i
         if labels is not None:
@@ -95,13 +100,14 @@ def identify(gallery_path, run_dir, data: str, k: int = 1, label_column: str = "
     return out
 
 
-def ood_evaluate(run_dir, fit_data: str, in_data: str, ood_data: str, detector: str = "mahalanobis", k: int = 10,
+def ood_evaluate(run, fit_data: str, in_data: str, ood_data: str, detector: str = "mahalanobis", k: int = 10,
                  label_column: str = "label") -> dict:
     """Fit a detector on the embeddings of ``fit_data`` and report AUROC / FPR@95TPR of
-    ``in_data`` (in-distribution) against ``ood_data``."""
+    ``in_data`` (in-distribution) against ``ood_data`` (the run is opened once for all three)."""
     from metrix.apps.ood import KNNDetector, MahalanobisDetector, ood_metrics
 
-    emb, labels = _embed(run_dir, fit_data, label_column)
+    run = _sphere_run(run)
+    emb, labels = _embed(run, fit_data, label_column)
     if detector == "mahalanobis":
         if labels is None:
             raise ValueError("the Mahalanobis detector needs labelled fit data (class means)")
@@ -110,6 +116,6 @@ def ood_evaluate(run_dir, fit_data: str, in_data: str, ood_data: str, detector: 
         det = KNNDetector(k=k).fit(emb)
     else:
         raise ValueError(f"detector must be 'mahalanobis' or 'knn', got {detector!r}")
-    s_in = det.score(_embed(run_dir, in_data, label_column)[0])
-    s_out = det.score(_embed(run_dir, ood_data, label_column)[0])
+    s_in = det.score(_embed(run, in_data, label_column)[0])
+    s_out = det.score(_embed(run, ood_data, label_column)[0])
     return {"detector": detector, "num_in": int(len(s_in)), "num_ood": int(len(s_out)), **ood_metrics(s_in, s_out)}

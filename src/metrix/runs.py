@@ -1,0 +1,129 @@
+"""A trained run, opened once and shared: model, settings, geometry and the inputs it accepts.
+
+``Run.open(path)`` reads a run folder written by ``metrix train`` (or a folder that holds exactly one run)
+once: the weights and config are verified, the model is put in inference mode for good, and the metric its
+embeddings are compared with is read from the run's geometry. :meth:`Run.embed` never switches the model's
+mode and runs under ``torch.inference_mode``, so one ``Run`` can serve many threads at once (a service's
+requests) with the same results as a single thread.
+
+Example
+-------
+>>> run = Run.open("runs/digits-ntxent")                      # doctest: +SKIP
+>>> run.embed(load_dataset("digits").X[:5]).shape             # doctest: +SKIP
+torch.Size([5, 64])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrix.models import EmbeddingModel, check_same_run, load_model, run_fingerprint
+
+MODEL_FILE = "model.safetensors"
+# a run's geometry -> the metric (of metrix.distances.METRICS) its embeddings are compared with
+GEOMETRY_METRICS = {"sphere": "euclidean", "poincare": "poincare"}
+
+
+def resolve_run_dir(path) -> Path:
+    """``path`` if it is a run folder, else the one run folder inside it; clear errors otherwise."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {path} (give a run folder written by 'metrix train')")
+    runs = sorted(d for d in path.iterdir() if (d / MODEL_FILE).is_file())
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no run (no {MODEL_FILE} in it or in a sub-folder); "
+                                "train one with 'metrix train'")
+    raise ValueError(f"{path} holds {len(runs)} runs ({', '.join(r.name for r in runs)}); give one of them")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The inputs a run's model takes: one sample's shape (flat vectors of the same size are accepted and
+    reshaped), float32, and whether the model standardises them itself."""
+
+    shape: tuple[int, ...]
+    standardized: bool
+
+    def check(self, inputs) -> torch.Tensor:
+        """``inputs`` as a float32 (n, *shape) tensor, or ``ValueError`` saying what does not fit."""
+        if isinstance(inputs, np.ndarray):
+            if inputs.dtype.kind not in "fiub":
+                raise ValueError(f"inputs must be numeric, got dtype {inputs.dtype}")
+            inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs must be a NumPy array or a torch tensor, got {type(inputs).__name__}")
+        x = inputs.to(torch.float32)
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError("inputs are empty: give at least one sample")
+        if tuple(x.shape[1:]) != self.shape:
+            if math.prod(x.shape[1:]) != math.prod(self.shape):
+                raise ValueError(f"this run takes samples of shape {self.shape} (or {math.prod(self.shape)} flat "
+                                 f"values); got samples of shape {tuple(x.shape[1:])}")
+            x = x.reshape(x.shape[0], *self.shape)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("inputs contain NaN or infinity")
+        return x
+
+
+class Run:
+    """A trained run: ``model`` (inference mode, never switched), ``config``, ``metric``, ``input_spec`` and
+    ``fingerprint`` (SHA-256 of its weights file, which indexes and galleries built from it record)."""
+
+    def __init__(self, path: Path, model: EmbeddingModel, config: dict, fingerprint: str):
+        self.path, self.model, self.config, self.fingerprint = Path(path), model, config, fingerprint
+        self.model.eval()
+        self.model.requires_grad_(False)
+        geometry = config.get("train", {}).get("geometry", "sphere")
+        if geometry not in GEOMETRY_METRICS:
+            raise ValueError(f"{path}: unknown geometry {geometry!r}")
+        self.geometry, self.metric = geometry, GEOMETRY_METRICS[geometry]
+        self.input_spec = InputSpec(tuple(model.input_shape), model.preprocess is not None)
+
+    @classmethod
+    def open(cls, path) -> "Run":
+        """Load a run folder (or the one run inside ``path``) once, verified."""
+        folder = resolve_run_dir(path)
+        model, config = load_model(folder)
+        return cls(folder, model, config, run_fingerprint(folder))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    def embed(self, inputs, batch_size: int = 1024) -> torch.Tensor:
+        """Embeddings of ``inputs`` (float32, CPU), ``batch_size`` samples at a time; safe from many threads."""
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x = self.input_spec.check(inputs)
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            parts = [self.model(x[i : i + int(batch_size)].to(device)).float().cpu()
+                     for i in range(0, len(x), int(batch_size))]
+        return torch.cat(parts)
+
+    def require_sphere(self, purpose: str) -> "Run":
+        """This run, if its embeddings live on the unit sphere; tools that compare with L2 or cosine (gallery,
+        OOD) refuse a run trained on the Poincaré ball instead of comparing in the wrong geometry."""
+        if self.metric == "poincare":
+            raise ValueError(f"this run embeds into the Poincaré ball, which {purpose} does not support (it compares "
+                             "with L2 or cosine); use metrix.neighbors.knn(..., metric='poincare') or "
+                             "retrieval_metrics(..., metric='poincare') for exact search and evaluation")
+        return self
+
+    def check_built_here(self, provenance: dict, what: str, allow_other_run: bool = False) -> None:
+        """Refuse vectors that another run embedded (an index or gallery records its run's fingerprint)."""
+        check_same_run(provenance, self.path, what, allow_other_run, fingerprint=self.fingerprint)
+
+
+def as_run(run) -> Run:
+    """``run`` itself, or the run opened from a path (library entry points take either)."""
+    return run if isinstance(run, Run) else Run.open(run)
