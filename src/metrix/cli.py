@@ -59,19 +59,39 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
     _DEBUG["on"] = debug
 
 
+def _names(kind: str) -> list[str]:
+    from metrix.registry import REGISTRIES
+
+    return sorted(REGISTRIES[kind]())
+
+
+@app.command("list")
+def list_entries(kind: str = typer.Argument(..., help="losses, miners, backbones or learners.")) -> None:
+    """What exists, one line each: what it needs, its parameters with their defaults, what it is."""
+    from metrix.registry import REGISTRIES
+
+    if kind not in REGISTRIES:
+        raise ValueError(f"metrix list takes one of {', '.join(REGISTRIES)}, got {kind!r}")
+    for entry in REGISTRIES[kind]().values():
+        typer.echo(entry.line())
+
+
 ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")
 
 
 @app.command()
 def train(
     data: Optional[str] = typer.Option(None, help="'digits' (bundled, default), a folder of class sub-folders of images, an .npz with X and y, or a .csv with a label column."),
-    loss: Optional[str] = typer.Option(None, help="Loss: ntxent (default, supervised contrastive), multi_similarity, triplet, contrastive, proxy_anchor, arcface, cosface."),
-    triplets: Optional[str] = typer.Option(None, help="Triplet selection for --loss triplet: all, hard, semihard (default), easy, batch_hard."),
-    margin: Optional[float] = typer.Option(None, help="Margin of the loss (its paper's default if not given)."),
-    temperature: Optional[float] = typer.Option(None, help="Temperature of --loss ntxent (default 0.1)."),
+    loss: Optional[str] = typer.Option(None, help="Loss (default ntxent, supervised contrastive): " + ", ".join(_names("losses")) + ". 'metrix list losses' says what each takes."),
+    triplets: Optional[str] = typer.Option(None, help="Triplet selection of --loss triplet: all, hard, semihard (default), easy, batch_hard."),
+    margin: Optional[float] = typer.Option(None, help="The loss's margin parameter (its default if not given)."),
+    temperature: Optional[float] = typer.Option(None, help="The loss's temperature parameter (its default if not given)."),
+    loss_param: Optional[List[str]] = typer.Option(None, "--loss-param", help="Any parameter of the loss as key=value, repeatable (e.g. --loss-param alpha=2)."),
+    miner: Optional[str] = typer.Option(None, help="Pair miner for losses that take one: " + ", ".join(_names("miners")) + "."),
+    miner_param: Optional[List[str]] = typer.Option(None, "--miner-param", help="Any parameter of the miner as key=value, repeatable."),
     backbone: Optional[str] = typer.Option(None, help="Backbone: mlp (default) or convnet (for images)."),
     embedding_dim: Optional[int] = typer.Option(None, help="Size of the learned embedding (default 64)."),
-    geometry: Optional[str] = typer.Option(None, help="Embedding space: sphere (default; unit vectors, Euclidean distance) or poincare (the Poincaré ball, hyperbolic distance; with --loss contrastive or triplet)."),
+    geometry: Optional[str] = typer.Option(None, help="Embedding space: sphere (default; unit vectors, Euclidean distance) or poincare (the Poincaré ball, hyperbolic distance; with a loss on distances: see the geometries in 'metrix list losses')."),
     epochs: Optional[int] = typer.Option(None, help="Number of training epochs (default 40)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of Adam (default 1e-3)."),
     classes_per_batch: Optional[int] = typer.Option(None, help="Classes in each batch, the P of P×K batches (default 10)."),
@@ -92,9 +112,12 @@ def train(
     trained with supervised NT-Xent; the test split queries the train split. Writes
     runs/<name>/ with model.safetensors, config.json, metrics.json, history.csv (and plots).
     """
+    from metrix.classical.workflow import parse_params
     from metrix.experiment import TrainConfig, resume_config, train as run_train
 
-    settings = dict(data=data, loss=loss, triplets=triplets, margin=margin,
+    settings = dict(data=data, loss=loss, triplets=triplets, margin=margin, miner=miner,
+                    loss_params=parse_params(loss_param, "--loss-param") or None,
+                    miner_params=parse_params(miner_param, "--miner-param") or None,
                     temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
                     epochs=epochs, lr=lr,
                     classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,

@@ -20,7 +20,9 @@ import torch
 from metrix.datasets import encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, reading, save_json
-from metrix.losses import TRIPLET_SELECTIONS, build_loss
+from metrix import registry
+from metrix.losses import build_loss
+from metrix.registry import lookup
 from metrix.models import EmbeddingModel, save_model
 from metrix.runs import Run, as_run
 from metrix.training import Trainer
@@ -29,7 +31,6 @@ REPORTED = ("precision_at_1", "r_precision", "map_at_r")
 # geometry -> (model options, the metric its embeddings are compared with)
 GEOMETRIES = {"sphere": ({"normalize": True}, "euclidean"),
               "poincare": ({"normalize": False, "ball_curvature": 1.0}, "poincare")}
-DISTANCE_LOSSES = ("contrastive", "triplet")  # the train losses that take metric="poincare"
 
 
 @dataclass
@@ -39,10 +40,13 @@ class TrainConfig:
     data: str = "digits"
     label_column: str = "label"
     image_size: list[int] | None = None
-    loss: str = "ntxent"
-    triplets: str = "semihard"  # only for loss=triplet
-    margin: float | None = None  # None: the loss's paper default
-    temperature: float = 0.1  # only for loss=ntxent
+    loss: str = "ntxent"  # any entry of `metrix list losses`
+    triplets: str | None = None  # the loss's `triplets` parameter (triplet: semihard unless given)
+    margin: float | None = None  # the loss's `margin` parameter; None: its default
+    temperature: float | None = None  # the loss's `temperature` parameter; None: its default
+    loss_params: dict = field(default_factory=dict)  # any other parameter of the loss (--loss-param key=value)
+    miner: str | None = None  # a pair miner for losses that take one (`metrix list miners`)
+    miner_params: dict = field(default_factory=dict)
     backbone: str = "mlp"
     hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
     embedding_dim: int = 64
@@ -86,11 +90,17 @@ class TrainConfig:
     def validate(self) -> None:
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {self.geometry!r}")
-        if self.geometry == "poincare" and self.loss not in DISTANCE_LOSSES:
-            raise ValueError(f"geometry 'poincare' needs a loss on distances: {', '.join(DISTANCE_LOSSES)} "
+        entry = lookup("losses", self.loss)
+        if self.geometry not in entry.geometries:
+            able = sorted(n for n, e in registry.losses().items() if self.geometry in e.geometries)
+            raise ValueError(f"geometry {self.geometry!r} needs a loss on distances: {', '.join(able)} "
                              f"(got {self.loss!r}, which works on cosine similarities or class proxies)")
-        if self.loss == "triplet" and self.triplets not in TRIPLET_SELECTIONS:
-            raise ValueError(f"triplets must be one of {TRIPLET_SELECTIONS}, got {self.triplets!r}")
+        _loss_kwargs(self)  # every flag and --loss-param names a parameter of this loss
+        if self.miner is not None:
+            if not entry.takes_pairs:
+                raise ValueError(f"loss {self.loss!r} does not take a miner's pairs; losses that do: "
+                                 f"{', '.join(sorted(n for n, e in registry.losses().items() if e.takes_pairs))}")
+            lookup("miners", self.miner).check_params(self.miner_params)
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
             raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
@@ -101,17 +111,19 @@ class TrainConfig:
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
-    kw: dict = {"metric": "poincare"} if cfg.geometry == "poincare" else {}
-    if cfg.loss == "triplet":
-        kw["triplets"] = cfg.triplets
-        kw["margin"] = 0.2 if cfg.margin is None else cfg.margin
-    elif cfg.loss == "ntxent":
-        kw["temperature"] = cfg.temperature
-    elif cfg.margin is not None:
-        if cfg.loss == "multi_similarity":
-            kw["base"] = cfg.margin
-        else:
-            kw["margin"] = cfg.margin
+    """The loss's keyword arguments: the registry's train defaults, then the flags, then --loss-param."""
+    entry = lookup("losses", cfg.loss)
+    kw = dict(registry.TRAIN_DEFAULTS.get(cfg.loss, {}))
+    for flag in ("margin", "temperature", "triplets"):
+        value = getattr(cfg, flag)
+        if value is not None:
+            if flag not in entry.params:
+                raise ValueError(f"--{flag} does not apply to loss {cfg.loss!r}, which has no {flag!r} parameter; "
+                                 f"its parameters are {', '.join(entry.params) or 'none'} (set them with --loss-param)")
+            kw[flag] = value
+    kw.update(entry.check_params(cfg.loss_params))
+    if cfg.geometry == "poincare":
+        kw["metric"] = "poincare"
     return kw
 
 
@@ -239,6 +251,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         input_mean=torch.from_numpy(X_train[fit_idx].mean(0)), input_std=torch.from_numpy(X_train[fit_idx].std(0)),
     )
     loss = build_loss(cfg.loss, num_classes=len(classes), embedding_dim=cfg.embedding_dim, **_loss_kwargs(cfg))
+    miner = None if cfg.miner is None else lookup("miners", cfg.miner).factory(**cfg.miner_params)
     val = None
     if val_idx is not None:
         val = (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx])
@@ -252,7 +265,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
         classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
     )
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
          f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")

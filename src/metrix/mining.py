@@ -98,6 +98,24 @@ class _Miner:
     def matrix(self, b):
         return dissimilarity(b.embeddings, None if b.same_set else b.ref_embeddings, self.metric)
 
+    def state_dict(self) -> dict:
+        """What changes while mining (random generators, the annealing step), for checkpoints."""
+        state = {}
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Generator):
+                state[key] = value.get_state()
+            elif key == "step":
+                state[key] = int(value)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            current = getattr(self, key)
+            if isinstance(current, torch.Generator):
+                current.set_state(value)
+            else:
+                setattr(self, key, int(value))
+
 
 class HardestMiner(_Miner):
     """The ``n_pos`` farthest positives and ``n_neg`` closest negatives per anchor; ``n_pos=n_neg=1`` is
@@ -201,8 +219,12 @@ class AnnealedMiner(_Miner):
         return Pairs(pos, window)
 
 
+# name -> miner class: what `metrix train --miner` and `metrix list miners` offer
+MINERS = {"hardest": HardestMiner, "easy": EasyMiner, "random": RandomMiner, "multi_similarity": MultiSimilarityMiner,
+          "distance_weighted": DistanceWeightedMiner, "annealed": AnnealedMiner}
+
 __all__ = [
-    "AnnealedMiner", "DistanceWeightedMiner", "EasyMiner", "HardestMiner", "MultiSimilarityMiner", "Pairs",
+    "MINERS", "AnnealedMiner", "DistanceWeightedMiner", "EasyMiner", "HardestMiner", "MultiSimilarityMiner", "Pairs",
     "RandomMiner", "distance_weighted_negatives", "easiest_pairs", "hardest_pairs", "multi_similarity_pairs",
     "random_pairs",
 ]

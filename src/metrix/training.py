@@ -82,6 +82,8 @@ class Trainer:
     restore_best : after training, load the best epoch's weights back into the model
     seed : seeds torch and the sampler at the start of training
     callbacks : ``callable(trainer, epoch, row)`` run after each epoch (after checkpointing)
+    miner : ``miner(embeddings, labels) -> Pairs`` (:mod:`metrix.mining`); its pairs go to the loss as
+        ``pairs=``, and its state (random generator, annealing step) is checkpointed
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Trainer:
         progress: bool = True,
         device: str | torch.device = "cpu",
         callbacks: Sequence[Callable] = (),
+        miner: Callable | None = None,
     ):
         if int(epochs) < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -128,7 +131,7 @@ class Trainer:
             raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
         self.checkpoint_every = int(checkpoint_every)
         self.restore_best, self.seed, self.metric = restore_best, int(seed), metric
-        self.progress, self.callbacks = progress, list(callbacks)
+        self.progress, self.callbacks, self.miner = progress, list(callbacks), miner
         self.optimizer = self._build_optimizer(optimizer)
         self.scheduler = self._build_scheduler(scheduler)
         self.history: list[dict] = []
@@ -209,7 +212,11 @@ class Trainer:
         for batch in sampler:
             idx = torch.as_tensor(batch)
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
-            value = optimizer_step(self.loss(self.model(xb), yb), self.optimizer, f"epoch {epoch + 1}")
+            emb = self.model(xb)
+            if self.miner is None:
+                value = optimizer_step(self.loss(emb, yb), self.optimizer, f"epoch {epoch + 1}")
+            else:
+                value = optimizer_step(self.loss(emb, yb, pairs=self.miner(emb, yb)), self.optimizer, f"epoch {epoch + 1}")
             total += value * len(batch)
             n_seen += len(batch)
             bar.update(1)
@@ -258,6 +265,7 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "best_state": self._best_state,
             "rng": torch.get_rng_state(),
+            "miner": None if self.miner is None else self.miner.state_dict(),
         }
         tensors, tree = flatten_state(state, "s")
         save_tagged(self.checkpoint_dir / LAST_FILE, tensors, CHECKPOINT_TAG, {
@@ -285,6 +293,8 @@ class Trainer:
                 self.scheduler.load_state_dict(state["scheduler"])
             self._best_state = state["best_state"]
             torch.set_rng_state(state["rng"])
+            if self.miner is not None and state.get("miner") is not None:
+                self.miner.load_state_dict(state["miner"])
             self.history = list(meta["history"])
             self.best_value, self.best_epoch = meta["best_value"], meta["best_epoch"]
             self._bad_epochs = int(meta["bad_epochs"])

@@ -20,12 +20,12 @@ from metrix.classical.persistence import load_estimator, save_estimator
 from metrix.datasets import encode_labels, load_dataset, stratified_split
 
 
-def parse_params(items: list[str] | None) -> dict:
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict:
     """``["k=7", "init=pca"]`` → ``{"k": 7, "init": "pca"}`` (values parsed as YAML scalars)."""
     params = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--param expects key=value, got {item!r}")
+            raise ValueError(f"{flag} expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         params[key.strip()] = yaml.safe_load(value)
     return params

@@ -212,6 +212,8 @@ class ContrastiveLoss(nn.Module):
     0
     """
 
+    geometries = ("sphere", "poincare")  # metric="poincare" compares on the ball (the registry reads this)
+
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean",
                  squared: bool = False, reduction: str = "mean_nonzero"):
         super().__init__()

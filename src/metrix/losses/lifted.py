@@ -140,6 +140,8 @@ class LiftedStructureLoss(nn.Module):
 class GeneralizedLiftedStructureLoss(nn.Module):
     """Module form of :func:`generalized_lifted_structure_loss`."""
 
+    geometries = ("sphere", "poincare")  # metric="poincare" compares on the ball (the registry reads this)
+
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean"):
         super().__init__()
         self.pos_margin, self.neg_margin, self.metric = float(pos_margin), float(neg_margin), metric

@@ -253,6 +253,8 @@ class TripletMarginLoss(nn.Module):
     True
     """
 
+    geometries = ("sphere", "poincare")  # metric="poincare" compares on the ball (the registry reads this)
+
     def __init__(self, margin: float = 0.05, triplets: str = "all", metric: str = "euclidean",
                  reduction: str = "mean_nonzero"):
         super().__init__()
