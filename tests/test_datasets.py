@@ -288,3 +288,74 @@ def test_a_download_without_a_pinned_digest_is_refused():
 
     with pytest.raises(ValueError, match="pinned sha256"):
         fetch_bytes("https://example.invalid/x", sha256=None)
+
+
+# --- public sets by name, IDX files, and an official test set for `metrix train` ----------------------
+def _write_idx(path, array):
+    import gzip
+    import struct
+
+    dims = array.shape
+    header = struct.pack(">BBBB", 0, 0, 0x08, len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_load_with_their_labels(tmp_path):
+    from metrix.datasets import load_dataset
+
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "my-images-idx3-ubyte.gz", rng.integers(0, 256, size=(7, 5, 4)))
+    with pytest.raises(FileNotFoundError, match="no labels beside"):
+        load_dataset(str(tmp_path / "my-images-idx3-ubyte.gz"))
+    _write_idx(tmp_path / "my-labels-idx1-ubyte.gz", np.arange(7) % 3)
+    ds = load_dataset(str(tmp_path / "my-images-idx3-ubyte.gz"))
+    assert ds.X.shape == (7, 1, 5, 4) and ds.y.tolist() == [0, 1, 2, 0, 1, 2, 0] and float(ds.X.max()) <= 1.0
+
+
+def test_named_sets_say_where_they_are_expected(tmp_path, monkeypatch):
+    from metrix.datasets import load_dataset
+
+    monkeypatch.setenv("METRIX_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"fashion-mnist is not at {tmp_path}/fashion_mnist"):
+        load_dataset("fashion-mnist:test")
+    (tmp_path / "mnist").mkdir()
+    _write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((4, 28, 28)))
+    _write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.arange(4))
+    ds = load_dataset("mnist:test")
+    assert ds.name == "mnist-test" and ds.X.shape == (4, 1, 28, 28)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        load_dataset("mnist:valid")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "orl_faces").is_dir(), reason="shared ORL faces not present")
+def test_named_public_sets_from_the_shared_copies(monkeypatch):
+    from metrix.datasets import load_dataset
+
+    monkeypatch.setenv("METRIX_DATA", str(SHARED_DATA))
+    orl = load_dataset("orl")
+    assert orl.X.shape == (400, 1, 112, 92) and len(set(orl.y.tolist())) == 40
+    fashion = load_dataset("fashion-mnist:test")
+    assert fashion.X.shape == (10000, 1, 28, 28) and np.bincount(fashion.y).tolist() == [1000] * 10
+
+
+def test_train_with_an_official_test_set(tmp_path):
+    from metrix.experiment import TrainConfig, evaluate, train
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6))
+    for name, n in (("train", 80), ("test", 40)):
+        y = np.arange(n) % 4
+        np.savez(tmp_path / f"{name}.npz", X=(centres[y] + 0.2 * rng.normal(size=(n, 6))).astype(np.float32), y=y)
+    cfg = TrainConfig.from_sources(None, data=str(tmp_path / "train.npz"), test_data=str(tmp_path / "test.npz"),
+                                   epochs=2, out=str(tmp_path / "runs"), progress=False, classes_per_batch=4,
+                                   samples_per_class=4)
+    lines = []
+    result = train(cfg, echo=lines.append)
+    assert "train 80 / test 40 (test set" in lines[0]
+    again = evaluate(result["run_dir"])  # the run's own test set queries its training data, as in train
+    assert again["split"] == "test" and again["map_at_r"] == pytest.approx(result["after"]["map_at_r"], abs=1e-6)
+    bad = TrainConfig.from_sources(None, data="digits", test_data=str(tmp_path / "test.npz"), epochs=1,
+                                   out=str(tmp_path / "runs"), progress=False)
+    with pytest.raises(ValueError, match="must match"):
+        train(bad, echo=lambda *a: None)

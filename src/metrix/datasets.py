@@ -3,6 +3,11 @@
 ``load_dataset(spec)`` understands:
 
 * ``"digits"``: scikit-learn's bundled 1,797 8×8 handwritten digits (offline, the default);
+* a public set by name, with an optional split after a colon: ``fashion-mnist`` (``:train``, ``:test``),
+  ``mnist`` (``:test``, the MNIST test set), ``omniglot`` (``:background``, ``:evaluation``), ``orl`` (the ORL
+  faces); each is read from ``$METRIX_DATA/<folder>`` (default ``data/<folder>``: ``fashion_mnist``, ``mnist``,
+  ``omniglot``, ``orl_faces``), where the ``download_missing`` loaders put it;
+* an IDX image file (``...-images-idx3-ubyte[.gz]``) with its labels file beside it (``...-labels-idx1-ubyte``);
 * a folder with one sub-folder of images per class (PNG, JPEG, PGM, ...), loaded as grey images;
 * an ``.npz`` file with arrays ``X`` (features or images) and ``y`` (labels);
 * a ``.csv`` file with a header, a label column (``label_column``, default ``"label"``) and numeric features.
@@ -13,6 +18,7 @@ Labels may be ints of any size or strings; :func:`encode_labels` maps them to 0.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,27 +136,83 @@ def load_csv(path, label_column: str = "label") -> Dataset:
     return Dataset(np.asarray(feats, dtype=np.float32), y, Path(path).stem)
 
 
+DATA_ENV = "METRIX_DATA"
+# name -> (folder under $METRIX_DATA, loader(root, split or None))
+NAMED_DATASETS = {
+    "fashion-mnist": ("fashion_mnist", lambda root, split: load_fashion_mnist(root, split or "train")),
+    "mnist": ("mnist", lambda root, split: load_mnist(root, split or "test")),
+    "omniglot": ("omniglot", lambda root, split: load_omniglot(root, split or "background")),
+    "orl": ("orl_faces", lambda root, split: _whole(load_image_folder(root), "orl", split)),
+}
+
+
+def _whole(ds: Dataset, name: str, split: str | None) -> Dataset:
+    if split not in (None, "all"):
+        raise ValueError(f"{name} has no official splits (got {split!r}); it is split by the commands that use it")
+    return ds
+
+
+def data_root(name: str) -> Path:
+    """Where the public set ``name`` is read from: ``$METRIX_DATA/<folder>`` (default ``data/<folder>``)."""
+    return Path(os.environ.get(DATA_ENV, "data")) / NAMED_DATASETS[name][0]
+
+
 def load_dataset(spec: str, label_column: str = "label", image_size: tuple[int, int] | None = None) -> Dataset:
-    """Load ``"digits"``, an image folder, an ``.npz`` or a ``.csv`` (see module docstring)."""
+    """Load ``"digits"``, a public set by name (``fashion-mnist:test``), an IDX file, an image folder, an
+    ``.npz`` or a ``.csv`` (see module docstring)."""
+    name, _, split = str(spec).partition(":")
     if spec == "digits":
         ds = load_digits_dataset()
+    elif name in NAMED_DATASETS and not Path(spec).exists():
+        root = data_root(name)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{name} is not at {root}: set {DATA_ENV} to the folder that holds "
+                                    f"{NAMED_DATASETS[name][0]}/, or download it there")
+        ds = NAMED_DATASETS[name][1](root, split or None)
     else:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"no dataset at {spec!r}: use 'digits', a class-folder of images, an .npz or a .csv")
+            raise FileNotFoundError(f"no dataset at {spec!r}: use 'digits', {', '.join(NAMED_DATASETS)} (with "
+                                    "':split'), a class-folder of images, an IDX file, an .npz or a .csv")
         if path.is_dir():
             ds = load_image_folder(path, image_size)
+        elif "-idx3-ubyte" in path.name:
+            ds = load_idx_pair(path)
         elif path.suffix == ".npz":
             ds = load_npz(path)
         elif path.suffix == ".csv":
             ds = load_csv(path, label_column)
         else:
-            raise ValueError(f"unsupported dataset file {path.name!r}: expected .npz, .csv or a folder")
+            raise ValueError(f"unsupported dataset file {path.name!r}: expected .npz, .csv, an IDX file or a folder")
     if len(ds) == 0:
         raise ValueError(f"dataset {spec!r} is empty")
     if not np.isfinite(ds.X).all():
         raise ValueError(f"dataset {spec!r} contains NaN or inf features")
     return ds
+
+
+def load_idx_pair(images) -> Dataset:
+    """IDX images (``*-images-idx3-ubyte[.gz]``) and the labels file beside them (``*-labels-idx1-ubyte[.gz]``),
+    images scaled to [0, 1], shape (n, 1, H, W)."""
+    images = Path(images)
+    labels = images.with_name(images.name.replace("images-idx3", "labels-idx1"))
+    if not labels.is_file():
+        raise FileNotFoundError(f"no labels beside {images}: expected {labels}")
+    X = read_idx(images)
+    if X.ndim != 3:
+        raise ValueError(f"{images} is not an IDX image file (shape {X.shape})")
+    name = images.name.split("-images")[0]
+    return Dataset(X.astype(np.float32)[:, None] / 255.0, read_idx(labels).astype(np.int64), name,
+                   {"image_shape": list(X.shape[1:])})
+
+
+def load_mnist(root, split: str = "test") -> Dataset:
+    """MNIST from the official gzip IDX files in ``root`` (``split`` 'train' or 'test')."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    ds = load_idx_pair(Path(root) / f"{prefix}-images-idx3-ubyte.gz")
+    return Dataset(ds.X, ds.y, f"mnist-{split}", ds.info)
 
 
 def stratified_split(y, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

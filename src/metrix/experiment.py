@@ -65,6 +65,7 @@ class TrainConfig:
     name: str | None = None
     progress: bool = True
     checkpoint_every: int | None = None  # epochs between resumable checkpoints in <run>/checkpoints/ (None: none)
+    test_data: str | None = None  # an official test set (e.g. fashion-mnist:test) instead of a random split
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
@@ -233,11 +234,10 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         run_dir = Path(resume)
         echo(f"resuming {run_dir} from its last checkpoint")
     ds = load_dataset(cfg.data, cfg.label_column, None if cfg.image_size is None else tuple(cfg.image_size))
-    train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
-    X_train, y_train, X_test, y_test = ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx]
+    X_train, y_train, X_test, y_test, how = _train_test(ds, cfg)
     classes = np.unique(y_train)
     echo(f"data: {ds.name}, {len(ds)} samples, {len(classes)} classes, input shape {tuple(ds.X.shape[1:])}; "
-         f"train {len(train_idx)} / test {len(test_idx)} (stratified, seed {cfg.seed})")
+         f"train {len(X_train)} / test {len(X_test)} ({how})")
 
     # part of the training split monitors each epoch and picks the best epoch; the test split stays unseen
     fit_idx, val_idx = np.arange(len(X_train)), None
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
     save_model(model, run_dir, {
         "train": dataclasses.asdict(cfg), "classes": [c.item() if hasattr(c, "item") else c for c in classes],
-        "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data},
+        "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data, "test_data": cfg.test_data},
         "best_epoch": trainer.best_epoch,
     })
     save_json(run_dir / "metrics.json", {"before": before, "after": after}, checksum=False)
@@ -299,11 +299,29 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     return {"run_dir": run_dir, "before": before, "after": after, "seconds": seconds}
 
 
+def _train_test(ds, cfg: TrainConfig):
+    """``(X_train, y_train, X_test, y_test, how)``: the official test set given by ``cfg.test_data``, or a
+    stratified split of ``ds``."""
+    if cfg.test_data:
+        test = load_dataset(cfg.test_data, cfg.label_column, None if cfg.image_size is None else tuple(cfg.image_size))
+        if test.X.shape[1:] != ds.X.shape[1:]:
+            raise ValueError(f"--test-data {cfg.test_data!r} has samples of shape {test.X.shape[1:]}, "
+                             f"--data {cfg.data!r} of shape {ds.X.shape[1:]}; they must match")
+        return ds.X, ds.y, test.X, test.y, f"test set {cfg.test_data}"
+    train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
+    return (ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx],
+            f"stratified, seed {cfg.seed}")
+
+
 def _eval_split(config: dict, data: str | None, split: str, label_column: str):
     spec = data or config["split"]["data"]
-    ds = load_dataset(spec, label_column)
+    test_data = config["split"].get("test_data")
     if split == "auto":
         split = "test" if spec == config["split"]["data"] else "all"
+    if split == "test" and test_data:  # the run's official test set queries its training data
+        ds, test = load_dataset(spec, label_column), load_dataset(test_data, label_column)
+        return (test.X, test.y, ds.X, ds.y), split
+    ds = load_dataset(spec, label_column)
     if split == "test":
         train_idx, test_idx = stratified_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
         return (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
