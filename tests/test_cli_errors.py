@@ -49,3 +49,15 @@ def test_debug_shows_the_traceback():
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     lines = plain.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no dataset at 'nope': use 'digits', fashion-mnist")
+
+
+@pytest.mark.parametrize("args", [["index", "search", "x.idx", "--run", "r", "--query", "digits", "--limit", "0"],
+                                  ["index", "search", "x.idx", "--run", "r", "--query", "digits", "-k", "-1"],
+                                  ["gallery", "identify", "g", "--run", "r", "--data", "digits", "--limit", "-1"],
+                                  ["gallery", "identify", "g", "--run", "r", "--data", "digits", "-k", "0"]])
+def test_counts_below_one_are_refused_before_anything_runs(args):
+    """--limit 0 used to fail inside torch.cat and --limit -1 silently searched all but one query."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "greater than or equal to 1" in result.output

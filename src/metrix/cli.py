@@ -194,8 +194,8 @@ def index_search(
     index: Path = typer.Argument(..., help="An index file written by 'metrix index build'."),
     run: Path = typer.Option(..., help="The run whose model embeds the queries (the one that built the index)."),
     query: str = typer.Option(..., help="Queries: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
-    k: int = typer.Option(10, "-k", "--k", help="Number of neighbours per query."),
-    limit: Optional[int] = typer.Option(None, help="Search only the first N queries."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours per query."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Search only the first N queries."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
@@ -222,7 +222,7 @@ def fit_linear(
     n_components: Optional[int] = typer.Option(None, help="Output dimension (default: the learner's own)."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Hyper-parameter as key=value, repeatable (e.g. --param n_neighbors=5)."),
     seed: int = typer.Option(0, help="Seed of the split and of the learner."),
-    k: int = typer.Option(3, "-k", "--k", help="Neighbours of the k-NN classifier used to report accuracy."),
+    k: int = typer.Option(3, "-k", "--k", min=1, help="Neighbours of the k-NN classifier used to report accuracy."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
 ) -> None:
     """Learn a linear (Mahalanobis) metric and report k-NN accuracy before and after.
@@ -313,8 +313,8 @@ def gallery_identify(
     gallery: Path = typer.Argument(..., help="Gallery file."),
     run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
     data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
-    k: int = typer.Option(1, "-k", "--k", help="Candidates per probe."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N probes."),
+    k: int = typer.Option(1, "-k", "--k", min=1, help="Candidates per probe."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N probes."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
@@ -340,7 +340,7 @@ def ood(
     in_data: str = typer.Option(..., help="Held-out in-distribution samples."),
     ood_data: str = typer.Option(..., help="Out-of-distribution samples (a dataset or a .npy of raw inputs)."),
     detector: str = typer.Option("mahalanobis", help="'mahalanobis' (class means + shared shrunk covariance) or 'knn' (k-th neighbour distance)."),
-    k: int = typer.Option(10, "-k", "--k", help="Neighbour used by the knn detector."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbour used by the knn detector."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -422,7 +422,7 @@ def recommend_eval(
 def recommend_for_user(
     model_path: Path = typer.Argument(..., help="A CML or BPR model saved by 'metrix recommend train'."),
     user: int = typer.Option(..., help="MovieLens user id (1-based)."),
-    k: int = typer.Option(10, "-k", "--k", help="Number of items."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
     root: Optional[Path] = typer.Option(None, help="MovieLens folder: skip items the user rated in --split, show titles."),
     split: str = typer.Option("u1", help="Split whose training ratings are excluded."),
 ) -> None:
