@@ -7,9 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 from metrix.io import load_tagged
@@ -19,7 +17,7 @@ KILLS = 30
 SETTINGS = "hidden_dims: [1536, 1536]\nepochs: 10\ncheckpoint_every: 1\nprogress: false\nval_size: 0.15\n"
 
 
-def _metrix(*args, cwd):
+def _metrix(*args):
     return [sys.executable, "-c", "from metrix.cli import main; main()", *args]
 
 
@@ -40,7 +38,7 @@ def _wait_for(predicate, proc, timeout=60.0):
 def test_sigkilled_training_resumes_bit_identical(tmp_path):
     (tmp_path / "run.yaml").write_text(SETTINGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every process of the test
-    ref = subprocess.run(_metrix("train", "--config", "run.yaml", "--name", "ref", cwd=tmp_path), cwd=tmp_path,
+    ref = subprocess.run(_metrix("train", "--config", "run.yaml", "--name", "ref"), cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
 
@@ -52,7 +50,7 @@ def test_sigkilled_training_resumes_bit_identical(tmp_path):
     while kills < KILLS:
         args = ("train", "--resume", str(run)) if (ckpt / "train.json").exists() else (
             "train", "--config", "run.yaml", "--name", "crash")
-        proc = subprocess.Popen(_metrix(*args, cwd=tmp_path), cwd=tmp_path, env=env,
+        proc = subprocess.Popen(_metrix(*args), cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         mode = rng.choice(["time", "write", "write", "write", "after"])
         if mode == "time":  # anywhere: start-up, data loading, an epoch, a write
@@ -77,7 +75,7 @@ def test_sigkilled_training_resumes_bit_identical(tmp_path):
             assert meta["next_epoch"] >= last_epoch
             last_epoch = meta["next_epoch"]
             resumed += 1
-    final = subprocess.run(_metrix("train", "--resume", str(run), cwd=tmp_path), cwd=tmp_path, env=env,
+    final = subprocess.run(_metrix("train", "--resume", str(run)), cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     print(f"kills {kills}, inside checkpoint writes {inside_writes}, resumed from a checkpoint {resumed}")

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,16 +199,16 @@ def test_forged_sizes_fail_before_any_large_allocation(tmp_path):
         path = _loaders()[kind][0](folder)
         _forge(path, edit)
         files[str(path)] = kind
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, resource, sys
         from metrix.io import CorruptFileError
         from metrix.apps.recommend import load_recommender
         from metrix.apps.fewshot import PrototypicalNetwork
         from metrix.models import load_model
         from pathlib import Path
-        loaders = {{"recommender": load_recommender, "fewshot": PrototypicalNetwork.load,
-                    "run": lambda p: load_model(Path(p).parent)}}
-        growth = {{}}
+        loaders = {"recommender": load_recommender, "fewshot": PrototypicalNetwork.load,
+                    "run": lambda p: load_model(Path(p).parent)}
+        growth = {}
         for path, kind in json.loads(sys.argv[1]).items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             try:
