@@ -31,8 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_revision(rev: str, name: str, into: Path):
-    """``metrix.losses`` of ``rev`` (or the working tree for ``WORKTREE``), imported as ``<name>.losses``."""
+def import_revision(rev: str, name: str, into: Path, module: str = "losses"):
+    """``metrix.<module>`` of ``rev`` (or the working tree for ``WORKTREE``), imported as ``<name>.<module>``."""
     target = into / name
     if rev == "WORKTREE":
         shutil.copytree(ROOT / "src" / "metrix", target)
@@ -44,7 +44,7 @@ def import_revision(rev: str, name: str, into: Path):
     for path in target.rglob("*.py"):  # absolute imports of the package point at the renamed copy
         text = path.read_text()
         path.write_text(re.sub(r"\b(from|import) metrix\b", rf"\1 {name}", text))
-    return importlib.import_module(f"{name}.losses")
+    return importlib.import_module(f"{name}.{module}")
 
 
 def main():

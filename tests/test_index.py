@@ -207,3 +207,21 @@ def test_vectors_and_ids_are_copies_in_insertion_order(data):
     index.ids[0] = -1
     np.testing.assert_array_equal(index.vectors()[0], x[0])  # the store is not writable through them
     assert index.ids[0] == 9
+
+
+def test_the_exact_search_cache_follows_every_write():
+    """The prepared store is kept between searches and dropped by every add and remove."""
+    from metrix.index import VectorIndex
+
+    rng = np.random.default_rng(4)
+    index = VectorIndex(6)
+    index.add(rng.normal(size=(300, 6)), ids=np.arange(300))
+    q = rng.normal(size=(1, 6)).astype(np.float32)
+    index.search(q, 1)
+    kept = index._prepared
+    index.search(q, 1)
+    assert index._prepared is kept
+    index.add(q, ids=[999])
+    assert index.search(q, 1)[1][0, 0] == 999
+    index.remove([999])
+    assert index.search(q, 1)[1][0, 0] != 999

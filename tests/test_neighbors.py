@@ -191,3 +191,21 @@ def test_column_threshold_filter_finds_exactly_the_entries_above():
         r, c = _above_threshold_columns(score[:rows], thr)
         e = torch.nonzero(score[:rows] > thr[None, :], as_tuple=True)
         assert sorted(zip(r.tolist(), c.tolist())) == sorted(zip(e[0].tolist(), e[1].tolist()))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine", "cosine_similarity", "dot", "poincare"])
+def test_a_prepared_reference_gives_the_same_neighbours(metric):
+    from metrix.distances import expmap0
+    from metrix.neighbors import iter_knn, knn, prepare_reference
+
+    g = torch.Generator().manual_seed(3)
+    ref, query = torch.randn(5000, 16, generator=g), torch.randn(40, 16, generator=g)
+    if metric == "poincare":
+        ref, query = expmap0(0.3 * ref), expmap0(0.3 * query)
+    expected = knn(query, ref, k=7, metric=metric)
+    prepared = prepare_reference(ref, metric)
+    got = [(d, i) for _, d, i in iter_knn(query, None, 7, metric, False, prepared=prepared)]
+    torch.testing.assert_close(torch.cat([d for d, _ in got]), expected[0], rtol=0, atol=0)
+    assert torch.equal(torch.cat([i for _, i in got]), expected[1])
+    with pytest.raises(ValueError, match="prepared reference is for metric"):
+        next(iter_knn(query, None, 7, "dot" if metric != "dot" else "euclidean", False, prepared=prepared))

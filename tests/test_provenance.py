@@ -48,7 +48,7 @@ def test_a_gallery_used_with_another_run_is_refused_and_duplicates_are_not_enrol
     again = CliRunner().invoke(app, ["gallery", "enroll", str(gallery), "--run", str(a), "--data", str(probes),
                                      "--identity", "alice"])
     assert again.exit_code == 0 and "0 samples; 5 already enrolled, skipped" in again.output, again.output
-    assert len(Gallery.load(gallery)._samples["alice"]) == 5
+    assert len(Gallery.load(gallery).samples("alice")) == 5
     other = CliRunner().invoke(app, ["gallery", "identify", str(gallery), "--run", str(b), "--data", str(probes)])
     assert other.exit_code != 0 and "built with another run" in other.output
 

@@ -35,7 +35,8 @@ import torch
 from metrix.ann import FaissStructure, require_faiss
 from metrix.io import CorruptFileError, check_provenance, load_tensors, reading, save_tensors
 from metrix.distances import ball_factor, poincare
-from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, iter_knn, poincare_from_score, poincare_rows
+from metrix.neighbors import (DEFAULT_MAX_MEMORY_MB, PreparedReference, iter_knn, poincare_from_score, poincare_rows,
+                              prepare_reference)
 
 INDEX_FORMAT = "1"
 # index metric -> metrix.neighbors metric
@@ -106,6 +107,7 @@ class VectorIndex:
         self._meta: list = []
         self._ann: FaissStructure | None = None  # faiss backend: built at the first search, outside the lock
         self._build_log: list | None = None  # changes made while a structure is being built, replayed onto it
+        self._prepared: PreparedReference | None = None  # exact search: the store's score rows, until the next write
         self._lock = threading.RLock()
         self.provenance: dict[str, str] = {}  # what made the vectors (e.g. {"run": fingerprint}), saved with them
 
@@ -121,6 +123,15 @@ class VectorIndex:
         """A copy of the stored vectors (as added; cosine indexes normalise only for search)."""
         with self._lock:
             return self._vectors[: self._n].copy()
+
+    def get(self, ids) -> np.ndarray:
+        """Copies of the stored vectors of ``ids`` (an unknown id raises ``KeyError``)."""
+        with self._lock:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            unknown = [int(i) for i in ids if int(i) not in self._pos]
+            if unknown:
+                raise KeyError(f"ids not in the index: {unknown[:10]}")
+            return self._vectors[[self._pos[int(i)] for i in ids]]
 
     def metadata(self, id_: int):
         with self._lock:
@@ -168,6 +179,7 @@ class VectorIndex:
             for offset, i in enumerate(new_ids):
                 self._pos[int(i)] = self._n + offset
             self._meta.extend(metadata if metadata is not None else [None] * n_new)
+            self._prepared = None
             if self._ann is not None:
                 self._ann.add(self._search_space(x, data=True), new_ids)
             if self._build_log is not None:
@@ -197,6 +209,7 @@ class VectorIndex:
             self._meta = [m for m, k in zip(self._meta, keep) if k]
             self._n = len(self._ids)
             self._pos = {int(i): p for p, i in enumerate(self._ids)}
+            self._prepared = None
             if self._ann is not None:  # the structure keeps its slots; removed ones are excluded from searches
                 self._ann.remove(ids)
                 if self._ann.needs_rebuild():
@@ -268,7 +281,8 @@ class VectorIndex:
             q = self._check_query(queries, k)
             if self._ann is None:
                 dist, pos = [], []
-                for _, d, p in iter_knn(q, self._vectors[: self._n], int(k), METRICS[self.metric], False, self.max_memory_mb):
+                for _, d, p in iter_knn(q, None, int(k), METRICS[self.metric], False, self.max_memory_mb,
+                                        prepared=self._prepared_reference()):
                     dist.append(d.numpy())
                     pos.append(p.numpy())
                 dist, pos = np.concatenate(dist), np.concatenate(pos)
@@ -277,6 +291,12 @@ class VectorIndex:
                 raw, ids = self._ann.search(self._search_space(q), int(k), self.faiss_index, *self._knobs(nprobe, ef_search))
                 dist = self._from_faiss(raw, ids)
             return dist.astype(np.float32), ids.astype(np.int64)
+
+    def _prepared_reference(self) -> PreparedReference:
+        """The store made ready for exact search, kept until the next write (most of a single query's cost)."""
+        if self._prepared is None:
+            self._prepared = prepare_reference(self._vectors[: self._n], METRICS[self.metric])
+        return self._prepared
 
     def _knobs(self, nprobe, ef_search) -> tuple[int, int]:
         nprobe = self.nprobe if nprobe is None else int(nprobe)
@@ -360,8 +380,9 @@ class VectorIndex:
         return {"dim": self.dim, "metric": self.metric, "backend": self.backend, "faiss_index": self.faiss_index,
                 "nprobe": self.nprobe, "ef_search": self.ef_search, "ef_construction": self.ef_construction}
 
-    def save(self, path, key: bytes | str | None = None) -> Path:
-        """Write the index to one safetensors file (atomic, checksummed, no pickle; signed with ``key``)."""
+    def save(self, path, key: bytes | str | None = None, header: dict[str, str] | None = None) -> Path:
+        """Write the index to one safetensors file (atomic, checksummed, no pickle; signed with ``key``).
+        ``header``: more string entries for the file's header (what a gallery stores beside its index)."""
         with self._lock:
             tensors = {
                 "vectors": torch.from_numpy(self._vectors[: self._n]),  # views: save_tensors streams them out
@@ -373,15 +394,20 @@ class VectorIndex:
                 tensors["faiss"] = torch.from_numpy(faiss.serialize_index(self._ann.index))
                 tensors["faiss_slot_ids"] = torch.from_numpy(self._ann.slot_ids)
                 tensors["faiss_dead_slots"] = torch.tensor(sorted(self._ann.dead), dtype=torch.int64)
-            header = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config()),
-                      "provenance": json.dumps(self.provenance)}
-            return save_tensors(path, tensors, header, key=key)
+            own = {"kind": "metrix.VectorIndex", "index_format": INDEX_FORMAT, "config": json.dumps(self.config()),
+                   "provenance": json.dumps(self.provenance)}
+            return save_tensors(path, tensors, {**(header or {}), **own}, key=key)
 
     @classmethod
     def load(cls, path, key: bytes | str | None = None) -> "VectorIndex":
         """Load an index saved by :meth:`save`; a damaged, forged or inconsistent file raises
         ``CorruptFileError`` (every header field is checked against the stored vectors before any index
         structure is built). ``key``: the key the file was signed with, if any."""
+        return cls.load_with_header(path, key)[0]
+
+    @classmethod
+    def load_with_header(cls, path, key: bytes | str | None = None) -> tuple["VectorIndex", dict[str, str]]:
+        """:meth:`load`, and the file's header entries (those a caller added with ``save(header=...)``)."""
         tensors, header = load_tensors(path, key=key)
         if header.get("kind") != "metrix.VectorIndex":
             raise CorruptFileError(f"{path} is not a metrix vector index (kind {header.get('kind')!r})")
@@ -417,7 +443,7 @@ class VectorIndex:
             index.provenance = check_provenance(json.loads(header.get("provenance", "{}")), path)
         if "faiss" in tensors:
             index._ann = index._checked_structure(tensors, path)
-        return index
+        return index, header
 
     def _checked_structure(self, tensors: dict, path) -> FaissStructure:
         """Deserialise a stored faiss structure and check it against the store: its size, dimension and

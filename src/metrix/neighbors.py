@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -316,6 +317,49 @@ def _iter_symmetric_topk(a, b, k, exclude_self, chunk, tile):
         yield (start, *state.take(start, stop))
 
 
+@dataclass(frozen=True)
+class PreparedReference:
+    """A reference set made ready for one-sided search once, for many queries (an index between writes):
+    the validated vectors in search space (normalised for cosine), the score rows every query multiplies
+    with, and the squared norms behind the exact recomputation of distances near 0. Building these is most of
+    the cost of a single-query search over a large set; a caller that keeps them pays it once."""
+
+    metric: str
+    vectors: torch.Tensor
+    rows: torch.Tensor
+    sq_norms: torch.Tensor | None
+
+
+def _check_metric(metric: str) -> None:
+    if not is_similarity(metric) and metric not in ("euclidean", "squared_euclidean", "cosine", "poincare"):
+        raise ValueError(f"metric {metric!r} is not supported by knn")
+
+
+def _search_vectors(x: torch.Tensor, metric: str) -> torch.Tensor:
+    return F.normalize(x, dim=1) if metric in ("cosine", "cosine_similarity") else x
+
+
+def _reference_rows(rs: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one-sided score rows of a reference set (larger = closer) and its squared norms where needed."""
+    if metric == "poincare":  # −w_x·w_y·‖x − y‖², w = 1/(1 − ‖x‖²)
+        return poincare_rows(rs, left=False), (rs * rs).sum(1)
+    if metric in ("euclidean", "squared_euclidean"):  # 2q·r − ‖r‖² = [q, 1]·[2r, −‖r‖²] ranks like −‖q − r‖²
+        sq = (rs * rs).sum(1)
+        return torch.cat([2 * rs, -sq[:, None]], dim=1), sq
+    return rs, None
+
+
+def prepare_reference(reference, metric: str = "euclidean") -> PreparedReference:
+    """Validate ``reference`` and build what :func:`iter_knn` needs of it for one-sided search, once."""
+    _check_metric(metric)
+    r = _as_tensor(reference, "reference")
+    if r.shape[0] == 0:
+        raise ValueError("the reference set is empty")
+    rs = _search_vectors(r, metric)
+    rows, sq = _reference_rows(rs, metric)
+    return PreparedReference(metric, rs, rows, sq)
+
+
 def iter_knn(
     query,
     reference=None,
@@ -323,16 +367,22 @@ def iter_knn(
     metric: str = "euclidean",
     exclude_self: bool | None = None,
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+    prepared: PreparedReference | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, distances, indices)`` for consecutive chunks of queries.
 
     ``distances`` are in the metric's own units (similarities for ``cosine_similarity``/``dot``,
     sorted descending; distances sorted ascending otherwise). ``exclude_self`` defaults to True
-    when ``reference`` is None (query i is never its own neighbour).
+    when ``reference`` is None (query i is never its own neighbour). ``prepared`` (from
+    :func:`prepare_reference`, with the same ``metric``) replaces ``reference`` and skips its preparation.
     """
     q = _as_tensor(query, "query")
+    if prepared is not None:
+        if prepared.metric != metric:
+            raise ValueError(f"the prepared reference is for metric {prepared.metric!r}, not {metric!r}")
+        reference = prepared.vectors
     same = reference is None
-    r = q if same else _as_tensor(reference, "reference")
+    r = q if same else (reference if prepared is not None else _as_tensor(reference, "reference"))
     if not same:
         check_pair(q, r, "query", "reference")
     if exclude_self is None:
@@ -348,13 +398,10 @@ def iter_knn(
         raise ValueError("the reference set is empty")
     if not 1 <= k <= n_avail:
         raise ValueError(f"k must be between 1 and {n_avail} (reference size{' minus self' if exclude_self else ''}), got {k}")
-    if not is_similarity(metric) and metric not in ("euclidean", "squared_euclidean", "cosine", "poincare"):
-        raise ValueError(f"metric {metric!r} is not supported by knn")
+    _check_metric(metric)
     # rank on a cheap score (larger = closer), then convert only the k kept values
-    if metric in ("cosine", "cosine_similarity"):
-        qs, rs = F.normalize(q, dim=1), F.normalize(r, dim=1)
-    else:
-        qs, rs = q, r
+    qs = _search_vectors(q, metric)
+    rs = qs if same else (r if prepared is not None else _search_vectors(r, metric))
     euclid = metric in ("euclidean", "squared_euclidean")
     n_ref = r.shape[0]
     tile = min(REF_BLOCK, n_ref)
@@ -363,18 +410,18 @@ def iter_knn(
     sampled = n_ref >= 4 * SAMPLE and SAMPLE_MARGIN * k * SAMPLE / n_ref + 8 < SAMPLE / 4
     state_mb = n_ref * _symmetric_state_width(k) * (q.element_size() + 4) / 2**20
     symmetric = same and sampled and state_mb <= max_memory_mb
-    if metric == "poincare":  # one symmetric score for both paths: −w_x·w_y·‖x − y‖², w = 1/(1 − ‖x‖²)
-        qa, ra = poincare_rows(qs, left=True), poincare_rows(rs, left=False)
-    elif symmetric and euclid:  # a symmetric score: [2x, −‖x‖², 1]·[y, 1, −‖y‖²] = −‖x − y‖²
-        sq_norm = (qs * qs).sum(1, keepdim=True)
-        one = torch.ones_like(sq_norm)
+    if symmetric and euclid:  # a symmetric score: [2x, −‖x‖², 1]·[y, 1, −‖y‖²] = −‖x − y‖²
+        r_sq = (qs * qs).sum(1)
+        sq_norm, one = r_sq[:, None], torch.ones_like(r_sq[:, None])
         qa, ra = torch.cat([2 * qs, -sq_norm, one], 1), torch.cat([qs, one, -sq_norm], 1)
-    elif euclid:  # larger = closer: 2q·r − ‖r‖² = [q, 1]·[2r, −‖r‖²] (the per-query ‖q‖² does not change ranks)
-        ra = torch.cat([2 * rs, -(rs * rs).sum(1, keepdim=True)], dim=1)
-        qa = torch.cat([qs, torch.ones(qs.shape[0], 1, dtype=qs.dtype, device=qs.device)], dim=1)
-    else:
-        ra, qa = rs, qs
-    r_sq = (rs * rs).sum(1) if euclid or metric == "poincare" else None
+    else:  # one-sided rows (Poincaré's score is symmetric and serves both paths)
+        ra, r_sq = (prepared.rows, prepared.sq_norms) if prepared is not None else _reference_rows(rs, metric)
+        if metric == "poincare":
+            qa = poincare_rows(qs, left=True)
+        elif euclid:
+            qa = torch.cat([qs, torch.ones(qs.shape[0], 1, dtype=qs.dtype, device=qs.device)], dim=1)
+        else:
+            qa = qs
     with torch.no_grad():
         if symmetric:
             chunks = _iter_symmetric_topk(qa, ra, k, exclude_self, chunk, tile)

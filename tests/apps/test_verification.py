@@ -88,7 +88,7 @@ def test_gallery_enrol_verify_identify(tmp_path):
     D, names = g.distance_matrix(probes[:2])
     assert names == g.identities and D.shape == (2, 5)
     np.testing.assert_allclose(D[:, 1], dist)
-    enrolled = g._samples["p1"]
+    enrolled = g.samples("p1")
     assert dist[0] == pytest.approx(np.linalg.norm(enrolled - probes[0], axis=1).min(), rel=1e-5)
     cos = Gallery(metric="cosine")
     cos.enroll("a", enrolled)
@@ -162,3 +162,23 @@ def test_gallery_cli(tmp_path):
     assert json.loads(r.output)[0]["accepted"] is True  # digits[0] is a 0
     r = runner.invoke(app, ["gallery", "enroll", gal, "--run", run, "--data", str(x)])
     assert r.exit_code == 2 and "--identity" in r.output
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_identify_through_the_index_ranks_as_the_full_distance_matrix(metric):
+    """Nearest-sample identification searches the gallery's index for k × (most samples of one identity)
+    samples; its ranking and distances equal those of the full probe × identity matrix."""
+    from metrix.apps.verification import Gallery
+
+    rng = np.random.default_rng(5)
+    g = Gallery(metric=metric)
+    for i in range(60):
+        g.enroll(f"p{i}", rng.normal(size=(1 + i % 7, 12)))
+    probes = rng.normal(size=(25, 12)).astype(np.float32)
+    D, names = g.distance_matrix(probes)
+    with pytest.warns(UserWarning):
+        got = g.identify(probes, k=5)
+    for row, result in zip(D, got):
+        order = np.argsort(row, kind="stable")[:5]
+        assert [c["identity"] for c in result["candidates"]] == [names[j] for j in order]
+        np.testing.assert_allclose([c["distance"] for c in result["candidates"]], row[order], rtol=1e-5, atol=1e-5)

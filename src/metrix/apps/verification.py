@@ -9,6 +9,7 @@ Distances are Euclidean (or cosine) between embeddings; "same" means distance �
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import warnings
@@ -17,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.io import CorruptFileError, check_provenance, load_tagged, reading, save_tagged
+from metrix.index import VectorIndex
+from metrix.io import CorruptFileError, check_provenance, reading
+
+GALLERY_TAG = "metrix_gallery"
+INDEX_METRIC = {"euclidean": "l2", "cosine": "cosine"}  # the gallery's metric -> its index's
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -134,13 +139,14 @@ class Gallery:
     Example
     -------
     >>> g = Gallery(threshold=0.5)
-    >>> g.enroll("ada", [[0.0, 1.0], [0.1, 0.9]])
+    >>> g.enroll("ada", [[0.0, 1.0], [0.1, 0.9]])  # samples added
+    2
     >>> g.identify([[0.0, 0.95]], k=1)[0]["identity"]
     'ada'
     """
 
     def __init__(self, threshold: float | None = None, metric: str = "euclidean", match: str = "nearest"):
-        if metric not in ("euclidean", "cosine"):
+        if metric not in INDEX_METRIC:
             raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         if match not in ("nearest", "mean"):
             raise ValueError(f"match must be 'nearest' or 'mean', got {match!r}")
@@ -148,7 +154,9 @@ class Gallery:
         self.metric = metric
         self.match = match
         self.provenance: dict[str, str] = {}  # what made the embeddings (e.g. {"run": fingerprint})
-        self._samples: dict[str, np.ndarray] = {}
+        self._index: VectorIndex | None = None  # every enrolled sample, metadata {"identity": name}; made at the first enrolment
+        self._ids_of: dict[str, list[int]] = {}  # identity -> its samples' ids in the index, in enrolment order
+        self._owner: dict[int, str] = {}  # sample id -> identity
         self._lock = threading.RLock()
 
     # -- enrolment -------------------------------------------------------------------------
@@ -166,14 +174,21 @@ class Gallery:
 
     @property
     def dim(self) -> int | None:
-        return next(iter(self._samples.values())).shape[1] if self._samples else None
+        return None if self._index is None else self._index.dim
 
     @property
     def identities(self) -> list[str]:
-        return list(self._samples)
+        return list(self._ids_of)
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self._ids_of)
+
+    def samples(self, identity: str) -> np.ndarray:
+        """The embeddings enrolled for ``identity`` (a copy), in enrolment order."""
+        with self._lock:
+            if str(identity) not in self._ids_of:
+                raise KeyError(f"identity {identity!r} is not enrolled")
+            return self._index.get(self._ids_of[str(identity)])
 
     def enroll(self, identity: str, samples, replace: bool = False) -> int:
         """Add embeddings of ``identity`` (appended to earlier ones unless ``replace``). A sample identical to
@@ -182,23 +197,29 @@ class Gallery:
         identity = str(identity)
         with self._lock:
             x = self._check(samples)
-            held = self._samples.get(identity) if not replace else None
             _, first = np.unique(x, axis=0, return_index=True)
             x = x[np.sort(first)]
-            if held is not None:
-                seen = {row.tobytes() for row in held}
+            if replace and identity in self._ids_of:
+                self.remove(identity)
+            if identity in self._ids_of:
+                seen = {row.tobytes() for row in self.samples(identity)}
                 x = x[[row.tobytes() not in seen for row in x]]
-                x = np.concatenate([held, x])
-            added = len(x) - (0 if held is None else len(held))
             if len(x):
-                self._samples[identity] = x
-            return added
+                if self._index is None:
+                    self._index = VectorIndex(x.shape[1], metric=INDEX_METRIC[self.metric])
+                ids = self._index.add(x, metadata=[{"identity": identity}] * len(x))
+                self._ids_of.setdefault(identity, []).extend(int(i) for i in ids)
+                self._owner.update((int(i), identity) for i in ids)
+            return len(x)
 
     def remove(self, identity: str) -> None:
         with self._lock:
-            if str(identity) not in self._samples:
+            if str(identity) not in self._ids_of:
                 raise KeyError(f"identity {identity!r} is not enrolled")
-            del self._samples[str(identity)]
+            ids = self._ids_of.pop(str(identity))
+            self._index.remove(ids)
+            for i in ids:
+                del self._owner[i]
 
     # -- comparison ------------------------------------------------------------------------
     def distance_matrix(self, x) -> tuple[np.ndarray, list[str]]:
@@ -206,16 +227,18 @@ class Gallery:
         with self._lock:
             return self._distances(self._check(x, "probes"))
 
-    def _distances(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        if not self._samples:
+    def _distances(self, x: np.ndarray, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+        """Probe × identity distances for ``names`` (default every identity)."""
+        if not self._ids_of:
             raise ValueError("the gallery is empty: enroll identities first")
-        names = list(self._samples)
+        names = list(self._ids_of) if names is None else names
         q = torch.from_numpy(x)
         if self.match == "mean":
-            refs = torch.from_numpy(np.stack([s.mean(0) for s in self._samples.values()]))
+            refs = torch.from_numpy(np.stack([self.samples(n).mean(0) for n in names]))
             return self.pairwise_distances(q, refs).numpy(), names
-        refs = torch.from_numpy(np.concatenate(list(self._samples.values())))
-        owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(s) for s in self._samples.values()]))
+        ids = [i for n in names for i in self._ids_of[n]]
+        refs = torch.from_numpy(self._index.get(ids))
+        owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(self._ids_of[n]) for n in names]))
         D = self.pairwise_distances(q, refs)
         out = torch.full((len(q), len(names)), float("inf"))
         out.scatter_reduce_(1, owner.expand(len(q), -1), D, reduce="amin")
@@ -229,14 +252,31 @@ class Gallery:
             return 1.0 - qn @ rn.T
         return torch.cdist(q, r)
 
+    def _nearest_identities(self, x: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The ``k`` closest identities of each probe by their closest sample, from one index search: the
+        ``k × (most samples of one identity)`` nearest samples always hold ``k`` distinct identities."""
+        most = max(len(v) for v in self._ids_of.values())
+        dist, ids = self._index.search(x, min(len(self._owner), k * most))
+        out = []
+        for drow, irow in zip(dist, ids):
+            best: dict[str, float] = {}
+            for d, i in zip(drow.tolist(), irow.tolist()):
+                name = self._owner[i]
+                if name not in best:
+                    best[name] = d
+                    if len(best) == k:
+                        break
+            out.append(list(best.items()))
+        return out
+
     def distance(self, x, identity: str) -> np.ndarray:
         """Distance of each probe to ``identity``."""
         with self._lock:
             x = self._check(x, "probes")
-            if str(identity) not in self._samples:
+            if str(identity) not in self._ids_of:
                 raise KeyError(f"identity {identity!r} is not enrolled")
-            D, names = self._distances(x)
-            return D[:, names.index(str(identity))]
+            D, _ = self._distances(x, [str(identity)])
+            return D[:, 0]
 
     def verify(self, x, identity: str) -> tuple[np.ndarray, np.ndarray]:
         """1:1 — is each probe ``identity``? Returns ``(accepted, distances)``."""
@@ -253,48 +293,65 @@ class Gallery:
             warnings.warn("the gallery has no threshold, so identify never answers 'unknown': every probe gets its "
                           "nearest identity; set one with 'metrix gallery calibrate' (or Gallery.threshold)",
                           UserWarning, stacklevel=2)
+        if int(k) < 1:
+            raise ValueError("k must be >= 1")
         with self._lock:
             x = self._check(x, "probes")
-            D, names = self._distances(x)
-        k = min(int(k), len(names))
-        if k < 1:
-            raise ValueError("k must be >= 1")
-        top = np.argsort(D, axis=1, kind="stable")[:, :k]
+            if not self._ids_of:
+                raise ValueError("the gallery is empty: enroll identities first")
+            k = min(int(k), len(self._ids_of))
+            if self.match == "nearest":
+                ranked = self._nearest_identities(x, k)
+            else:
+                D, names = self._distances(x)
+                top = np.argsort(D, axis=1, kind="stable")[:, :k]
+                ranked = [[(names[j], float(row[j])) for j in idx] for row, idx in zip(D, top)]
         results = []
-        for row, idx in zip(D, top):
-            best = float(row[idx[0]])
-            known = self.threshold is None or best <= self.threshold
+        for candidates in ranked:
+            known = self.threshold is None or candidates[0][1] <= self.threshold
             results.append({
-                "identity": names[idx[0]] if known else None,
-                "candidates": [{"identity": names[j], "distance": float(row[j])} for j in idx],
+                "identity": candidates[0][0] if known else None,
+                "candidates": [{"identity": name, "distance": float(d)} for name, d in candidates],
             })
         return results
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path, key: bytes | str | None = None) -> Path:
-        """One safetensors file (embeddings per identity + JSON settings), atomic and checksummed; with
-        ``key`` signed (HMAC-SHA256), and :meth:`load` then needs the same key."""
+        """One file, atomic and checksummed: the gallery's vector index (every sample, with its identity as
+        metadata) and the gallery's settings in the same header; with ``key`` signed (HMAC-SHA256), and
+        :meth:`load` then needs the same key."""
         with self._lock:
-            names = list(self._samples)
-            tensors = {f"identity.{i}": torch.from_numpy(s) for i, s in enumerate(self._samples.values())}
-            info = {"identities": names, "threshold": self.threshold, "metric": self.metric, "match": self.match,
-                    "provenance": self.provenance}
-            return save_tagged(path, tensors, "metrix_gallery", info, key=key)
+            info = {"identities": list(self._ids_of), "threshold": self.threshold, "metric": self.metric,
+                    "match": self.match, "provenance": self.provenance, "empty": self._index is None}
+            index = self._index if self._index is not None else VectorIndex(1, metric=INDEX_METRIC[self.metric])
+            return index.save(path, key=key, header={GALLERY_TAG: json.dumps(info)})
 
     @classmethod
     def load(cls, path, key: bytes | str | None = None) -> "Gallery":
-        tensors, info = load_tagged(path, "metrix_gallery", "gallery file", key=key)
+        index, header = VectorIndex.load_with_header(path, key=key)
+        if GALLERY_TAG not in header:
+            raise CorruptFileError(f"{path} is not a metrix gallery file")
         with reading(path, "gallery file"):
+            info = json.loads(header[GALLERY_TAG])
             names, threshold = info["identities"], info["threshold"]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
                 raise CorruptFileError(f"{path}: the identities must be distinct names")
             if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                           or not math.isfinite(threshold)):
                 raise CorruptFileError(f"{path}: invalid threshold {threshold!r}")
-            if set(tensors) != {f"identity.{i}" for i in range(len(names))}:
-                raise CorruptFileError(f"{path}: the stored embeddings do not match the {len(names)} identities")
             gallery = cls(threshold, info["metric"], info["match"])
             gallery.provenance = check_provenance(info.get("provenance", {}), path)
-            for i, name in enumerate(names):
-                gallery._samples[name] = gallery._check(tensors[f"identity.{i}"].numpy(), f"embeddings of {name!r}")
+            if index.metric != INDEX_METRIC[gallery.metric]:
+                raise CorruptFileError(f"{path}: the index compares with {index.metric!r}, the gallery with {gallery.metric!r}")
+            owners = {int(i): (index.metadata(int(i)) or {}).get("identity") for i in index.ids}
+            if info.get("empty") is True:
+                owners = {}
+            elif set(owners.values()) != set(names):
+                raise CorruptFileError(f"{path}: the stored embeddings do not match the {len(names)} identities")
+            if owners:
+                gallery._index = index
+            gallery._ids_of = {name: [] for name in names}
+            for i, name in owners.items():
+                gallery._ids_of[name].append(i)
+                gallery._owner[i] = name
         return gallery
