@@ -359,3 +359,16 @@ def test_train_with_an_official_test_set(tmp_path):
                                    out=str(tmp_path / "runs"), progress=False)
     with pytest.raises(ValueError, match="must match"):
         train(bad, echo=lambda *a: None)
+
+
+def test_one_label_encoder_shares_codes_across_arrays():
+    import torch
+
+    from metrix._validation import label_codes
+
+    (a, b), classes = label_codes(np.array(["cat", "dog", "cat"]), ["emu", "dog"])
+    assert classes.tolist() == ["cat", "dog", "emu"] and a.tolist() == [0, 1, 0] and b.tolist() == [2, 1]
+    (c,), classes = label_codes(torch.tensor([2**40, 7, 7]))
+    assert c.dtype == np.int64 and c.tolist() == [1, 0, 0] and classes.tolist() == [7, 2**40]
+    with pytest.raises(ValueError, match="1-D"):
+        label_codes(np.zeros((2, 2)))

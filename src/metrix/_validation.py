@@ -96,3 +96,17 @@ def check_choice(value: str, name: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
+
+
+def label_codes(*label_arrays) -> tuple[list[np.ndarray], np.ndarray]:
+    """The one label encoder: labels of any type (ints of any size, strings; NumPy, lists or CPU tensors) of
+    one or more 1-D arrays mapped to int64 codes 0..C−1 shared by all of them; returns ``(codes per array,
+    classes)``."""
+    arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in label_arrays]
+    for a in arrays:
+        if a.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {a.shape}")
+    classes, codes = np.unique(np.concatenate(arrays) if len(arrays) > 1 else arrays[0], return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    return [codes[bounds[i] : bounds[i + 1]] for i in range(len(arrays))], classes

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metrix._validation import label_codes
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
@@ -48,11 +50,8 @@ class Dataset:
 
 def encode_labels(labels) -> tuple[np.ndarray, np.ndarray]:
     """Map labels of any type to int64 codes 0..C−1; returns ``(codes, classes)``."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    classes, codes = np.unique(labels, return_inverse=True)
-    return codes.astype(np.int64), classes
+    (codes,), classes = label_codes(labels)
+    return codes, classes
 
 
 def load_digits_dataset() -> Dataset:

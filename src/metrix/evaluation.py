@@ -25,21 +25,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, _as_tensor, iter_knn
+from metrix._validation import label_codes
+from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, as_float_tensor, iter_knn
 
 
-def _encode_labels(*label_arrays):
-    """Map labels of any type (ints of any size, strings) to contiguous int64 codes."""
-    arrays = [np.asarray(a.cpu().numpy() if isinstance(a, torch.Tensor) else a) for a in label_arrays]
-    for a in arrays:
-        if a.ndim != 1:
-            raise ValueError(f"labels must be 1-D, got shape {a.shape}")
-    _, codes = np.unique(np.concatenate(arrays), return_inverse=True)
-    out, start = [], 0
-    for a in arrays:
-        out.append(torch.from_numpy(codes[start : start + len(a)].astype(np.int64)))
-        start += len(a)
-    return out
+def encode_label_tensors(*label_arrays) -> list[torch.Tensor]:
+    """Labels of any type as int64 tensors of codes shared across the arrays (:func:`label_codes`)."""
+    return [torch.from_numpy(c) for c in label_codes(*label_arrays)[0]]
 
 
 def _check_lengths(x, labels, name):
@@ -51,18 +43,18 @@ def _check_lengths(x, labels, name):
 
 def _prepare(query, query_labels, reference, reference_labels):
     """Validate inputs; returns ``(q, q_lab, r, r_lab, same)`` with labels as shared int64 codes."""
-    q = _as_tensor(query, "query")
+    q = as_float_tensor(query, "query")
     same = reference is None
     if same:
         if reference_labels is not None:
             raise ValueError("reference_labels given without reference")
-        (q_lab,) = _encode_labels(query_labels)
+        (q_lab,) = encode_label_tensors(query_labels)
         r, r_lab = q, q_lab
     else:
         if reference_labels is None:
             raise ValueError("reference given without reference_labels")
-        r = _as_tensor(reference, "reference")
-        q_lab, r_lab = _encode_labels(query_labels, reference_labels)
+        r = as_float_tensor(reference, "reference")
+        q_lab, r_lab = encode_label_tensors(query_labels, reference_labels)
     _check_lengths(q, q_lab, "query")
     _check_lengths(r, r_lab, "reference")
     return q, q_lab, r, r_lab, same
@@ -213,8 +205,8 @@ def clustering_metrics(embeddings, labels, n_clusters: int | None = None, random
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
-    x = _as_tensor(embeddings, "embeddings").detach().cpu().numpy()
-    (lab,) = _encode_labels(labels)
+    x = as_float_tensor(embeddings, "embeddings").detach().cpu().numpy()
+    (lab,) = encode_label_tensors(labels)
     lab = lab.numpy()
     _check_lengths(x, lab, "embeddings")
     n_clusters = int(n_clusters or len(np.unique(lab)))

@@ -38,7 +38,8 @@ from metrix.distances import arcosh1p, ball_factor, exact_near_zero_, is_similar
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
 
-def _as_tensor(x, name):
+def as_float_tensor(x, name: str) -> torch.Tensor:
+    """``x`` (array or tensor) as a validated float32/float64 (n, d) tensor (integer arrays become float32)."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "iub":
             x = x.astype(np.float32)
@@ -352,7 +353,7 @@ def _reference_rows(rs: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.
 def prepare_reference(reference, metric: str = "euclidean") -> PreparedReference:
     """Validate ``reference`` and build what :func:`iter_knn` needs of it for one-sided search, once."""
     _check_metric(metric)
-    r = _as_tensor(reference, "reference")
+    r = as_float_tensor(reference, "reference")
     if r.shape[0] == 0:
         raise ValueError("the reference set is empty")
     rs = _search_vectors(r, metric)
@@ -376,13 +377,13 @@ def iter_knn(
     when ``reference`` is None (query i is never its own neighbour). ``prepared`` (from
     :func:`prepare_reference`, with the same ``metric``) replaces ``reference`` and skips its preparation.
     """
-    q = _as_tensor(query, "query")
+    q = as_float_tensor(query, "query")
     if prepared is not None:
         if prepared.metric != metric:
             raise ValueError(f"the prepared reference is for metric {prepared.metric!r}, not {metric!r}")
         reference = prepared.vectors
     same = reference is None
-    r = q if same else (reference if prepared is not None else _as_tensor(reference, "reference"))
+    r = q if same else (reference if prepared is not None else as_float_tensor(reference, "reference"))
     if not same:
         check_pair(q, r, "query", "reference")
     if exclude_self is None:

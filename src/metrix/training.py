@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrix.evaluation import _encode_labels, retrieval_metrics
+from metrix.evaluation import encode_label_tensors, retrieval_metrics
 from metrix.io import (CorruptFileError, flatten_state, load_tagged, reading, remove_orphan_temps, save_tagged,
                        unflatten_state)
 from metrix.models import MODEL_TAG
@@ -165,7 +165,7 @@ class Trainer:
         Returns the history: one dict per epoch (loss, lr, samples/s, validation metrics).
         """
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
-        (codes,) = _encode_labels(y)
+        (codes,) = encode_label_tensors(y)
         if len(codes) != len(x):
             raise ValueError(f"x has {len(x)} rows but y has {len(codes)} labels")
         if len(torch.unique(codes)) < 2:

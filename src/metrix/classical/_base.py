@@ -20,6 +20,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from metrix._validation import label_codes
 from metrix.classical._optimize import lbfgs
 
 
@@ -56,13 +57,13 @@ def check_pairs(pairs, n_features: int | None = None) -> np.ndarray:
 
 def encode_classes(y) -> tuple[np.ndarray, np.ndarray]:
     """Classes and integer codes of ``y``; at least two classes are required."""
-    classes, codes = np.unique(np.asarray(y), return_inverse=True)
+    (codes,), classes = label_codes(y)
     if len(classes) < 2:
         raise ValueError(
             f"metric learning needs at least two classes, y has one class ({classes[0]!r}); "
             "there is nothing to separate"
         )
-    return classes, codes.ravel()
+    return classes, codes
 
 
 #: below this many samples the per-iteration work is too small to share between threads
@@ -70,7 +71,7 @@ _SINGLE_THREAD_BELOW = 600
 
 
 @contextlib.contextmanager
-def _threads_for(n_samples: int):
+def threads_for(n_samples: int):
     """Thread settings for a fit: torch does the heavy work, NumPy/SciPy's BLAS stays on one thread.
 
     Between two torch evaluations SciPy's L-BFGS calls its own OpenBLAS; two thread pools that
@@ -117,7 +118,7 @@ class MahalanobisLearner(TransformerMixin, BaseEstimator):
                                  ensure_min_samples=2)
         start = time.perf_counter()
         if "max_iter" in self.get_params():  # iterative: torch + SciPy's L-BFGS in one loop
-            with _threads_for(X.shape[0]):
+            with threads_for(X.shape[0]):
                 components = self._learn(X, y)
         else:
             components = self._learn(X, y)

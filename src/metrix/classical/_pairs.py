@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.utils.validation import check_is_fitted
 
-from metrix.classical._base import _threads_for, check_pairs, encode_classes
+from metrix.classical._base import threads_for, check_pairs, encode_classes
 from metrix.classical._constraints import pair_indices_from_labels
 
 
@@ -84,7 +84,7 @@ class PairClassifierMixin:
         self.n_features_in_ = pairs.shape[2]
         self.__dict__.pop("feature_names_in_", None)
         diffs = pairs[:, 0] - pairs[:, 1]
-        with _threads_for(len(pairs)):
+        with threads_for(len(pairs)):
             L = self._learn_pairs(diffs, labels, pairs.reshape(-1, pairs.shape[2]))
         self.components_ = np.ascontiguousarray(L, dtype=np.float64)
         self._calibrate_from_differences(self.components_, diffs, labels)
