@@ -88,3 +88,28 @@ def test_sigkilled_training_resumes_bit_identical(tmp_path):
         assert torch.equal(ours[key], theirs[key]), key
     assert ours_info["best_epoch"] == theirs_info["best_epoch"]
     assert not list(ckpt.glob(".*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_ends_identical(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of `metrix train`: exit 130, one line naming the checkpoint's epoch and the
+    command to resume; resuming ends with the weights of an uninterrupted run."""
+    (tmp_path / "run.yaml").write_text("hidden_dims: [512, 512]\nepochs: 6\nprogress: false\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_metrix("train", "--config", "run.yaml", "--name", "ref"), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "runs" / "cut"
+    proc = subprocess.Popen(_metrix("train", "--config", "run.yaml", "--name", "cut"), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (run / "checkpoints" / "last.safetensors").exists(), proc, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "resume with 'metrix train --resume runs/cut'" in lines[0], err
+    done = subprocess.run(_metrix("train", "--resume", str(run)), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ours, _ = _tensors(run / "model.safetensors")
+    theirs, _ = _tensors(tmp_path / "runs" / "ref" / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -29,8 +29,7 @@ def _error_boundary(command):
         except (*USER_ERRORS, KeyboardInterrupt) as exc:
             if _DEBUG["on"]:
                 raise
-            typer.secho(f"error: {_one_line(exc) if not isinstance(exc, KeyboardInterrupt) else 'interrupted'}",
-                        fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {_one_line(exc) if str(exc) else 'interrupted'}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=130 if isinstance(exc, KeyboardInterrupt) else 2) from None
     return run
 
@@ -87,9 +86,9 @@ def train(
     triplets: Optional[str] = typer.Option(None, help="Triplet selection of --loss triplet: all, hard, semihard (default), easy, batch_hard."),
     margin: Optional[float] = typer.Option(None, help="The loss's margin parameter (its default if not given)."),
     temperature: Optional[float] = typer.Option(None, help="The loss's temperature parameter (its default if not given)."),
-    loss_param: Optional[List[str]] = typer.Option(None, "--loss-param", help="Any parameter of the loss as key=value, repeatable (e.g. --loss-param alpha=2)."),
+    loss_param: Optional[List[str]] = typer.Option(None, "--loss-param", metavar="K=V", help="Any parameter of the loss as key=value, repeatable (e.g. --loss-param alpha=2)."),
     miner: Optional[str] = typer.Option(None, help="Pair miner for losses that take one: " + ", ".join(_names("miners")) + "."),
-    miner_param: Optional[List[str]] = typer.Option(None, "--miner-param", help="Any parameter of the miner as key=value, repeatable."),
+    miner_param: Optional[List[str]] = typer.Option(None, "--miner-param", metavar="K=V", help="Any parameter of the miner as key=value, repeatable."),
     backbone: Optional[str] = typer.Option(None, help="Backbone: mlp (default) or convnet (for images)."),
     embedding_dim: Optional[int] = typer.Option(None, help="Size of the learned embedding (default 64)."),
     geometry: Optional[str] = typer.Option(None, help="Embedding space: sphere (default; unit vectors, Euclidean distance) or poincare (the Poincaré ball, hyperbolic distance; with a loss on distances: see the geometries in 'metrix list losses')."),
@@ -104,7 +103,7 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run folder name (default '<data>-<loss>', numbered if taken)."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar per epoch."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default: none)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default 1; 0: none). Ctrl-C then says how to resume."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run (a run folder started with --checkpoint-every) from its last checkpoint, with its own settings; it ends with the weights an uninterrupted run would have."),
 ) -> None:
     """Train an embedding on labelled data and report retrieval before/after.

@@ -64,7 +64,7 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     progress: bool = True
-    checkpoint_every: int | None = None  # epochs between resumable checkpoints in <run>/checkpoints/ (None: none)
+    checkpoint_every: int = 1  # epochs between resumable checkpoints in <run>/checkpoints/ (0: none)
     test_data: str | None = None  # an official test set (e.g. fashion-mnist:test) instead of a random split
 
     @classmethod
@@ -104,8 +104,8 @@ class TrainConfig:
             lookup("miners", self.miner).check_params(self.miner_params)
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
             raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
-        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {self.checkpoint_every}")
+        if int(self.checkpoint_every) < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 epochs (0: no checkpoints), got {self.checkpoint_every}")
         for name in ("epochs", "embedding_dim", "classes_per_batch", "samples_per_class"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -224,8 +224,9 @@ def resume_config(run_dir) -> TrainConfig:
 def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dict:
     """Run the whole job; returns ``{"run_dir", "before", "after", "seconds"}``.
 
-    With ``cfg.checkpoint_every`` the run folder is created at the start and gets resumable checkpoints
-    in ``checkpoints/``; ``resume`` (a run folder) continues such a run to the same final weights.
+    With ``cfg.checkpoint_every`` (the default) the run folder is created at the start and gets resumable
+    checkpoints in ``checkpoints/``; ``resume`` (a run folder) continues such a run to the same final weights.
+    Ctrl-C raises ``KeyboardInterrupt`` with a message that says how to resume.
     """
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     if val_idx is not None:
         val = (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx])
     checkpoint_dir = None
-    if cfg.checkpoint_every is not None or resume is not None:
+    if cfg.checkpoint_every or resume is not None:
         if run_dir is None:
             run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
             save_json(run_dir / CHECKPOINTS / SETTINGS_FILE, dataclasses.asdict(cfg))
@@ -269,7 +270,10 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     )
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
          f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
-    history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val, resume=resume is not None)
+    try:
+        history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val, resume=resume is not None)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_how_to_resume(run_dir, trainer)) from None
     if trainer.best_epoch is not None:
         echo(f"best validation {trainer.monitor} {trainer.best_value:.4f} at epoch {trainer.best_epoch}")
 
@@ -297,6 +301,14 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
          "  (install metrix[plots] for curves.png and embedding.png)"))
     echo(f"done in {seconds:.1f}s")
     return {"run_dir": run_dir, "before": before, "after": after, "seconds": seconds}
+
+
+def _how_to_resume(run_dir: Path | None, trainer: Trainer) -> str:
+    if trainer.saved_epoch is None:
+        return "interrupted before the first checkpoint: nothing to resume" + (
+            "" if run_dir is not None else " (checkpoints are off: --checkpoint-every 0)")
+    return (f"interrupted; {run_dir} holds a checkpoint after epoch {trainer.saved_epoch} of {trainer.epochs}: "
+            f"resume with 'metrix train --resume {run_dir}'")
 
 
 def _train_test(ds, cfg: TrainConfig):

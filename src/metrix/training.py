@@ -139,6 +139,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self._bad_epochs = 0
         self._best_state: dict | None = None
+        self.saved_epoch: int | None = None  # epochs done in the last checkpoint written (or resumed from)
 
     # ------------------------------------------------------------------ set-up
     def _build_optimizer(self, optimizer):
@@ -272,6 +273,7 @@ class Trainer:
             "tree": tree, "next_epoch": next_epoch, "history": self.history, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "bad_epochs": self._bad_epochs, "epochs": self.epochs,
         })
+        self.saved_epoch = next_epoch
 
     def _load_last(self) -> int:
         if self.checkpoint_dir is None:
@@ -298,4 +300,5 @@ class Trainer:
             self.history = list(meta["history"])
             self.best_value, self.best_epoch = meta["best_value"], meta["best_epoch"]
             self._bad_epochs = int(meta["bad_epochs"])
-            return int(meta["next_epoch"])
+            self.saved_epoch = int(meta["next_epoch"])
+            return self.saved_epoch
