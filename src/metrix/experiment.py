@@ -292,6 +292,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     save_json(run_dir / "metrics.json", {"before": before, "after": after}, checksum=False)
     _write_history(run_dir / "history.csv", history)
     written = ["model.safetensors", "config.json", "metrics.json", "history.csv"]
+    written += [f"{CHECKPOINTS}/"] if checkpoint_dir is not None else []
     written += _plots(run_dir, history, emb_test.numpy(), y_test)
     seconds = time.perf_counter() - started
     echo("")
