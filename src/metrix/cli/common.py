@@ -1,0 +1,64 @@
+"""The command line's shared parts: the app, its one error boundary, and options several commands share."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+
+# The one error boundary of the command line: the library's own exceptions become one line on stderr and exit
+# code 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback. --debug shows it for all of them.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, FloatingPointError, OSError)
+_DEBUG = {"on": False}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+def _error_boundary(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (*USER_ERRORS, KeyboardInterrupt) as exc:
+            if _DEBUG["on"]:
+                raise
+            typer.secho(f"error: {_one_line(exc) if str(exc) else 'interrupted'}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=130 if isinstance(exc, KeyboardInterrupt) else 2) from None
+    return run
+
+
+class _Commands(typer.Typer):
+    """A Typer whose every command runs inside :func:`_error_boundary`."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda f: register(_error_boundary(f))
+
+
+def command_group(**kwargs) -> typer.Typer:
+    """A command group whose commands run inside the error boundary."""
+    return _Commands(no_args_is_help=True, **kwargs)
+
+
+app = command_group(
+    add_completion=False,
+    help="metrix: learn a distance from labelled data, then evaluate, embed and search with it. An error prints one "
+    "line and exits with code 2 (130 when interrupted); --debug shows its traceback.",
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line.")) -> None:
+    _DEBUG["on"] = debug
+
+
+def registry_names(kind: str) -> list[str]:
+    from metrix.registry import REGISTRIES
+
+    return sorted(REGISTRIES[kind]())
+
+
+ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")

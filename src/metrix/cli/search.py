@@ -1,0 +1,56 @@
+"""metrix index build / search: a vector index of a run's embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from metrix.cli.common import ALLOW_OTHER_RUN, app, command_group
+
+
+index_app = command_group(help="Build a searchable index of embeddings and query it.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    run: Path = typer.Argument(..., help="A run folder written by 'metrix train' (its model embeds the gallery)."),
+    data: str = typer.Option(..., help="Gallery to index: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
+    out: Path = typer.Option(..., help="Index file to write (safetensors, checksummed)."),
+    backend: str = typer.Option("exact", help="'exact' (torch) or 'faiss' (needs the faiss extra)."),
+    faiss_index: str = typer.Option("HNSW32", help="faiss index factory string for --backend faiss: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ16, ..."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+) -> None:
+    """Embed a gallery with a trained run and save a vector index of it (ids = row numbers, labels as metadata)."""
+    from metrix.experiment import build_index
+
+    index = build_index(run, data, out, backend, faiss_index, label_column)
+    typer.echo(f"indexed {len(index)} vectors of dimension {index.dim} ({backend}) -> {out}")
+
+
+@index_app.command("search")
+def index_search(
+    index: Path = typer.Argument(..., help="An index file written by 'metrix index build'."),
+    run: Path = typer.Option(..., help="The run whose model embeds the queries (the one that built the index)."),
+    query: str = typer.Option(..., help="Queries: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours per query."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Search only the first N queries."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
+) -> None:
+    """Embed queries and print their nearest gallery items: ids, labels and distances."""
+    from metrix.experiment import search_index
+
+    results = search_index(index, run, query, k, label_column, limit, allow_other_run)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        head = f"query {r['query']}" + ("" if r["label"] is None else f" (label {r['label']})")
+        typer.echo(head)
+        for rank, n in enumerate(r["neighbours"], start=1):
+            typer.echo(f"  {rank:>3}  id {n['id']:>8}  label {str(n['label']):>10}  distance {n['distance']:.4f}")

@@ -1,0 +1,112 @@
+"""metrix train, evaluate, embed, and list: the main job and what it can be built from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from metrix.cli.common import app, registry_names
+
+
+@app.command("list")
+def list_entries(kind: str = typer.Argument(..., help="losses, miners, backbones or learners.")) -> None:
+    """What exists, one line each: what it needs, its parameters with their defaults, what it is."""
+    from metrix.registry import REGISTRIES
+
+    if kind not in REGISTRIES:
+        raise ValueError(f"metrix list takes one of {', '.join(REGISTRIES)}, got {kind!r}")
+    for entry in REGISTRIES[kind]().values():
+        typer.echo(entry.line())
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Option(None, help="'digits' (bundled, default); fashion-mnist, mnist, omniglot or orl (optionally ':split', read from $METRIX_DATA/<folder>, default data/); an IDX image file; a folder of class sub-folders of images; an .npz with X and y; or a .csv with a label column."),
+    test_data: Optional[str] = typer.Option(None, help="An official test set (e.g. fashion-mnist:test) instead of a random split of --data."),
+    loss: Optional[str] = typer.Option(None, help="Loss (default ntxent, supervised contrastive): " + ", ".join(registry_names("losses")) + ". 'metrix list losses' says what each takes."),
+    triplets: Optional[str] = typer.Option(None, help="Triplet selection of --loss triplet: all, hard, semihard (default), easy, batch_hard."),
+    margin: Optional[float] = typer.Option(None, help="The loss's margin parameter (its default if not given)."),
+    temperature: Optional[float] = typer.Option(None, help="The loss's temperature parameter (its default if not given)."),
+    loss_param: Optional[List[str]] = typer.Option(None, "--loss-param", metavar="K=V", help="Any parameter of the loss as key=value, repeatable (e.g. --loss-param alpha=2)."),
+    miner: Optional[str] = typer.Option(None, help="Pair miner for losses that take one: " + ", ".join(registry_names("miners")) + "."),
+    miner_param: Optional[List[str]] = typer.Option(None, "--miner-param", metavar="K=V", help="Any parameter of the miner as key=value, repeatable."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone: mlp (default) or convnet (for images)."),
+    embedding_dim: Optional[int] = typer.Option(None, help="Size of the learned embedding (default 64)."),
+    geometry: Optional[str] = typer.Option(None, help="Embedding space: sphere (default; unit vectors, Euclidean distance) or poincare (the Poincaré ball, hyperbolic distance; with a loss on distances: see the geometries in 'metrix list losses')."),
+    epochs: Optional[int] = typer.Option(None, help="Number of training epochs (default 40)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of Adam (default 1e-3)."),
+    classes_per_batch: Optional[int] = typer.Option(None, help="Classes in each batch, the P of P×K batches (default 10)."),
+    samples_per_class: Optional[int] = typer.Option(None, help="Samples of each class in a batch, the K of P×K batches (default 16)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation improvement (default: never)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and batch order (default 0)."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a CSV file (default 'label')."),
+    out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default 'runs')."),
+    name: Optional[str] = typer.Option(None, help="Run folder name (default '<data>-<loss>', numbered if taken)."),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default 1; 0: none). Ctrl-C then says how to resume."),
+    resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run (a run folder started with --checkpoint-every) from its last checkpoint, with its own settings; it ends with the weights an uninterrupted run would have."),
+) -> None:
+    """Train an embedding on labelled data and report retrieval before/after.
+
+    With no options: scikit-learn's bundled digits, a stratified 70/30 split, an MLP embedding
+    trained with supervised NT-Xent; the test split queries the train split. Writes
+    runs/<name>/ with model.safetensors, config.json, metrics.json, history.csv (and plots).
+    """
+    from metrix.classical.workflow import parse_params
+    from metrix.experiment import TrainConfig, resume_config, train as run_train
+
+    settings = dict(data=data, test_data=test_data, loss=loss, triplets=triplets, margin=margin, miner=miner,
+                    loss_params=parse_params(loss_param, "--loss-param") or None,
+                    miner_params=parse_params(miner_param, "--miner-param") or None,
+                    temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
+                    epochs=epochs, lr=lr,
+                    classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
+                    seed=seed, label_column=label_column, out=out, name=name, checkpoint_every=checkpoint_every)
+    if resume is not None:
+        given = sorted(f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None)
+        if given or config:
+            raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given) or '--config'}")
+        cfg = resume_config(resume)
+        if progress is not None:
+            cfg.progress = progress
+    else:
+        cfg = TrainConfig.from_sources(str(config) if config else None, progress=progress, **settings)
+    run_train(cfg, echo=typer.echo, resume=resume)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder written by 'metrix train'."),
+    data: Optional[str] = typer.Option(None, help="Dataset to evaluate on (default: the run's own data)."),
+    split: str = typer.Option("auto", help="'test': the run's test split against its train split; 'all': every sample against the rest; 'auto': test for the run's own data, else all."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Re-evaluate a saved run: precision@1, recall@k, R-precision, MAP@R."""
+    from metrix.experiment import evaluate as run_evaluate
+
+    metrics = run_evaluate(run, data, split, label_column)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    typer.echo(f"split: {metrics.pop('split')}")
+    for key, value in metrics.items():
+        typer.echo(f"{key:<16}{value:.4f}" if isinstance(value, float) else f"{key:<16}{value}")
+
+
+@app.command()
+def embed(
+    run: Path = typer.Argument(..., help="A run folder written by 'metrix train'."),
+    data: str = typer.Option(..., help="Dataset to embed ('digits', a folder, .npz or .csv)."),
+    out: Path = typer.Option(..., help="Output .npy file of embeddings (labels go to <out>_labels.npy)."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+) -> None:
+    """Write the embeddings of a dataset, computed with a saved run, to a .npy file."""
+    from metrix.experiment import embed as run_embed
+
+    path, dim = run_embed(run, data, out, label_column)
+    typer.echo(f"wrote {path} ({dim}-d embeddings)")

@@ -1,0 +1,116 @@
+"""metrix gallery enroll / calibrate / verify / identify, and metrix ood."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from metrix.cli.common import ALLOW_OTHER_RUN, app, command_group
+
+
+gallery_app = command_group(help="Enrol identities with a trained run, then verify (1:1) and identify (1:N).")
+app.add_typer(gallery_app, name="gallery")
+
+
+@gallery_app.command("enroll")
+def gallery_enroll(
+    gallery: Path = typer.Argument(..., help="Gallery file (created if missing; safetensors, checksummed)."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
+    data: str = typer.Option(..., help="Samples: a folder of class sub-folders (each folder = one identity), .npz, .csv, or a .npy with --identity."),
+    identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
+) -> None:
+    """Add identities to a gallery (no retraining needed for new people)."""
+    from metrix.apps.jobs import enroll
+
+    r = enroll(gallery, run, data, identity, label_column, allow_other_run)
+    skipped = f"; {r['duplicates']} already enrolled, skipped" if r["duplicates"] else ""
+    typer.echo(f"enrolled {len(r['added'])} identities ({sum(r['added'].values())} samples{skipped}) -> {gallery}")
+
+
+@gallery_app.command("calibrate")
+def gallery_calibrate(
+    gallery: Path = typer.Argument(..., help="Gallery file."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
+    data: str = typer.Option(..., help="Labelled samples (people not in the gallery are fine): all their pairs are scored."),
+    far: Optional[float] = typer.Option(None, help="Target false-accept rate (default: the threshold of best pair accuracy)."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
+) -> None:
+    """Choose the accept threshold on labelled pairs, for a target false-accept rate."""
+    from metrix.apps.jobs import calibrate
+
+    r = calibrate(gallery, run, data, far, label_column, allow_other_run=allow_other_run)
+    typer.echo(f"threshold {r['threshold']:.4f}: FAR {r['far']:.4f}, TAR {r['tar']:.4f} on {r['pairs']} pairs -> {gallery}")
+
+
+@gallery_app.command("verify")
+def gallery_verify(
+    gallery: Path = typer.Argument(..., help="Gallery file with a threshold (see 'calibrate')."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
+    data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
+    identity: str = typer.Option(..., help="Claimed identity."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
+) -> None:
+    """1:1 — is each probe the claimed identity?"""
+    from metrix.apps.jobs import verify
+
+    results = verify(gallery, run, data, identity, label_column, allow_other_run)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        typer.echo(f"sample {r['sample']:>5}  {'ACCEPT' if r['accepted'] else 'reject'}  distance {r['distance']:.4f}")
+
+
+@gallery_app.command("identify")
+def gallery_identify(
+    gallery: Path = typer.Argument(..., help="Gallery file."),
+    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
+    data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
+    k: int = typer.Option(1, "-k", "--k", min=1, help="Candidates per probe."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N probes."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
+) -> None:
+    """1:N — who is each probe? 'unknown' when the best match is beyond the threshold (without a threshold,
+    every probe gets its nearest identity, and a warning says so)."""
+    from metrix.apps.jobs import identify
+
+    results = identify(gallery, run, data, k, label_column, limit, allow_other_run)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        truth = f" (label {r['label']})" if "label" in r else ""
+        cands = ", ".join(f"{c['identity']} {c['distance']:.3f}" for c in r["candidates"])
+        typer.echo(f"sample {r['sample']:>5}{truth}: {r['identity'] or 'unknown'}   [{cands}]")
+
+
+@app.command("ood")
+def ood(
+    run: Path = typer.Option(..., help="Run folder whose model embeds every set."),
+    fit_data: str = typer.Option(..., help="In-distribution training data (labelled for the Mahalanobis detector)."),
+    in_data: str = typer.Option(..., help="Held-out in-distribution samples."),
+    ood_data: str = typer.Option(..., help="Out-of-distribution samples (a dataset or a .npy of raw inputs)."),
+    detector: str = typer.Option("mahalanobis", help="'mahalanobis' (class means + shared shrunk covariance) or 'knn' (k-th neighbour distance)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbour used by the knn detector."),
+    label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Score OOD detection in a learned space: AUROC and FPR at 95% TPR."""
+    from metrix.apps.jobs import ood_evaluate
+
+    r = ood_evaluate(run, fit_data, in_data, ood_data, detector, k, label_column)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(f"{detector}: AUROC {r['auroc']:.4f}, FPR@95%TPR {r['fpr_at_95_tpr']:.4f} "
+               f"({r['num_in']} in-distribution, {r['num_ood']} OOD samples)")
