@@ -75,7 +75,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 def test_default_main_job_reaches_map_at_r_target(tmp_path):
     """Acceptance: `metrix train` with defaults lifts digits MAP@R from ~0.54 (raw) to >= 0.95."""
-    from metrix.experiment import TrainConfig, train
+    from metrix.jobs.train import TrainConfig, train
 
     result = train(TrainConfig.from_sources(out=str(tmp_path), progress=False), echo=lambda *_: None)
     assert result["before"]["map_at_r"] == pytest.approx(0.544, abs=0.01)

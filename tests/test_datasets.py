@@ -340,7 +340,7 @@ def test_named_public_sets_from_the_shared_copies(monkeypatch):
 
 
 def test_train_with_an_official_test_set(tmp_path):
-    from metrix.experiment import TrainConfig, evaluate, train
+    from metrix.jobs.train import TrainConfig, evaluate, train
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 6))

@@ -216,7 +216,7 @@ def test_ball_model_outputs_stay_inside_and_survive_save_load(tmp_path):
 def test_train_evaluate_on_the_ball(tmp_path):
     """``metrix train --geometry poincare``: the model embeds into the ball, validation and the report rank by
     the Poincaré distance, ``evaluate`` and the index read the geometry back, the gallery refuses the run."""
-    from metrix.experiment import TrainConfig, build_index, evaluate, search_index, train
+    from metrix.jobs.train import TrainConfig, build_index, evaluate, search_index, train
     from metrix.models import load_model
 
     cfg = TrainConfig.from_sources(None, loss="triplet", geometry="poincare", epochs=2, out=str(tmp_path),
@@ -224,7 +224,7 @@ def test_train_evaluate_on_the_ball(tmp_path):
     result = train(cfg, echo=lambda *a: None)
     model, config = load_model(result["run_dir"])
     assert config["train"]["geometry"] == "poincare" and model.ball_curvature == 1.0
-    import metrix.experiment as experiment
+    import metrix.jobs.train as experiment
 
     used = []
     real = experiment.retrieval_metrics
@@ -244,7 +244,7 @@ def test_train_evaluate_on_the_ball(tmp_path):
                    echo=lambda *a: None)
     with pytest.raises(ValueError, match="build the index with the same run"):
         search_index(tmp_path / "idx", sphere["run_dir"], "digits", k=3)
-    from metrix.apps.jobs import enroll
+    from metrix.jobs.verification import enroll
 
     with pytest.raises(ValueError, match="Poincaré ball"):
         enroll(tmp_path / "gallery", result["run_dir"], "digits")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from metrix.experiment import TrainConfig, train
+from metrix.jobs.train import TrainConfig, train
 from metrix.runs import Run, resolve_run_dir
 
 

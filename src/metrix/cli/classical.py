@@ -27,7 +27,7 @@ def fit_linear(
     with k-NN in the standardised and in the learned space, and saves the learner (safetensors,
     standardisation included) for 'metrix transform-linear'.
     """
-    from metrix.classical.workflow import fit_linear as run_fit, parse_params
+    from metrix.jobs.classical import fit_linear as run_fit, parse_params
 
     run_fit(algorithm, data, out, n_components, parse_params(param), seed, k, label_column, echo=typer.echo)
 
@@ -40,7 +40,7 @@ def transform_linear(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
 ) -> None:
     """Map data into the space of a saved linear metric (Euclidean distance there = learned distance)."""
-    from metrix.classical.workflow import transform_linear as run_transform
+    from metrix.jobs.classical import transform_linear as run_transform
 
     path, dim = run_transform(model, data, out, label_column)
     typer.echo(f"wrote {path} ({dim}-d)")

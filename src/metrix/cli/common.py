@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import typer
 
@@ -22,6 +24,9 @@ def _error_boundary(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`metrix list losses | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(code=0) from None
         except (*USER_ERRORS, KeyboardInterrupt) as exc:
             if _DEBUG["on"]:
                 raise

@@ -25,7 +25,7 @@ def index_build(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
 ) -> None:
     """Embed a gallery with a trained run and save a vector index of it (ids = row numbers, labels as metadata)."""
-    from metrix.experiment import build_index
+    from metrix.jobs.train import build_index
 
     index = build_index(run, data, out, backend, faiss_index, label_column)
     typer.echo(f"indexed {len(index)} vectors of dimension {index.dim} ({backend}) -> {out}")
@@ -43,7 +43,7 @@ def index_search(
     allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Embed queries and print their nearest gallery items: ids, labels and distances."""
-    from metrix.experiment import search_index
+    from metrix.jobs.train import search_index
 
     results = search_index(index, run, query, k, label_column, limit, allow_other_run)
     if as_json:

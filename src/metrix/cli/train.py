@@ -56,8 +56,8 @@ def train(
     trained with supervised NT-Xent; the test split queries the train split. Writes
     runs/<name>/ with model.safetensors, config.json, metrics.json, history.csv (and plots).
     """
-    from metrix.classical.workflow import parse_params
-    from metrix.experiment import TrainConfig, resume_config, train as run_train
+    from metrix.jobs.classical import parse_params
+    from metrix.jobs.train import TrainConfig, resume_config, train as run_train
 
     settings = dict(data=data, test_data=test_data, loss=loss, triplets=triplets, margin=margin, miner=miner,
                     loss_params=parse_params(loss_param, "--loss-param") or None,
@@ -87,7 +87,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Re-evaluate a saved run: precision@1, recall@k, R-precision, MAP@R."""
-    from metrix.experiment import evaluate as run_evaluate
+    from metrix.jobs.train import evaluate as run_evaluate
 
     metrics = run_evaluate(run, data, split, label_column)
     if as_json:
@@ -106,7 +106,7 @@ def embed(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
 ) -> None:
     """Write the embeddings of a dataset, computed with a saved run, to a .npy file."""
-    from metrix.experiment import embed as run_embed
+    from metrix.jobs.train import embed as run_embed
 
     path, dim = run_embed(run, data, out, label_column)
     typer.echo(f"wrote {path} ({dim}-d embeddings)")

@@ -25,7 +25,7 @@ def gallery_enroll(
     allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Add identities to a gallery (no retraining needed for new people)."""
-    from metrix.apps.jobs import enroll
+    from metrix.jobs.verification import enroll
 
     r = enroll(gallery, run, data, identity, label_column, allow_other_run)
     skipped = f"; {r['duplicates']} already enrolled, skipped" if r["duplicates"] else ""
@@ -42,7 +42,7 @@ def gallery_calibrate(
     allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """Choose the accept threshold on labelled pairs, for a target false-accept rate."""
-    from metrix.apps.jobs import calibrate
+    from metrix.jobs.verification import calibrate
 
     r = calibrate(gallery, run, data, far, label_column, allow_other_run=allow_other_run)
     typer.echo(f"threshold {r['threshold']:.4f}: FAR {r['far']:.4f}, TAR {r['tar']:.4f} on {r['pairs']} pairs -> {gallery}")
@@ -59,7 +59,7 @@ def gallery_verify(
     allow_other_run: bool = ALLOW_OTHER_RUN,
 ) -> None:
     """1:1 — is each probe the claimed identity?"""
-    from metrix.apps.jobs import verify
+    from metrix.jobs.verification import verify
 
     results = verify(gallery, run, data, identity, label_column, allow_other_run)
     if as_json:
@@ -82,7 +82,7 @@ def gallery_identify(
 ) -> None:
     """1:N — who is each probe? 'unknown' when the best match is beyond the threshold (without a threshold,
     every probe gets its nearest identity, and a warning says so)."""
-    from metrix.apps.jobs import identify
+    from metrix.jobs.verification import identify
 
     results = identify(gallery, run, data, k, label_column, limit, allow_other_run)
     if as_json:
@@ -106,7 +106,7 @@ def ood(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Score OOD detection in a learned space: AUROC and FPR at 95% TPR."""
-    from metrix.apps.jobs import ood_evaluate
+    from metrix.jobs.verification import ood_evaluate
 
     r = ood_evaluate(run, fit_data, in_data, ood_data, detector, k, label_column)
     if as_json:
