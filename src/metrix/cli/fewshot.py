@@ -13,21 +13,13 @@ from metrix.cli.common import app, command_group
 fewshot_app = command_group(help="Prototypical networks: episodic training and N-way K-shot evaluation.")
 app.add_typer(fewshot_app, name="fewshot")
 
-_FEWSHOT_DATA_HELP = ("'omniglot-background' / 'omniglot-evaluation' (the official zips in --root; --download fetches them), "
-                      "or a dataset of images: a folder of class sub-folders or an .npz with X (n, 1, H, W) and y.")
-
-
-def _fewshot_data(data: str, root: Path, download: bool):
-    from metrix.datasets import load_dataset, load_omniglot
-
-    if data.startswith("omniglot-"):
-        return load_omniglot(root, data.split("-", 1)[1], download_missing=download)
-    return load_dataset(data)
+DATA_HELP = ("'omniglot-background' / 'omniglot-evaluation' (the official zips in --root; --download fetches them), "
+             "or a dataset of images: a folder of class sub-folders or an .npz with X (n, 1, H, W) and y.")
 
 
 @fewshot_app.command("train")
 def fewshot_train(
-    data: str = typer.Option("omniglot-background", help=_FEWSHOT_DATA_HELP),
+    data: str = typer.Option("omniglot-background", help=DATA_HELP),
     out: Path = typer.Option(Path("runs/protonet.safetensors"), help="Where to save the encoder."),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Omniglot zips from the official repository."),
@@ -40,21 +32,16 @@ def fewshot_train(
     seed: int = typer.Option(0, help="Seed of the episodes and the initialisation."),
 ) -> None:
     """Train a prototypical network (4-block conv net) with N-way K-shot episodes."""
-    from metrix.apps.fewshot import PrototypicalNetwork, rotate_classes
+    from metrix.jobs import fewshot as job
 
-    ds = _fewshot_data(data, root, download)
-    X, y = (rotate_classes(ds.X, ds.y) if rotations else (ds.X, ds.y))
-    net = PrototypicalNetwork(input_shape=X.shape[1:])
-    net.fit(X, y, n_way, k_shot, n_query, episodes, lr, lr_halve_every=max(episodes // 3, 1), seed=seed,
-            log_every=max(episodes // 10, 1), echo=typer.echo)
-    net.save(out)
-    typer.echo(f"saved {out}")
+    saved = job.train(data, out, root, download, rotations, episodes, n_way, k_shot, n_query, lr, seed, echo=typer.echo)
+    typer.echo(f"saved {saved}")
 
 
 @fewshot_app.command("eval")
 def fewshot_eval(
     model: Path = typer.Argument(..., help="Encoder saved by 'metrix fewshot train'."),
-    data: str = typer.Option("omniglot-evaluation", help=_FEWSHOT_DATA_HELP),
+    data: str = typer.Option("omniglot-evaluation", help=DATA_HELP),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Omniglot zips."),
     n_way: int = typer.Option(5, help="Classes per test episode."),
@@ -65,11 +52,9 @@ def fewshot_eval(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Mean N-way K-shot accuracy with its 95% confidence interval on classes never trained on."""
-    from metrix.apps.fewshot import PrototypicalNetwork
+    from metrix.jobs import fewshot as job
 
-    net = PrototypicalNetwork.load(model)
-    ds = _fewshot_data(data, root, download)
-    r = net.evaluate(ds.X, ds.y, n_way, k_shot, n_query, episodes, seed)
+    r = job.evaluate(model, data, root, download, n_way, k_shot, n_query, episodes, seed)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -17,21 +17,6 @@ app.add_typer(selfsup_app, name="selfsup")
 _SELFSUP_DATA_HELP = "'fashion-mnist' (the official IDX files in --root; --download fetches them) or 'digits' (bundled 8×8, offline)."
 
 
-def _selfsup_data(data: str, root: Path, download: bool):
-    """(train X, train y, test X, test y) as float32 images in [0, 1]."""
-    from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
-
-    if data == "fashion-mnist":
-        tr, te = (load_fashion_mnist(root, s, download_missing=download) for s in ("train", "test"))
-        return tr.X, tr.y, te.X, te.y
-    if data == "digits":
-        ds = load_digits_dataset()
-        X = (ds.X / 16.0).reshape(-1, 1, 8, 8).astype("float32")
-        tr, te = stratified_split(ds.y, 0.3, seed=0)
-        return X[tr], ds.y[tr], X[te], ds.y[te]
-    raise ValueError(f"unknown --data {data!r}: use 'fashion-mnist' or 'digits'")
-
-
 @selfsup_app.command("train")
 def selfsup_train(
     method: str = typer.Option("simclr", help="'simclr' (two views, NT-Xent over the batch) or 'moco' (momentum encoder + queue of negatives)."),
@@ -50,17 +35,11 @@ def selfsup_train(
     seed: int = typer.Option(0, help="Seed of initialisation, batch order and augmentations."),
 ) -> None:
     """Train an encoder on the training images with labels hidden; the labels are used only by 'selfsup eval'."""
-    from metrix.apps.augment import ImageAugment
-    from metrix.apps.selfsup import ContrastiveLearner
+    from metrix.jobs import selfsup as job
 
-    X, *_ = _selfsup_data(data, root, download)
-    X = X[:train_size] if train_size else X
-    augment = ImageAugment(flip=flip if flip is not None else (0.0 if data == "digits" else 0.5), seed=seed)
-    learner = ContrastiveLearner(method, input_shape=X.shape[1:], temperature=temperature, queue_size=queue_size,
-                                 momentum=momentum, augment=augment, seed=seed)
-    learner.fit(X, epochs, min(batch_size, len(X)), lr, log_every=max(epochs * (len(X) // batch_size) // 10, 1), echo=typer.echo)
-    learner.save(out)
-    typer.echo(f"saved {out}")
+    saved = job.train(method, data, root, out, download, epochs, batch_size, train_size, lr, temperature, queue_size,
+                      momentum, flip, seed, echo=typer.echo)
+    typer.echo(f"saved {saved}")
 
 
 @selfsup_app.command("eval")
@@ -74,17 +53,9 @@ def selfsup_eval(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """kNN accuracy and linear-probe accuracy of the frozen features: test images against the training images."""
-    from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
+    from metrix.jobs import selfsup as job
 
-    learner = ContrastiveLearner.load(model)
-    Xtr, ytr, Xte, yte = _selfsup_data(data, root, download)
-    rows = {"trained": evaluate_features(learner.features(Xtr), ytr, learner.features(Xte), yte, k)}
-    if baselines:
-        rows["raw pixels"] = evaluate_features(Xtr, ytr, Xte, yte, k)
-        shape, kw = Xtr.shape[1:], {"seed": learner.seed, "pixel_mean": float(Xtr.mean()),
-                                     "pixel_std": float(Xtr.std()), **learner.model.backbone_kwargs}
-        rows["random encoder"] = evaluate_features(random_encoder_features(Xtr, shape, **kw), ytr,
-                                                   random_encoder_features(Xte, shape, **kw), yte, k)
+    rows = job.evaluate(model, data, root, download, k, baselines)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -1,0 +1,52 @@
+"""What ``metrix selfsup train / eval`` do: contrastive learning without labels, judged on frozen features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metrix.apps.augment import ImageAugment
+from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
+from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
+
+
+def images(data: str, root, download: bool = False):
+    """``(train X, train y, test X, test y)`` as float32 images in [0, 1]: Fashion-MNIST's official split, or
+    the bundled digits split 70/30."""
+    if data == "fashion-mnist":
+        tr, te = (load_fashion_mnist(root, s, download_missing=download) for s in ("train", "test"))
+        return tr.X, tr.y, te.X, te.y
+    if data == "digits":
+        ds = load_digits_dataset()
+        X = (ds.X / 16.0).reshape(-1, 1, 8, 8).astype("float32")
+        tr, te = stratified_split(ds.y, 0.3, seed=0)
+        return X[tr], ds.y[tr], X[te], ds.y[te]
+    raise ValueError(f"unknown --data {data!r}: use 'fashion-mnist' or 'digits'")
+
+
+def train(method: str, data: str, root, out, download: bool = False, epochs: int = 5, batch_size: int = 256,
+          train_size: int | None = None, lr: float = 1e-3, temperature: float | None = None, queue_size: int = 4096,
+          momentum: float = 0.99, flip: float | None = None, seed: int = 0, echo=print) -> Path:
+    """Train an encoder on the training images with the labels hidden; saves it to the folder ``out``."""
+    X, *_ = images(data, root, download)
+    X = X[:train_size] if train_size else X
+    augment = ImageAugment(flip=flip if flip is not None else (0.0 if data == "digits" else 0.5), seed=seed)
+    learner = ContrastiveLearner(method, input_shape=X.shape[1:], temperature=temperature, queue_size=queue_size,
+                                 momentum=momentum, augment=augment, seed=seed)
+    learner.fit(X, epochs, min(batch_size, len(X)), lr, log_every=max(epochs * (len(X) // batch_size) // 10, 1), echo=echo)
+    learner.save(out)
+    return Path(out)
+
+
+def evaluate(model, data: str, root, download: bool = False, k: int = 20, baselines: bool = False) -> dict:
+    """kNN and linear-probe accuracy of the frozen features (test images against the training images); with
+    ``baselines`` also of raw pixels and of the same encoder untrained. Returns one row per feature kind."""
+    learner = ContrastiveLearner.load(model)
+    Xtr, ytr, Xte, yte = images(data, root, download)
+    rows = {"trained": evaluate_features(learner.features(Xtr), ytr, learner.features(Xte), yte, k)}
+    if baselines:
+        rows["raw pixels"] = evaluate_features(Xtr, ytr, Xte, yte, k)
+        shape, kw = Xtr.shape[1:], {"seed": learner.seed, "pixel_mean": float(Xtr.mean()),
+                                     "pixel_std": float(Xtr.std()), **learner.model.backbone_kwargs}
+        rows["random encoder"] = evaluate_features(random_encoder_features(Xtr, shape, **kw), ytr,
+                                                   random_encoder_features(Xte, shape, **kw), yte, k)
+    return rows
