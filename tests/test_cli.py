@@ -90,7 +90,7 @@ def test_index_build_and_search(tmp_path):
     result = runner.invoke(app, ["index", "build", str(run), "--data", "digits", "--out", str(idx)])
     assert result.exit_code == 0, result.output
     assert "indexed 1797 vectors of dimension 64" in result.output
-    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", "digits", "-k", "3",
+    result = runner.invoke(app, ["index", "search", str(run), str(idx), "--query", "digits", "-k", "3",
                                  "--limit", "4", "--json"])
     assert result.exit_code == 0, result.output
     hits = json.loads(result.output)
@@ -103,11 +103,11 @@ def test_index_build_and_search(tmp_path):
     from sklearn.datasets import load_digits
 
     np.save(tmp_path / "q.npy", load_digits().data[:2])
-    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", str(tmp_path / "q.npy"), "-k", "2"])
+    result = runner.invoke(app, ["index", "search", str(run), str(idx), "--query", str(tmp_path / "q.npy"), "-k", "2"])
     assert result.exit_code == 0 and "query 1" in result.output and "distance" in result.output
     # a damaged index fails clearly
     raw = bytearray(idx.read_bytes())
     raw[-5] ^= 0xFF
     idx.write_bytes(bytes(raw))
-    result = runner.invoke(app, ["index", "search", str(idx), "--run", str(run), "--query", "digits"])
+    result = runner.invoke(app, ["index", "search", str(run), str(idx), "--query", "digits"])
     assert result.exit_code == 2 and "checksum" in result.output

@@ -16,12 +16,12 @@ ERROR_CASES = [
     (["evaluate", MISSING], "no such file"),
     (["embed", MISSING, "--data", "digits", "--out", "x.npy"], "no such file"),
     (["index", "build", MISSING, "--data", "digits", "--out", "x.idx"], "no such file"),
-    (["index", "search", MISSING, "--run", MISSING, "--query", "digits"], "no such file"),
+    (["index", "search", MISSING, MISSING, "--query", "digits"], "no such file"),
     (["fit-linear", "NOPE"], "NOPE"),
     (["transform-linear", MISSING, "--data", "digits", "--out", "o.npz"], "no such file"),
-    (["gallery", "enroll", "g.gallery", "--run", MISSING, "--data", "digits"], "no such file"),
-    (["gallery", "identify", MISSING, "--run", MISSING, "--data", "digits"], "no such file"),
-    (["ood", "--run", MISSING, "--fit-data", "digits", "--in-data", "digits", "--ood-data", "digits"], "no such file"),
+    (["gallery", "enroll", MISSING, "g.gallery", "--data", "digits"], "no such file"),
+    (["gallery", "identify", MISSING, MISSING, "--data", "digits"], "no such file"),
+    (["ood", MISSING, "--fit-data", "digits", "--in-data", "digits", "--ood-data", "digits"], "no such file"),
     (["recommend", "eval", MISSING], "no such file"),
     (["fewshot", "eval", MISSING], "no such file"),
     (["selfsup", "eval", MISSING], ""),
@@ -51,10 +51,10 @@ def test_debug_shows_the_traceback():
     assert len(lines) == 1 and lines[0].startswith("error: no dataset at 'nope': use 'digits', fashion-mnist")
 
 
-@pytest.mark.parametrize("args", [["index", "search", "x.idx", "--run", "r", "--query", "digits", "--limit", "0"],
-                                  ["index", "search", "x.idx", "--run", "r", "--query", "digits", "-k", "-1"],
-                                  ["gallery", "identify", "g", "--run", "r", "--data", "digits", "--limit", "-1"],
-                                  ["gallery", "identify", "g", "--run", "r", "--data", "digits", "-k", "0"]])
+@pytest.mark.parametrize("args", [["index", "search", "r", "x.idx", "--query", "digits", "--limit", "0"],
+                                  ["index", "search", "r", "x.idx", "--query", "digits", "-k", "-1"],
+                                  ["gallery", "identify", "r", "g", "--data", "digits", "--limit", "-1"],
+                                  ["gallery", "identify", "r", "g", "--data", "digits", "-k", "0"]])
 def test_counts_below_one_are_refused_before_anything_runs(args):
     """--limit 0 used to fail inside torch.cat and --limit -1 silently searched all but one query."""
     from typer.testing import CliRunner

@@ -25,11 +25,11 @@ def test_an_index_searched_with_another_run_is_refused(two_runs, tmp_path):
     a, b = two_runs
     idx = tmp_path / "g.idx"
     assert CliRunner().invoke(app, ["index", "build", str(a), "--data", "digits", "--out", str(idx)]).exit_code == 0
-    ok = CliRunner().invoke(app, ["index", "search", str(idx), "--run", str(a), "--query", "digits", "--limit", "2"])
+    ok = CliRunner().invoke(app, ["index", "search", str(a), str(idx), "--query", "digits", "--limit", "2"])
     assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(app, ["index", "search", str(idx), "--run", str(b), "--query", "digits", "--limit", "2"])
+    bad = CliRunner().invoke(app, ["index", "search", str(b), str(idx), "--query", "digits", "--limit", "2"])
     assert bad.exit_code != 0 and "built with another run" in bad.output and "--allow-other-run" in bad.output
-    forced = CliRunner().invoke(app, ["index", "search", str(idx), "--run", str(b), "--query", "digits", "--limit", "2",
+    forced = CliRunner().invoke(app, ["index", "search", str(b), str(idx), "--query", "digits", "--limit", "2",
                                       "--allow-other-run"])
     assert forced.exit_code == 0, forced.output
 
@@ -42,14 +42,14 @@ def test_a_gallery_used_with_another_run_is_refused_and_duplicates_are_not_enrol
     from sklearn.datasets import load_digits
     np.save(probes, load_digits().data[:5].astype(np.float32))
     gallery = tmp_path / "people.gallery"
-    first = CliRunner().invoke(app, ["gallery", "enroll", str(gallery), "--run", str(a), "--data", str(probes),
+    first = CliRunner().invoke(app, ["gallery", "enroll", str(a), str(gallery), "--data", str(probes),
                                      "--identity", "alice"])
     assert first.exit_code == 0 and "5 samples" in first.output, first.output
-    again = CliRunner().invoke(app, ["gallery", "enroll", str(gallery), "--run", str(a), "--data", str(probes),
+    again = CliRunner().invoke(app, ["gallery", "enroll", str(a), str(gallery), "--data", str(probes),
                                      "--identity", "alice"])
     assert again.exit_code == 0 and "0 samples; 5 already enrolled, skipped" in again.output, again.output
     assert len(Gallery.load(gallery).samples("alice")) == 5
-    other = CliRunner().invoke(app, ["gallery", "identify", str(gallery), "--run", str(b), "--data", str(probes)])
+    other = CliRunner().invoke(app, ["gallery", "identify", str(b), str(gallery), "--data", str(probes)])
     assert other.exit_code != 0 and "built with another run" in other.output
 
 

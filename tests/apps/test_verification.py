@@ -141,14 +141,14 @@ def test_gallery_cli(tmp_path):
     r = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path), "--name", "run", "--no-progress"])
     assert r.exit_code == 0, r.output
     run, gal = str(tmp_path / "run"), str(tmp_path / "g.safetensors")
-    r = runner.invoke(app, ["gallery", "identify", gal, "--run", run, "--data", "digits"])
+    r = runner.invoke(app, ["gallery", "identify", run, gal, "--data", "digits"])
     assert r.exit_code == 2 and "no gallery" in r.output
-    r = runner.invoke(app, ["gallery", "enroll", gal, "--run", run, "--data", "digits"])
+    r = runner.invoke(app, ["gallery", "enroll", run, gal, "--data", "digits"])
     assert r.exit_code == 0 and "enrolled 10 identities (1797 samples)" in r.output, r.output
-    r = runner.invoke(app, ["gallery", "calibrate", gal, "--run", run, "--data", "digits", "--far", "0.01"])
+    r = runner.invoke(app, ["gallery", "calibrate", run, gal, "--data", "digits", "--far", "0.01"])
     assert r.exit_code == 0 and "threshold" in r.output, r.output
     assert Gallery.load(gal).threshold is not None
-    r = runner.invoke(app, ["gallery", "identify", gal, "--run", run, "--data", "digits", "-k", "2", "--limit", "20", "--json"])
+    r = runner.invoke(app, ["gallery", "identify", run, gal, "--data", "digits", "-k", "2", "--limit", "20", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert len(out) == 20 and all(len(o["candidates"]) == 2 for o in out)
@@ -157,10 +157,10 @@ def test_gallery_cli(tmp_path):
     from sklearn.datasets import load_digits
 
     np.save(x, load_digits().data[:3].astype(np.float32))
-    r = runner.invoke(app, ["gallery", "verify", gal, "--run", run, "--data", str(x), "--identity", "0", "--json"])
+    r = runner.invoke(app, ["gallery", "verify", run, gal, "--data", str(x), "--identity", "0", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)[0]["accepted"] is True  # digits[0] is a 0
-    r = runner.invoke(app, ["gallery", "enroll", gal, "--run", run, "--data", str(x)])
+    r = runner.invoke(app, ["gallery", "enroll", run, gal, "--data", str(x)])
     assert r.exit_code == 2 and "--identity" in r.output
 
 

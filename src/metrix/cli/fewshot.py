@@ -40,7 +40,7 @@ def fewshot_train(
 
 @fewshot_app.command("eval")
 def fewshot_eval(
-    model: Path = typer.Argument(..., help="Encoder saved by 'metrix fewshot train'."),
+    model: Path = typer.Argument(..., metavar="RUN", help="Encoder saved by 'metrix fewshot train'."),
     data: str = typer.Option("omniglot-evaluation", help=DATA_HELP),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Omniglot zips."),

@@ -33,8 +33,8 @@ def index_build(
 
 @index_app.command("search")
 def index_search(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train' (or a folder holding one run): its model embeds the queries; the one that built the index."),
     index: Path = typer.Argument(..., help="An index file written by 'metrix index build'."),
-    run: Path = typer.Option(..., help="The run whose model embeds the queries (the one that built the index)."),
     query: str = typer.Option(..., help="Queries: 'digits', a folder, .npz, .csv, or a .npy of raw inputs."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours per query."),
     limit: Optional[int] = typer.Option(None, min=1, help="Search only the first N queries."),

@@ -44,7 +44,7 @@ def selfsup_train(
 
 @selfsup_app.command("eval")
 def selfsup_eval(
-    model: Path = typer.Argument(..., help="Folder written by 'metrix selfsup train'."),
+    model: Path = typer.Argument(..., metavar="RUN", help="Folder written by 'metrix selfsup train'."),
     data: str = typer.Option("fashion-mnist", help=_SELFSUP_DATA_HELP),
     root: Path = typer.Option(Path("data/fashion_mnist"), help="Folder of the Fashion-MNIST IDX files."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Fashion-MNIST files."),

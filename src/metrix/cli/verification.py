@@ -17,8 +17,8 @@ app.add_typer(gallery_app, name="gallery")
 
 @gallery_app.command("enroll")
 def gallery_enroll(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train' (or a folder holding one run): its model embeds the samples."),
     gallery: Path = typer.Argument(..., help="Gallery file (created if missing; safetensors, checksummed)."),
-    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
     data: str = typer.Option(..., help="Samples: a folder of class sub-folders (each folder = one identity), .npz, .csv, or a .npy with --identity."),
     identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
@@ -34,8 +34,8 @@ def gallery_enroll(
 
 @gallery_app.command("calibrate")
 def gallery_calibrate(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train' (or a folder holding one run): its model embeds the samples."),
     gallery: Path = typer.Argument(..., help="Gallery file."),
-    run: Path = typer.Option(..., help="Run folder whose model embeds the samples."),
     data: str = typer.Option(..., help="Labelled samples (people not in the gallery are fine): all their pairs are scored."),
     far: Optional[float] = typer.Option(None, help="Target false-accept rate (default: the threshold of best pair accuracy)."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
@@ -50,8 +50,8 @@ def gallery_calibrate(
 
 @gallery_app.command("verify")
 def gallery_verify(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train' (or a folder holding one run): its model embeds the samples."),
     gallery: Path = typer.Argument(..., help="Gallery file with a threshold (see 'calibrate')."),
-    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
     data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
     identity: str = typer.Option(..., help="Claimed identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
@@ -71,8 +71,8 @@ def gallery_verify(
 
 @gallery_app.command("identify")
 def gallery_identify(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train' (or a folder holding one run): its model embeds the samples."),
     gallery: Path = typer.Argument(..., help="Gallery file."),
-    run: Path = typer.Option(..., help="Run folder whose model embeds the probes."),
     data: str = typer.Option(..., help="Probe samples: .npy of raw inputs, or a dataset."),
     k: int = typer.Option(1, "-k", "--k", min=1, help="Candidates per probe."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N probes."),
@@ -96,7 +96,7 @@ def gallery_identify(
 
 @app.command("ood")
 def ood(
-    run: Path = typer.Option(..., help="Run folder whose model embeds every set."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train': its model embeds every set."),
     fit_data: str = typer.Option(..., help="In-distribution training data (labelled for the Mahalanobis detector)."),
     in_data: str = typer.Option(..., help="Held-out in-distribution samples."),
     ood_data: str = typer.Option(..., help="Out-of-distribution samples (a dataset or a .npy of raw inputs)."),
