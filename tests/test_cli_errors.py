@@ -61,3 +61,25 @@ def test_counts_below_one_are_refused_before_anything_runs(args):
 
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "greater than or equal to 1" in result.output
+
+
+@pytest.mark.parametrize("args", [["train", "--device", "cuda:7"], ["train", "--device", "tpu"],
+                                  ["evaluate", "runs/x", "--device", "nonsense"]])
+def test_devices_that_are_not_here_are_refused(args, tmp_path):
+    """--device names where the model runs; one that this machine lacks is refused with what it has."""
+    import torch
+    from typer.testing import CliRunner
+
+    if torch.cuda.is_available() and args[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "device" in result.output or "no such file" in result.output
+
+
+def test_the_device_option_reaches_the_run():
+    from metrix.runs import check_device
+
+    assert str(check_device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        check_device("nonsense")

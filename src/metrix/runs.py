@@ -29,6 +29,22 @@ MODEL_FILE = "model.safetensors"
 GEOMETRY_METRICS = {"sphere": "euclidean", "poincare": "poincare"}
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch device that exists here, or ``ValueError`` saying what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise ValueError(f"device {device!r} is not available on this machine; available: "
+                         f"{', '.join(k for k, v in available.items() if v)}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def resolve_run_dir(path) -> Path:
     """``path`` if it is a run folder, else the one run folder inside it; clear errors otherwise."""
     path = Path(path)
@@ -89,11 +105,11 @@ class Run:
         self.input_spec = InputSpec(tuple(model.input_shape), model.preprocess is not None)
 
     @classmethod
-    def open(cls, path) -> "Run":
-        """Load a run folder (or the one run inside ``path``) once, verified."""
+    def open(cls, path, device: str | torch.device = "cpu") -> "Run":
+        """Load a run folder (or the one run inside ``path``) once, verified, onto ``device``."""
         folder = resolve_run_dir(path)
         model, config = load_model(folder)
-        return cls(folder, model, config, run_fingerprint(folder))
+        return cls(folder, model.to(check_device(device)), config, run_fingerprint(folder))
 
     @property
     def embedding_dim(self) -> int:

@@ -67,3 +67,11 @@ def registry_names(kind: str) -> list[str]:
 
 
 ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")
+DEVICE = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:N or mps.")
+
+
+def open_run(path, device: str):
+    """The run at ``path`` opened once on ``device`` (jobs take it instead of a path)."""
+    from metrix.runs import Run
+
+    return Run.open(path, device=device)

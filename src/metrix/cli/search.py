@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import ALLOW_OTHER_RUN, app, command_group
+from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
 
 
 index_app = command_group(help="Build a searchable index of embeddings and query it.")
@@ -23,11 +23,12 @@ def index_build(
     backend: str = typer.Option("exact", help="'exact' (torch) or 'faiss' (needs the faiss extra)."),
     faiss_index: str = typer.Option("HNSW32", help="faiss index factory string for --backend faiss: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ16, ..."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    device: str = DEVICE,
 ) -> None:
     """Embed a gallery with a trained run and save a vector index of it (ids = row numbers, labels as metadata)."""
     from metrix.jobs.train import build_index
 
-    index = build_index(run, data, out, backend, faiss_index, label_column)
+    index = build_index(open_run(run, device), data, out, backend, faiss_index, label_column)
     typer.echo(f"indexed {len(index)} vectors of dimension {index.dim} ({backend}) -> {out}")
 
 
@@ -41,11 +42,12 @@ def index_search(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
+    device: str = DEVICE,
 ) -> None:
     """Embed queries and print their nearest gallery items: ids, labels and distances."""
     from metrix.jobs.train import search_index
 
-    results = search_index(index, run, query, k, label_column, limit, allow_other_run)
+    results = search_index(index, open_run(run, device), query, k, label_column, limit, allow_other_run)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from metrix.cli.common import app, registry_names
+from metrix.cli.common import DEVICE, app, open_run, registry_names
 
 
 @app.command("list")
@@ -48,6 +48,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar per epoch."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default 1; 0: none). Ctrl-C then says how to resume."),
+    device: Optional[str] = typer.Option(None, help="Where the model trains: cpu (default), cuda, cuda:N or mps."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run (a run folder started with --checkpoint-every) from its last checkpoint, with its own settings; it ends with the weights an uninterrupted run would have."),
 ) -> None:
     """Train an embedding on labelled data and report retrieval before/after.
@@ -65,9 +66,10 @@ def train(
                     temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,
                     epochs=epochs, lr=lr,
                     classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
-                    seed=seed, label_column=label_column, out=out, name=name, checkpoint_every=checkpoint_every)
+                    seed=seed, label_column=label_column, out=out, name=name, checkpoint_every=checkpoint_every,
+                    device=device)
     if resume is not None:
-        given = sorted(f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None)
+        given = sorted(f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None and k != "device")
         if given or config:
             raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given) or '--config'}")
         cfg = resume_config(resume)
@@ -85,11 +87,12 @@ def evaluate(
     split: str = typer.Option("auto", help="'test': the run's test split against its train split; 'all': every sample against the rest; 'auto': test for the run's own data, else all."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = DEVICE,
 ) -> None:
     """Re-evaluate a saved run: precision@1, recall@k, R-precision, MAP@R."""
     from metrix.jobs.train import evaluate as run_evaluate
 
-    metrics = run_evaluate(run, data, split, label_column)
+    metrics = run_evaluate(open_run(run, device), data, split, label_column)
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
@@ -104,9 +107,10 @@ def embed(
     data: str = typer.Option(..., help="Dataset to embed ('digits', a folder, .npz or .csv)."),
     out: Path = typer.Option(..., help="Output .npy file of embeddings (labels go to <out>_labels.npy)."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    device: str = DEVICE,
 ) -> None:
     """Write the embeddings of a dataset, computed with a saved run, to a .npy file."""
     from metrix.jobs.train import embed as run_embed
 
-    path, dim = run_embed(run, data, out, label_column)
+    path, dim = run_embed(open_run(run, device), data, out, label_column)
     typer.echo(f"wrote {path} ({dim}-d embeddings)")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import ALLOW_OTHER_RUN, app, command_group
+from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
 
 
 gallery_app = command_group(help="Enrol identities with a trained run, then verify (1:1) and identify (1:N).")
@@ -23,11 +23,12 @@ def gallery_enroll(
     identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
+    device: str = DEVICE,
 ) -> None:
     """Add identities to a gallery (no retraining needed for new people)."""
     from metrix.jobs.verification import enroll
 
-    r = enroll(gallery, run, data, identity, label_column, allow_other_run)
+    r = enroll(gallery, open_run(run, device), data, identity, label_column, allow_other_run)
     skipped = f"; {r['duplicates']} already enrolled, skipped" if r["duplicates"] else ""
     typer.echo(f"enrolled {len(r['added'])} identities ({sum(r['added'].values())} samples{skipped}) -> {gallery}")
 
@@ -40,11 +41,12 @@ def gallery_calibrate(
     far: Optional[float] = typer.Option(None, help="Target false-accept rate (default: the threshold of best pair accuracy)."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
+    device: str = DEVICE,
 ) -> None:
     """Choose the accept threshold on labelled pairs, for a target false-accept rate."""
     from metrix.jobs.verification import calibrate
 
-    r = calibrate(gallery, run, data, far, label_column, allow_other_run=allow_other_run)
+    r = calibrate(gallery, open_run(run, device), data, far, label_column, allow_other_run=allow_other_run)
     typer.echo(f"threshold {r['threshold']:.4f}: FAR {r['far']:.4f}, TAR {r['tar']:.4f} on {r['pairs']} pairs -> {gallery}")
 
 
@@ -57,11 +59,12 @@ def gallery_verify(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
+    device: str = DEVICE,
 ) -> None:
     """1:1 — is each probe the claimed identity?"""
     from metrix.jobs.verification import verify
 
-    results = verify(gallery, run, data, identity, label_column, allow_other_run)
+    results = verify(gallery, open_run(run, device), data, identity, label_column, allow_other_run)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
@@ -79,12 +82,13 @@ def gallery_identify(
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
+    device: str = DEVICE,
 ) -> None:
     """1:N — who is each probe? 'unknown' when the best match is beyond the threshold (without a threshold,
     every probe gets its nearest identity, and a warning says so)."""
     from metrix.jobs.verification import identify
 
-    results = identify(gallery, run, data, k, label_column, limit, allow_other_run)
+    results = identify(gallery, open_run(run, device), data, k, label_column, limit, allow_other_run)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
@@ -104,11 +108,12 @@ def ood(
     k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbour used by the knn detector."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: str = DEVICE,
 ) -> None:
     """Score OOD detection in a learned space: AUROC and FPR at 95% TPR."""
     from metrix.jobs.verification import ood_evaluate
 
-    r = ood_evaluate(run, fit_data, in_data, ood_data, detector, k, label_column)
+    r = ood_evaluate(open_run(run, device), fit_data, in_data, ood_data, detector, k, label_column)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -24,7 +24,7 @@ from metrix import registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.models import EmbeddingModel, save_model
-from metrix.runs import Run, as_run
+from metrix.runs import Run, as_run, check_device
 from metrix.training import Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -66,6 +66,7 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 1  # epochs between resumable checkpoints in <run>/checkpoints/ (0: none)
     test_data: str | None = None  # an official test set (e.g. fashion-mnist:test) instead of a random split
+    device: str = "cpu"  # where the model trains: cpu, cuda, cuda:N, mps
 
     @classmethod
     def from_sources(cls, yaml_path: str | None = None, **overrides) -> "TrainConfig":
@@ -104,6 +105,7 @@ class TrainConfig:
             lookup("miners", self.miner).check_params(self.miner_params)
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
             raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
+        check_device(self.device)
         if int(self.checkpoint_every) < 0:
             raise ValueError(f"checkpoint_every must be >= 0 epochs (0: no checkpoints), got {self.checkpoint_every}")
         for name in ("epochs", "embedding_dim", "classes_per_batch", "samples_per_class"):
@@ -267,6 +269,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
+        device=check_device(cfg.device),
     )
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
          f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
