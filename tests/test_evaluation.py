@@ -128,3 +128,13 @@ def test_approximate_evaluation_matches_exact_on_easy_data():
     q = x[::7]
     sep = retrieval_metrics(q, labels[::7], x, labels, approximate="Flat")
     assert sep["precision_at_1"] == pytest.approx(retrieval_metrics(q, labels[::7], x, labels)["precision_at_1"])
+
+
+def test_progress_labels_change_nothing_but_the_display():
+    """A progress label shows a bar with a total on a terminal; off a terminal (logs, pipes, tests) and without
+    a label there is none, and the results are the same either way."""
+    from metrix._validation import progress_bar
+
+    assert progress_bar(10, None).disable and progress_bar(10, "phase").disable  # not a terminal here
+    x, y = np.random.default_rng(0).normal(size=(200, 8)), np.arange(200) % 5
+    assert retrieval_metrics(x, y, progress="retrieval") == retrieval_metrics(x, y)

@@ -110,3 +110,12 @@ def label_codes(*label_arrays) -> tuple[list[np.ndarray], np.ndarray]:
     codes = codes.reshape(-1).astype(np.int64)
     bounds = np.cumsum([0] + [len(a) for a in arrays])
     return [codes[bounds[i] : bounds[i + 1]] for i in range(len(arrays))], classes
+
+
+def progress_bar(total: int, label: str | None, unit: str = "item"):
+    """A tqdm bar with a total for a phase that may take seconds, labelled ``label``; shown only when ``label``
+    is given and stderr is a terminal (so logs, pipes and tests stay clean). Close it or let it be collected."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True,
+                disable=None if label else True)

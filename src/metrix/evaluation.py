@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from metrix._validation import label_codes
+from metrix._validation import label_codes, progress_bar
 from metrix.neighbors import DEFAULT_MAX_MEMORY_MB, as_float_tensor, iter_knn
 
 
@@ -98,6 +98,7 @@ def retrieval_metrics(
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
     approximate: str | None = None,
     approximate_options: dict | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``query`` against ``reference`` (or itself, self excluded).
 
@@ -112,6 +113,7 @@ def retrieval_metrics(
     approximate : a faiss index factory string (e.g. ``"HNSW32"``, ``"IVF1024,Flat"``) to rank with an
         approximate index instead of exact search (needs the ``faiss`` extra); ``approximate_options``
         are passed to :class:`metrix.index.VectorIndex` (``nprobe``, ``ef_search``)
+    progress : a label for a progress bar over the queries, shown when stderr is a terminal (None: none)
 
     Returns
     -------
@@ -145,7 +147,9 @@ def retrieval_metrics(
         sums[f"recall_at_{k}"] = 0.0
     for k in precision_ks:
         sums[f"precision_at_{k}"] = 0.0
+    bar = progress_bar(len(q), progress, "query")
     for start, idx in _neighbours(q, r, same, k_max, metric, max_memory_mb, approximate, approximate_options):
+        bar.update(idx.shape[0])
         stop = start + idx.shape[0]
         keep = answerable[start:stop]
         found = r_lab[idx.clamp_min(0)].masked_fill(idx < 0, -1)  # a missing neighbour never matches
@@ -162,6 +166,7 @@ def retrieval_metrics(
         sums["r_precision"] += float((hits_r.sum(1) / R).sum())
         precision_at_i = torch.cumsum(hits_r, dim=1) / rank
         sums["map_at_r"] += float(((precision_at_i * hits_r).sum(1) / R).sum())
+    bar.close()
     n = int(answerable.sum())
     out = {key: value / n for key, value in sums.items()}
     out["num_queries"] = n

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrix._validation import progress_bar
 from metrix.models import EmbeddingModel, check_same_run, load_model, run_fingerprint
 
 MODEL_FILE = "model.safetensors"
@@ -115,15 +116,20 @@ class Run:
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
 
-    def embed(self, inputs, batch_size: int = 1024) -> torch.Tensor:
-        """Embeddings of ``inputs`` (float32, CPU), ``batch_size`` samples at a time; safe from many threads."""
+    def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
+        """Embeddings of ``inputs`` (float32, CPU), ``batch_size`` samples at a time; safe from many threads.
+        ``progress``: a label for a progress bar (shown on a terminal)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x = self.input_spec.check(inputs)
         device = next(self.model.parameters()).device
+        bar = progress_bar(len(x), progress, "sample")
+        parts = []
         with torch.inference_mode():
-            parts = [self.model(x[i : i + int(batch_size)].to(device)).float().cpu()
-                     for i in range(0, len(x), int(batch_size))]
+            for i in range(0, len(x), int(batch_size)):
+                parts.append(self.model(x[i : i + int(batch_size)].to(device)).float().cpu())
+                bar.update(parts[-1].shape[0])
+        bar.close()
         return torch.cat(parts)
 
     def require_sphere(self, purpose: str) -> "Run":

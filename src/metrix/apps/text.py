@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrix._validation import check_positive
+from metrix._validation import check_positive, progress_bar
 from metrix.io import (CorruptFileError, file_digest, load_json, load_tensors, reading, remove_orphan_temps,
                        save_json, save_tensors)
 
@@ -137,9 +137,9 @@ class SentenceEncoder(nn.Module):
         return F.normalize(emb, dim=1) if self.normalize else emb
 
     @torch.no_grad()
-    def encode(self, texts, batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts, batch_size: int = 64, progress: str | None = "encoding") -> np.ndarray:
         """Embed many texts in eval mode (float32, input order). Batches group texts of similar length,
-        so little time is spent on padding."""
+        so little time is spent on padding. ``progress``: the label of a progress bar shown on a terminal."""
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -147,11 +147,14 @@ class SentenceEncoder(nn.Module):
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         was_training = self.training
         self.eval()
+        bar = progress_bar(len(texts), progress, "text")
         try:
             for i in range(0, len(texts), int(batch_size)):
                 idx = order[i : i + int(batch_size)]
                 out[idx] = self([texts[j] for j in idx]).float().cpu().numpy()
+                bar.update(len(idx))
         finally:
+            bar.close()
             self.train(was_training)
         return out
 

@@ -281,9 +281,10 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         echo(f"best validation {trainer.monitor} {trainer.best_value:.4f} at epoch {trainer.best_epoch}")
 
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731  raw-pixel baseline on flattened inputs
-    before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train)
+    label = (lambda what: what) if cfg.progress else (lambda what: None)  # noqa: E731
+    before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train, progress=label("raw pixels"))
     emb_test, emb_train = model.embed(X_test), model.embed(X_train)
-    after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric)
+    after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric, progress=label("learned"))
 
     if run_dir is None:
         run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
@@ -351,7 +352,9 @@ def evaluate(run: Run | str | Path, data: str | None = None, split: str = "auto"
     ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
     run = as_run(run)
     (xq, yq, xr, yr), used = _eval_split(run.config, data, split, label_column)
-    metrics = retrieval_metrics(run.embed(xq), yq, None if xr is None else run.embed(xr), yr, metric=run.metric)
+    metrics = retrieval_metrics(run.embed(xq, progress="embedding queries"),
+                                yq, None if xr is None else run.embed(xr, progress="embedding references"), yr,
+                                metric=run.metric, progress="retrieval")
     metrics["split"] = used
     return metrics
 
@@ -379,7 +382,7 @@ def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", f
 
     run = as_run(run)
     x, y = load_inputs(data, label_column)
-    emb = run.embed(x).numpy()
+    emb = run.embed(x, progress="embedding").numpy()
     # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable;
     # a run trained on the Poincaré ball is searched with its own distance
     metric = "poincare" if run.metric == "poincare" else "l2"

@@ -17,7 +17,7 @@ def _sphere_run(run) -> Run:
 
 def _embed(run: Run, data: str, label_column: str = "label"):
     x, y = load_inputs(data, label_column)
-    return run.embed(x).numpy(), y
+    return run.embed(x, progress="embedding").numpy(), y
 
 
 def _open(path, run: Run, create: bool = False, allow_other_run: bool = False) -> Gallery:
