@@ -62,3 +62,14 @@ def test_flatten_optimizer_state_roundtrip():
     assert torch.equal(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(TypeError, match="cannot serialise"):
         flatten_state({"f": object()})
+
+
+def test_saved_files_get_the_users_umask(tmp_path):
+    """mkstemp makes 0600 files; what metrix saves is readable as any file the user creates (umask 022 here)."""
+    import os
+    import stat
+
+    from metrix.io import _UMASK, save_tensors
+
+    path = save_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(3)})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~_UMASK

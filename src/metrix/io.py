@@ -87,11 +87,19 @@ def _finish_atomic(tmp: str, path: Path) -> Path:
     return path
 
 
+def _process_umask() -> int:
+    # read once, at import: os.umask can only be read by setting it, which would race with other threads' files
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def _user_mode(fd: int) -> None:
     """mkstemp creates 0600; a saved model or index gets the permissions of any file the user creates."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    os.fchmod(fd, 0o666 & ~_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
