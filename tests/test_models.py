@@ -117,3 +117,24 @@ def test_projection_head_and_features(tmp_path):
     assert torch.allclose(again(x), model(x), atol=1e-6)
     with pytest.raises(ValueError, match="head_hidden_dim"):
         EmbeddingModel("mlp", 8, input_shape=(6,), head_hidden_dim=0)
+
+
+def test_embed_never_switches_a_model_in_eval_mode():
+    """A model in eval mode is shared safely: embed does not toggle it (a training model is restored)."""
+    import threading
+
+    from metrix.models import EmbeddingModel
+
+    model = EmbeddingModel("mlp", 8, input_shape=(6,)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    x = torch.randn(50, 6)
+    threads = [threading.Thread(target=model.embed, args=(x, 7)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen and not any(seen) and not model.training
+    model.train()
+    model.embed(x)
+    assert model.training

@@ -235,12 +235,15 @@ class EmbeddingModel(nn.Module):
         x = torch.as_tensor(x, dtype=torch.float32)
         fn = self.features if features else self
         was_training = self.training
-        self.eval()
+        if was_training:  # a model already in eval mode is never switched, so threads may share it
+            self.eval()
         try:
             device = next(self.parameters()).device
-            return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+            with torch.no_grad():  # plain tensors out (inference-mode ones refuse later in-place use)
+                return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     def config(self) -> dict:
         """JSON-able description that :func:`build_model` turns back into the same architecture."""
