@@ -429,6 +429,7 @@ class VectorIndex:
                 if type(config.get(name)) is not int or config[name] < 1:
                     raise CorruptFileError(f"{path}: invalid {name} {config.get(name)!r}")
             index = cls(**config)
+            index.provenance = check_provenance(json.loads(header.get("provenance", "{}")), path)
             vectors, ids = vectors.numpy(), ids.numpy()
             meta = json.loads(bytes(meta_bytes.numpy()).decode())
         if not isinstance(meta, list) or len(meta) != len(ids) or len(np.unique(ids)) != len(ids) or bool((ids < 0).any()):
@@ -439,8 +440,6 @@ class VectorIndex:
         index._ids = ids
         index._pos = {int(i): p for p, i in enumerate(ids.tolist())}
         index._meta = meta
-        with reading(path, "vector index"):
-            index.provenance = check_provenance(json.loads(header.get("provenance", "{}")), path)
         if "faiss" in tensors:
             index._ann = index._checked_structure(tensors, path)
         return index, header

@@ -331,16 +331,3 @@ def run_fingerprint(folder) -> str:
     """SHA-256 of a run's weights file (weights and config): what an index or gallery built from the run
     records, so that searching it with the embeddings of another run is refused."""
     return file_digest(Path(folder) / "model.safetensors")
-
-
-def check_same_run(provenance: dict, folder, what: str, allow_other_run: bool = False,
-                   fingerprint: str | None = None) -> None:
-    """Refuse to compare embeddings of the run at ``folder`` (whose ``fingerprint`` may be known already) with
-    vectors that another run produced."""
-    recorded = provenance.get("run")
-    if recorded is None or allow_other_run:
-        return
-    if recorded != (fingerprint or run_fingerprint(folder)):
-        raise ValueError(f"the {what} was built with another run (fingerprint {recorded[:12]}…) than {folder}; "
-                         "embeddings of different runs are not comparable: rebuild it with this run, or pass "
-                         "--allow-other-run if both runs are known to embed alike")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from metrix._validation import progress_bar
-from metrix.models import EmbeddingModel, check_same_run, load_model, run_fingerprint
+from metrix.models import EmbeddingModel, load_model, run_fingerprint
 
 MODEL_FILE = "model.safetensors"
 # a run's geometry -> the metric (of metrix.distances.METRICS) its embeddings are compared with
@@ -143,7 +143,11 @@ class Run:
 
     def check_built_here(self, provenance: dict, what: str, allow_other_run: bool = False) -> None:
         """Refuse vectors that another run embedded (an index or gallery records its run's fingerprint)."""
-        check_same_run(provenance, self.path, what, allow_other_run, fingerprint=self.fingerprint)
+        recorded = provenance.get("run")
+        if recorded is not None and not allow_other_run and recorded != self.fingerprint:
+            raise ValueError(f"the {what} was built with another run (fingerprint {recorded[:12]}…) than {self.path}; "
+                             "embeddings of different runs are not comparable: rebuild it with this run, or pass "
+                             "--allow-other-run if both runs are known to embed alike")
 
 
 def as_run(run) -> Run:
