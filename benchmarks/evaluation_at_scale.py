@@ -132,7 +132,7 @@ def run_ann(folder: Path) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     x, queries = np.load(folder / "x.npy"), np.load(folder / "queries.npy")
-    exact = VectorIndex(x.shape[1], metric="l2")
+    exact = VectorIndex(x.shape[1], metric="euclidean")
     exact.add(x)
     t = _timed(lambda: exact.search(queries, 10))
     _, truth = exact.search(queries, 10)
@@ -147,7 +147,7 @@ def run_ann(folder: Path) -> None:
         ("IVF1024,PQ32", {}, "nprobe", [8, 32]),
     ]
     for spec, build_options, knob, values in settings:
-        index = VectorIndex(x.shape[1], metric="l2", backend="faiss", faiss_index=spec, **build_options)
+        index = VectorIndex(x.shape[1], metric="euclidean", backend="faiss", faiss_index=spec, **build_options)
         index.add(x)
         build = _timed(lambda: index.search(queries[:1], 1))  # the first search trains and builds
         for value in values:

@@ -105,6 +105,18 @@ def test_index_build_and_search(tmp_path):
     np.save(tmp_path / "q.npy", load_digits().data[:2])
     result = runner.invoke(app, ["index", "search", str(run), str(idx), "--query", str(tmp_path / "q.npy"), "-k", "2"])
     assert result.exit_code == 0 and "query 1" in result.output and "distance" in result.output
+    # --metric takes the vocabulary's names: a cosine index reports 1 − cos; names from elsewhere are refused
+    cos_idx = tmp_path / "cos.idx"
+    result = runner.invoke(app, ["index", "build", str(run), "--data", "digits", "--out", str(cos_idx), "--metric", "cosine"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["index", "search", str(run), str(cos_idx), "--query", "digits", "-k", "2", "--limit", "3", "--json"])
+    euclid = json.loads(runner.invoke(app, ["index", "search", str(run), str(idx), "--query", "digits", "-k", "2",
+                                           "--limit", "3", "--json"]).output)
+    for h, e in zip(json.loads(result.output), euclid):  # unit vectors: ‖x − y‖² = 2(1 − cos)
+        assert h["neighbours"][1]["distance"] == pytest.approx(e["neighbours"][1]["distance"] ** 2 / 2, abs=1e-4)
+    for bad, says in (("l2", "unknown metric 'l2'"), ("poincare", "index it with --metric euclidean")):
+        result = runner.invoke(app, ["index", "build", str(run), "--data", "digits", "--out", str(cos_idx), "--metric", bad])
+        assert result.exit_code == 2 and says in result.output and len(result.output.strip().splitlines()) == 1
     # a damaged index fails clearly
     raw = bytearray(idx.read_bytes())
     raw[-5] ^= 0xFF

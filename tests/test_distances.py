@@ -41,7 +41,7 @@ def test_similarities(xy):
     x, y = xy
     np.testing.assert_allclose(D.dot_product(x, y).numpy(), x.numpy() @ y.numpy().T)
     np.testing.assert_allclose(D.cosine_similarity(x, y).numpy(), 1 - cdist(x.numpy(), y.numpy(), "cosine"), atol=1e-12)
-    assert D.is_similarity("dot") and D.is_similarity("cosine_similarity") and not D.is_similarity("euclidean")
+    assert D.is_similarity("dot") and not D.is_similarity("cosine") and not D.is_similarity("euclidean")
     np.testing.assert_allclose(D.dissimilarity(x, y, "dot").numpy(), -(x @ y.T).numpy())
 
 
@@ -163,7 +163,7 @@ def test_expansion_error_factor_bounds_the_gemm_error(dtype):
     assert bool(((gemm.double() - exact).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "poincare"])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "poincare"])
 @pytest.mark.parametrize("n", [300, 40_000])  # merging path, and the sampled / symmetric paths
 def test_knn_gives_duplicates_distance_exactly_zero(metric, n):
     from metrix.distances import expmap0
@@ -179,3 +179,51 @@ def test_knn_gives_duplicates_distance_exactly_zero(metric, n):
     assert bool((idx[:, 0] == twin).all()) and bool((dist[:, 0] == 0).all())
     d1, _ = knn(x[:50], x, k=2, metric=metric)  # one-sided: the query's own row and its twin, both exactly 0
     assert bool((d1 == 0).all())
+
+
+def test_one_metric_vocabulary_everywhere():
+    """The six names are defined once in distances and accepted unchanged by kNN, the index, evaluation,
+    galleries, OOD and the losses; a name from elsewhere is refused with the list of valid ones."""
+    from metrix.apps.ood import KNNDetector
+    from metrix.apps.verification import Gallery
+    from metrix.evaluation import retrieval_metrics
+    from metrix.index import VectorIndex
+    from metrix.neighbors import knn
+
+    assert list(D.METRICS) == ["euclidean", "sqeuclidean", "cosine", "dot", "mahalanobis", "poincare"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(12, 4, generator=g, dtype=torch.float64), dim=1) * 0.5
+    y = torch.arange(12) % 3
+    for metric in ("euclidean", "sqeuclidean", "cosine", "dot", "poincare"):
+        want = D.pairwise_distance(x, metric=metric).fill_diagonal_(-torch.inf if D.is_similarity(metric) else torch.inf)
+        dist, idx = knn(x, k=2, metric=metric)
+        torch.testing.assert_close(dist, want.sort(dim=1, descending=D.is_similarity(metric)).values[:, :2])
+        index = VectorIndex(4, metric=metric)
+        index.add(x.float().numpy())
+        d_index, _ = index.search(x.float().numpy(), k=1)  # itself first, at its own distance
+        torch.testing.assert_close(torch.from_numpy(d_index[:, 0]).double(), D.pairwise_distance(x, metric=metric).diagonal(),
+                                   atol=1e-5, rtol=1e-5)
+        assert 0 <= retrieval_metrics(x, y, metric=metric)["map_at_r"] <= 1
+    for metric in ("euclidean", "cosine"):
+        assert Gallery(threshold=1.0, metric=metric).metric == metric
+    assert KNNDetector(k=2, metric="cosine").fit(x.numpy()).score(x.numpy()).shape == (12,)
+    for bad in ("l2", "ip", "cosine_similarity", "squared_euclidean"):
+        for call in (lambda: D.pairwise_distance(x, metric=bad), lambda: knn(x, k=1, metric=bad),
+                     lambda: VectorIndex(4, metric=bad), lambda: Gallery(metric=bad),
+                     lambda: KNNDetector(metric=bad).fit(x.numpy())):
+            with pytest.raises(ValueError, match=f"unknown metric '{bad}'.*choose one of euclidean"):
+                call()
+
+
+def test_mahalanobis_by_name_needs_its_map_and_is_refused_where_it_cannot_be_indexed():
+    from metrix.index import VectorIndex
+    from metrix.neighbors import knn
+
+    g = torch.Generator().manual_seed(1)
+    x, L = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(D.pairwise_distance(x, metric="mahalanobis", L=L), D.euclidean(x @ L.T))
+    with pytest.raises(ValueError, match="needs L or M"):
+        D.pairwise_distance(x, metric="mahalanobis")
+    for call in (lambda: knn(x, k=1, metric="mahalanobis"), lambda: VectorIndex(3, metric="mahalanobis")):
+        with pytest.raises(ValueError, match="L.T"):
+            call()

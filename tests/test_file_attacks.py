@@ -118,7 +118,7 @@ def _damaged(original: bytes):
     yield "1 KB appended", original + bytes(1024)
     yield "header length inflated", (header_end - 8 + 8).to_bytes(8, "little") + original[8:]
     text = original[8:header_end].decode()
-    for old, new in (("0.7", "0.9"), ('"alice"', '"mallo"'), ("l2", "ip"), ('"nprobe\\": 2', '"nprobe\\": 9'),
+    for old, new in (("0.7", "0.9"), ('"alice"', '"mallo"'), ("euclidean", "cosine"), ('"nprobe\\": 2', '"nprobe\\": 9'),
                      ('"shape":[', '"shape":[1,'), ("F32", "F64"), ("n_items\\\": 7", "n_items\\\": 9")):
         if old in text:
             edited = text.replace(old, new, 1)
@@ -171,7 +171,7 @@ FORGERIES = [
     ("index", lambda t, m: m.update(provenance='{"run": 5}'), "provenance"),
     ("index", _edit_json("config", lambda c: c.update(dim=9)), "dimension"),
     ("index", _edit_json("config", lambda c: c.update(nprobe=-1)), "nprobe"),
-    ("index", _edit_json("config", lambda c: c.update(metric=["l2"])), "vector index"),
+    ("index", _edit_json("config", lambda c: c.update(metric=["euclidean"])), "vector index"),
     ("index", lambda t, m: m.update(config="[" * 100_000), "vector index"),
     ("estimator", _edit_json("metrix_classical", lambda h: h.update(fitted={"n_features_in_": 99})), "n_features_in_"),
     ("estimator", _edit_json("metrix_classical", lambda h: h["params"].update(no_such_param=1)), "estimator"),

@@ -26,17 +26,17 @@ def data():
     return rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(20, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("metric,scipy_metric", [("l2", "euclidean"), ("cosine", "cosine"), ("ip", None)])
+@pytest.mark.parametrize("metric,scipy_metric", [("euclidean", "euclidean"), ("sqeuclidean", "sqeuclidean"), ("cosine", "cosine"), ("dot", None)])
 def test_exact_search_matches_brute_force(data, metric, scipy_metric):
     x, q = data
     index = VectorIndex(8, metric=metric, max_memory_mb=0.01)
     index.add(x, ids=np.arange(300) * 7 + 3)
     dist, ids = index.search(q, k=5)
-    full = -(q @ x.T) if metric == "ip" else cdist(q, x, scipy_metric)
+    full = -(q @ x.T) if metric == "dot" else cdist(q, x, scipy_metric)
     order = np.argsort(full, axis=1)[:, :5]
     np.testing.assert_array_equal(ids, order * 7 + 3)
     expected = np.take_along_axis(full, order, 1)
-    np.testing.assert_allclose(dist, -expected if metric == "ip" else expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dist, -expected if metric == "dot" else expected, rtol=1e-4, atol=1e-4)
 
 
 def test_ids_metadata_and_removal(data):
@@ -121,7 +121,7 @@ def test_bad_input(data):
     assert len(index) == 3  # nothing removed
     with pytest.raises(ValueError, match=r"\(n, 8\).*\(2, 3\)"):
         index.search(np.zeros((2, 3)), k=1)
-    with pytest.raises(ValueError, match="metric must be one of"):
+    with pytest.raises(ValueError, match="unknown metric .hamming. for a vector index; choose one of euclidean, sqeuclidean"):
         VectorIndex(8, metric="hamming")
 
 
@@ -156,7 +156,7 @@ def test_concurrent_add_and_search_is_safe(data):
 
 @needs_faiss
 @pytest.mark.parametrize("spec", ["Flat", "HNSW16", "IVF8,Flat", "IVF8,PQ4x4"])
-@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
 def test_faiss_backends_agree_with_exact(data, spec, metric):
     x, q = data
     exact = VectorIndex(8, metric=metric)

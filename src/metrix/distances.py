@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -361,36 +362,63 @@ def clip_norm(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.where(norm > max_norm, x * (max_norm / norm), x)
 
 
-# name -> (function, is_similarity). Similarities rank "larger is closer".
-METRICS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
-    "euclidean": (euclidean, False),
-    "squared_euclidean": (squared_euclidean, False),
-    "cosine": (cosine_distance, False),
-    "cosine_similarity": (cosine_similarity, True),
-    "dot": (dot_product, True),
-    "poincare": (poincare, False),  # curvature −1; call poincare(x, y, c) for another
-}
+@dataclass(frozen=True)
+class Metric:
+    """One entry of metrix's metric vocabulary (:data:`METRICS`).
+
+    ``similarity``: larger values mean closer (only ``dot``); every other metric is a distance.
+    ``needs``: a parameter the function must be given (``mahalanobis`` needs ``L`` or ``M``).
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    similarity: bool
+    description: str
+    needs: str = ""
+
+
+# The one vocabulary of metric names: losses, kNN, the index, evaluation, galleries, OOD and the CLI all take
+# these names unchanged. Losses written for similarities use cosine's similarity form (cos) themselves.
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("euclidean", euclidean, False, "‖x − y‖₂"),
+    Metric("sqeuclidean", squared_euclidean, False, "‖x − y‖₂²"),
+    Metric("cosine", cosine_distance, False, "1 − cos(x, y), in [0, 2]"),
+    Metric("dot", dot_product, True, "x · y, a similarity (larger is closer)"),
+    Metric("mahalanobis", mahalanobis, False, "‖L(x − y)‖₂ with W = LᵀL", needs="L or M"),
+    Metric("poincare", poincare, False, "Poincaré-ball distance (curvature −1; poincare(x, y, c) for another)"),
+)}
+
+
+def check_metric(metric: str, allowed=None, where: str = "") -> str:
+    """``metric`` if it is one of :data:`METRICS` (and of ``allowed`` when given), else a ``ValueError``
+    that lists the names that would work."""
+    choices = list(METRICS) if allowed is None else [m for m in METRICS if m in allowed]
+    if metric not in choices:
+        at = f" for {where}" if where else ""
+        raise ValueError(f"unknown metric {metric!r}{at}; choose one of {', '.join(choices)}")
+    return metric
 
 
 def is_similarity(metric: str) -> bool:
-    """True when larger values of ``metric`` mean closer (cosine similarity, dot product)."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
-    return METRICS[metric][1]
+    """True when larger values of ``metric`` mean closer (the dot product)."""
+    return METRICS[check_metric(metric)].similarity
 
 
-def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean") -> torch.Tensor:
-    """Dispatch to one of :data:`METRICS` by name."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
-    return METRICS[metric][0](x, y)
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean",
+                      **params) -> torch.Tensor:
+    """The ``metric`` matrix between ``x`` and ``y`` (``params`` go to its function: ``L=`` for mahalanobis)."""
+    entry = METRICS[check_metric(metric)]
+    if entry.needs and not params:
+        raise ValueError(f"metric {metric!r} needs {entry.needs} (e.g. pairwise_distance(x, y, {metric!r}, L=L))")
+    return entry.function(x, y, **params)
 
 
-def dissimilarity(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean") -> torch.Tensor:
+def dissimilarity(x: torch.Tensor, y: torch.Tensor | None = None, metric: str = "euclidean",
+                  **params) -> torch.Tensor:
     """A "smaller is closer" matrix for any metric: similarities are negated.
 
     Losses written for distances (triplet, contrastive) work unchanged on similarities this way:
     ``d_ap − d_an + m`` with ``d = −s`` is exactly ``s_an − s_ap + m``.
     """
-    mat = pairwise_distance(x, y, metric)
+    mat = pairwise_distance(x, y, metric, **params)
     return -mat if is_similarity(metric) else mat

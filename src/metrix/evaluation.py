@@ -60,9 +60,6 @@ def _prepare(query, query_labels, reference, reference_labels):
     return q, q_lab, r, r_lab, same
 
 
-_INDEX_METRIC = {"euclidean": "l2", "squared_euclidean": "l2", "cosine": "cosine", "cosine_similarity": "cosine", "dot": "ip"}
-
-
 def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_options):
     """Yield ``(start, indices)`` chunks of the k nearest references (−1 = not found)."""
     if approximate is None:
@@ -71,10 +68,7 @@ def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_o
         return
     from metrix.index import VectorIndex
 
-    if metric not in _INDEX_METRIC:
-        raise ValueError(f"approximate search supports the metrics {sorted(_INDEX_METRIC)}, not {metric!r}; "
-                         "leave approximate=None for exact search")
-    index = VectorIndex(q.shape[1], metric=_INDEX_METRIC[metric], backend="faiss", faiss_index=approximate,
+    index = VectorIndex(q.shape[1], metric=metric, backend="faiss", faiss_index=approximate,
                         **(approximate_options or {}))
     index.add(r.numpy())  # ids are row positions
     chunk = 4096

@@ -6,16 +6,17 @@ first search outside the lock (searches are exact meanwhile), extended in place 
 kept across removals (removed vectors are excluded by an ID selector; HNSW cannot drop them), rebuilt
 only when most of it is removed, and saved with the store.
 
-Metrics: ``"l2"`` (Euclidean distance), ``"cosine"`` (cosine distance ``1 − cos``), ``"poincare"`` (the
-Poincaré-ball distance of curvature −1; vectors must lie inside the unit ball), all "smaller is closer";
-``"ip"`` (inner product, a similarity: "larger is closer", results sorted descending). faiss searches a
+Metrics (names of :data:`metrix.distances.METRICS`): ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` (cosine
+distance ``1 − cos``), ``"poincare"`` (the Poincaré-ball distance of curvature −1; vectors must lie inside the
+unit ball), all "smaller is closer"; ``"dot"`` (inner product, a similarity: "larger is closer", results sorted
+descending). A Mahalanobis metric is the Euclidean distance after its map: index ``x Lᵀ``. faiss searches a
 Poincaré index by inner product over ``D + 2`` augmented coordinates whose product is
 ``−w_x·w_y·‖x − y‖²`` (``w = 1/(1 − ‖x‖²)``), a score that ranks exactly as the distance does.
 
 Example
 -------
 >>> import numpy as np
->>> index = VectorIndex(dim=4, metric="l2")
+>>> index = VectorIndex(dim=4, metric="euclidean")
 >>> index.add(np.eye(4, dtype=np.float32), ids=[10, 11, 12, 13], metadata=[{"label": i} for i in "abcd"])
 >>> dist, ids = index.search(np.eye(4, dtype=np.float32)[:1], k=2)
 >>> int(ids[0, 0]), index.metadata(10)
@@ -34,13 +35,12 @@ import torch
 
 from metrix.ann import FaissStructure, require_faiss
 from metrix.io import CorruptFileError, check_provenance, load_tensors, reading, save_tensors
-from metrix.distances import ball_factor, poincare
-from metrix.neighbors import (DEFAULT_MAX_MEMORY_MB, PreparedReference, iter_knn, poincare_from_score, poincare_rows,
+from metrix.distances import ball_factor, check_metric, poincare
+from metrix.neighbors import (DEFAULT_MAX_MEMORY_MB, KNN_METRICS, PreparedReference, iter_knn, poincare_from_score, poincare_rows,
                               prepare_reference)
 
-INDEX_FORMAT = "1"
-# index metric -> metrix.neighbors metric
-METRICS = {"l2": "euclidean", "cosine": "cosine", "ip": "dot", "poincare": "poincare"}
+INDEX_FORMAT = "2"  # 2: metric names of metrix.distances (format 1 said "l2" and "ip")
+INDEX_METRICS = KNN_METRICS
 BACKENDS = ("exact", "faiss")
 
 
@@ -68,7 +68,7 @@ class VectorIndex:
     Parameters
     ----------
     dim : vector dimension
-    metric : ``"l2"``, ``"cosine"``, ``"ip"`` or ``"poincare"``
+    metric : ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"``, ``"dot"`` or ``"poincare"``
     backend : ``"exact"`` or ``"faiss"`` (needs the ``faiss`` extra)
     faiss_index : a faiss ``index_factory`` string, e.g. ``"Flat"``, ``"IVF1024,Flat"``, ``"HNSW32"``,
         ``"IVF1024,PQ16"``; IVF indexes are trained on the vectors present at the first search
@@ -77,13 +77,15 @@ class VectorIndex:
     ef_construction : HNSW candidate list size while building (graph quality; faiss's default is 40)
     """
 
-    def __init__(self, dim: int, metric: str = "l2", backend: str = "exact", faiss_index: str = "Flat",
+    def __init__(self, dim: int, metric: str = "euclidean", backend: str = "exact", faiss_index: str = "Flat",
                  nprobe: int = 16, ef_search: int = 64, ef_construction: int = 40,
                  max_memory_mb: float = DEFAULT_MAX_MEMORY_MB):
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+        if metric == "mahalanobis":
+            raise ValueError("index the vectors after the learned map (x @ L.T, or learner.transform(X)) "
+                             "with metric='euclidean'")
+        check_metric(metric, INDEX_METRICS, "a vector index")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "faiss" and metric == "poincare" and "HNSW" in str(faiss_index):
@@ -228,6 +230,11 @@ class VectorIndex:
             return np.ascontiguousarray(poincare_rows(torch.from_numpy(x), left=not data).numpy())
         return x
 
+    @property
+    def _euclid(self) -> bool:
+        """faiss compares by L2 (Euclidean family) or by inner product (everything else)."""
+        return self.metric in ("euclidean", "sqeuclidean")
+
     def _faiss_dim(self) -> int:
         return self.dim + (2 if self.metric == "poincare" else 0)
 
@@ -241,7 +248,7 @@ class VectorIndex:
             self._build_log = []
             data, ids = self._vectors[: self._n], self._ids[: self._n].copy()  # add/remove never write into this view
         try:
-            built = FaissStructure.build(self.faiss_index, self._faiss_dim(), self.metric == "l2",
+            built = FaissStructure.build(self.faiss_index, self._faiss_dim(), self._euclid,
                                          self._search_space(data, data=True), ids, self.ef_construction)
         except BaseException:
             with self._lock:
@@ -281,7 +288,7 @@ class VectorIndex:
             q = self._check_query(queries, k)
             if self._ann is None:
                 dist, pos = [], []
-                for _, d, p in iter_knn(q, None, int(k), METRICS[self.metric], False, self.max_memory_mb,
+                for _, d, p in iter_knn(q, None, int(k), self.metric, False, self.max_memory_mb,
                                         prepared=self._prepared_reference()):
                     dist.append(d.numpy())
                     pos.append(p.numpy())
@@ -295,7 +302,7 @@ class VectorIndex:
     def _prepared_reference(self) -> PreparedReference:
         """The store made ready for exact search, kept until the next write (most of a single query's cost)."""
         if self._prepared is None:
-            self._prepared = prepare_reference(self._vectors[: self._n], METRICS[self.metric])
+            self._prepared = prepare_reference(self._vectors[: self._n], self.metric)
         return self._prepared
 
     def _knobs(self, nprobe, ef_search) -> tuple[int, int]:
@@ -306,9 +313,11 @@ class VectorIndex:
         return nprobe, ef_search
 
     def _from_faiss(self, raw: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        missing = np.inf if self.metric != "ip" else -np.inf
-        if self.metric == "l2":
+        missing = np.inf if self.metric != "dot" else -np.inf
+        if self.metric == "euclidean":
             out = np.sqrt(np.maximum(raw, 0))
+        elif self.metric == "sqeuclidean":
+            out = np.maximum(raw, 0)
         elif self.metric == "cosine":
             out = 1.0 - raw
         elif self.metric == "poincare":
@@ -320,7 +329,7 @@ class VectorIndex:
 
     def range_search(self, queries, radius: float, nprobe: int | None = None,
                      ef_search: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """All vectors within ``radius`` of each query (distance ≤ radius; for ``ip``: similarity ≥ radius).
+        """All vectors within ``radius`` of each query (distance ≤ radius; for ``dot``: similarity ≥ radius).
 
         Returns one ``(distances, ids)`` pair per query, nearest first.
         """
@@ -341,8 +350,9 @@ class VectorIndex:
             chunk = max(1, int(self.max_memory_mb * 2**20 // (8 * self._n)))
             for start in range(0, len(q), chunk):
                 block = qs[start : start + chunk]
-                if self.metric == "l2":
+                if self._euclid:
                     mat = torch.cdist(block, data)
+                    mat = mat.square_() if self.metric == "sqeuclidean" else mat
                 elif self.metric == "cosine":
                     mat = 1.0 - block @ data.T
                 elif self.metric == "poincare":
@@ -350,16 +360,16 @@ class VectorIndex:
                 else:
                     mat = block @ data.T
                 for row in mat:
-                    hit = row >= radius if self.metric == "ip" else row <= radius
+                    hit = row >= radius if self.metric == "dot" else row <= radius
                     pos = torch.nonzero(hit).flatten()
                     vals = row[pos]
-                    order = torch.argsort(vals, descending=self.metric == "ip")
+                    order = torch.argsort(vals, descending=self.metric == "dot")
                     out.append((vals[order].numpy(), self._ids[pos[order].numpy()]))
             return out
 
     def _faiss_range(self, q: np.ndarray, radius: float, nprobe: int, ef_search: int):
-        if self.metric == "l2":
-            threshold = radius * radius
+        if self._euclid:
+            threshold = radius * radius if self.metric == "euclidean" else radius
         elif self.metric == "cosine":
             threshold = 1.0 - radius
         elif self.metric == "poincare":  # d ≤ r ⇔ z ≤ cosh r − 1 = 2 sinh²(r/2) ⇔ score = −z/2 ≥ −sinh²(r/2)
@@ -371,7 +381,7 @@ class VectorIndex:
         for i in range(len(q)):
             r, p = raw[lims[i] : lims[i + 1]], ids[lims[i] : lims[i + 1]]
             d = self._from_faiss(r, p)
-            order = np.argsort(-d if self.metric == "ip" else d, kind="stable")
+            order = np.argsort(-d if self.metric == "dot" else d, kind="stable")
             out.append((d[order].astype(np.float32), p[order]))
         return out
 
@@ -412,7 +422,8 @@ class VectorIndex:
         if header.get("kind") != "metrix.VectorIndex":
             raise CorruptFileError(f"{path} is not a metrix vector index (kind {header.get('kind')!r})")
         if header.get("index_format") != INDEX_FORMAT:
-            raise CorruptFileError(f"{path} has index format {header.get('index_format')!r}; this metrix reads {INDEX_FORMAT!r}")
+            raise CorruptFileError(f"{path} has index format {header.get('index_format')!r}; this metrix reads "
+                                   f"{INDEX_FORMAT!r}: build the index again (metrix index build)")
         with reading(path, "vector index"):
             config = json.loads(header["config"])
             vectors, ids, meta_bytes = tensors["vectors"], tensors["ids"], tensors["metadata_json"]
@@ -455,7 +466,7 @@ class VectorIndex:
             raise CorruptFileError(f"{path}: the faiss structure does not deserialise: {str(exc).splitlines()[0]}") from exc
         slot_ids = tensors["faiss_slot_ids"].numpy()
         dead = tensors.get("faiss_dead_slots", torch.zeros(0, dtype=torch.int64)).numpy()
-        metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        metric = faiss.METRIC_L2 if self._euclid else faiss.METRIC_INNER_PRODUCT
         if index.ntotal != len(slot_ids) or index.d != self._faiss_dim() or index.metric_type != metric:
             raise CorruptFileError(f"{path}: the faiss structure ({index.ntotal} vectors of dimension {index.d}, "
                                    f"metric {index.metric_type}) disagrees with its {len(slot_ids)} slots, dimension "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from metrix._validation import check_positive
-from metrix.distances import dissimilarity, pairwise_distance
+from metrix.distances import cosine_similarity, dissimilarity, pairwise_distance
 from metrix.losses._common import Pairs, label_masks, mask_logits, prepare_batch
 from metrix.losses.multi_similarity import multi_similarity_pairs
 
@@ -160,7 +160,7 @@ class MultiSimilarityMiner(_Miner):
         self.epsilon = float(epsilon)
 
     def select(self, b, pos, neg):
-        s = pairwise_distance(b.embeddings, None if b.same_set else b.ref_embeddings, "cosine_similarity")
+        s = cosine_similarity(b.embeddings, None if b.same_set else b.ref_embeddings)
         return multi_similarity_pairs(s, pos, neg, self.epsilon)
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from metrix._validation import check_embeddings, check_pair
-from metrix.distances import arcosh1p, ball_factor, exact_near_zero_, is_similarity, safe_sqrt
+from metrix.distances import arcosh1p, ball_factor, check_metric, exact_near_zero_, safe_sqrt
 
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
@@ -331,20 +331,26 @@ class PreparedReference:
     sq_norms: torch.Tensor | None
 
 
+# kNN compares raw vectors: a Mahalanobis metric is the Euclidean distance after its linear map L
+KNN_METRICS = ("euclidean", "sqeuclidean", "cosine", "dot", "poincare")
+
+
 def _check_metric(metric: str) -> None:
-    if not is_similarity(metric) and metric not in ("euclidean", "squared_euclidean", "cosine", "poincare"):
-        raise ValueError(f"metric {metric!r} is not supported by knn")
+    if metric == "mahalanobis":
+        raise ValueError("kNN compares with the Euclidean distance after the learned map: transform the data with "
+                         "L first (learner.transform(X), or x @ L.T) and use metric='euclidean'")
+    check_metric(metric, KNN_METRICS, "kNN")
 
 
 def _search_vectors(x: torch.Tensor, metric: str) -> torch.Tensor:
-    return F.normalize(x, dim=1) if metric in ("cosine", "cosine_similarity") else x
+    return F.normalize(x, dim=1) if metric == "cosine" else x
 
 
 def _reference_rows(rs: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one-sided score rows of a reference set (larger = closer) and its squared norms where needed."""
     if metric == "poincare":  # −w_x·w_y·‖x − y‖², w = 1/(1 − ‖x‖²)
         return poincare_rows(rs, left=False), (rs * rs).sum(1)
-    if metric in ("euclidean", "squared_euclidean"):  # 2q·r − ‖r‖² = [q, 1]·[2r, −‖r‖²] ranks like −‖q − r‖²
+    if metric in ("euclidean", "sqeuclidean"):  # 2q·r − ‖r‖² = [q, 1]·[2r, −‖r‖²] ranks like −‖q − r‖²
         sq = (rs * rs).sum(1)
         return torch.cat([2 * rs, -sq[:, None]], dim=1), sq
     return rs, None
@@ -372,8 +378,8 @@ def iter_knn(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, distances, indices)`` for consecutive chunks of queries.
 
-    ``distances`` are in the metric's own units (similarities for ``cosine_similarity``/``dot``,
-    sorted descending; distances sorted ascending otherwise). ``exclude_self`` defaults to True
+    ``distances`` are in the metric's own units (similarities for ``dot``, sorted descending;
+    distances sorted ascending otherwise). ``exclude_self`` defaults to True
     when ``reference`` is None (query i is never its own neighbour). ``prepared`` (from
     :func:`prepare_reference`, with the same ``metric``) replaces ``reference`` and skips its preparation.
     """
@@ -403,7 +409,7 @@ def iter_knn(
     # rank on a cheap score (larger = closer), then convert only the k kept values
     qs = _search_vectors(q, metric)
     rs = qs if same else (r if prepared is not None else _search_vectors(r, metric))
-    euclid = metric in ("euclidean", "squared_euclidean")
+    euclid = metric in ("euclidean", "sqeuclidean")
     n_ref = r.shape[0]
     tile = min(REF_BLOCK, n_ref)
     chunk = _chunk_rows(max(tile, k + 1), k, max_memory_mb, q.element_size())
@@ -439,7 +445,7 @@ def iter_knn(
                 q_sq = (qs[ids] * qs[ids]).sum(1)
                 sq = -top if symmetric else q_sq[:, None] - top
                 exact_near_zero_(sq, qs[ids], rs, q_sq, r_sq, cols=idx)  # duplicates exactly 0, none negative
-                top = sq if metric == "squared_euclidean" else safe_sqrt(sq)
+                top = sq if metric == "sqeuclidean" else safe_sqrt(sq)
             elif metric == "cosine":
                 top = 1.0 - top
             elif metric == "poincare":
@@ -505,7 +511,7 @@ def knn(
     query : (Q, D) tensor or array
     reference : (R, D) tensor or array, or None to search ``query`` against itself
     k : number of neighbours
-    metric : ``euclidean``, ``squared_euclidean``, ``cosine``, ``cosine_similarity``, ``dot`` or ``poincare``
+    metric : one of :data:`KNN_METRICS` (names of :data:`metrix.distances.METRICS`)
     exclude_self : drop the query itself (defaults to True when ``reference`` is None)
     max_memory_mb : bound on the working memory (tiles, and the candidate lists of a search against itself)
 

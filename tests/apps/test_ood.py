@@ -99,10 +99,10 @@ def test_ood_cli(tmp_path):
     np.savez(tmp_path / "fit.npz", X=X[(y < 5)][:500], y=y[y < 5][:500])
     np.savez(tmp_path / "in.npz", X=X[(y < 5)][500:], y=y[y < 5][500:])
     np.save(tmp_path / "noise.npy", np.random.default_rng(0).uniform(0, 16, size=(200, 64)).astype(np.float32))
-    for detector in ("mahalanobis", "knn"):
+    for detector, metric in (("mahalanobis", "euclidean"), ("knn", "euclidean"), ("knn", "cosine")):
         r = runner.invoke(app, ["ood", str(tmp_path / "run"), "--fit-data", str(tmp_path / "fit.npz"),
                                 "--in-data", str(tmp_path / "in.npz"), "--ood-data", str(tmp_path / "noise.npy"),
-                                "--detector", detector, "--json"])
+                                "--detector", detector, "--metric", metric, "--json"])
         assert r.exit_code == 0, r.output
         out = json.loads(r.output)
         assert out["auroc"] > 0.9 and out["num_ood"] == 200

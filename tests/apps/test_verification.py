@@ -162,6 +162,15 @@ def test_gallery_cli(tmp_path):
     assert json.loads(r.output)[0]["accepted"] is True  # digits[0] is a 0
     r = runner.invoke(app, ["gallery", "enroll", run, gal, "--data", str(x)])
     assert r.exit_code == 2 and "--identity" in r.output
+    # a new gallery takes --metric; an existing one keeps its own and says so
+    cos = str(tmp_path / "cos.safetensors")
+    r = runner.invoke(app, ["gallery", "enroll", run, cos, "--data", str(x), "--identity", "a", "--metric", "cosine"])
+    assert r.exit_code == 0 and Gallery.load(cos).metric == "cosine", r.output
+    r = runner.invoke(app, ["gallery", "enroll", run, gal, "--data", str(x), "--identity", "a", "--metric", "cosine"])
+    assert r.exit_code == 2 and "compares with 'euclidean', not 'cosine'" in r.output
+    r = runner.invoke(app, ["gallery", "enroll", run, str(tmp_path / "new.safetensors"), "--data", str(x),
+                            "--identity", "a", "--metric", "dot"])
+    assert r.exit_code == 2 and "unknown metric 'dot' for a gallery; choose one of euclidean, cosine" in r.output
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

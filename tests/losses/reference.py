@@ -9,9 +9,9 @@ import torch
 def dist(a, b, metric):
     if metric == "euclidean":
         return torch.sqrt(((a - b) ** 2).sum())
-    if metric == "squared_euclidean":
+    if metric == "sqeuclidean":
         return ((a - b) ** 2).sum()
-    if metric == "cosine_similarity":
+    if metric == "cosine_similarity":  # the similarity form some losses are written for
         return (a @ b) / (a.norm() * b.norm())
     if metric == "cosine":
         return 1 - (a @ b) / (a.norm() * b.norm())
@@ -69,7 +69,7 @@ def triplet(emb, labels, ref=None, ref_labels=None, margin=0.05, triplets="all",
             selected=None):
     same = ref is None
     ref, ref_labels = (emb, labels) if same else (ref, ref_labels)
-    sign = -1.0 if metric == "cosine_similarity" else 1.0
+    sign = -1.0 if metric in ("cosine_similarity", "dot") else 1.0  # similarities: d = −s
     keep_pair = selected or (lambda i, j, is_pos: True)
     terms = []
     for a in range(len(labels)):

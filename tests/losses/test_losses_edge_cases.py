@@ -162,7 +162,7 @@ def test_triplet_sum_equals_dense_definition_with_ties(seed, n, n_classes, margi
     lab = torch.randint(0, n_classes, (n,), generator=g)
     saved, triplet_module._LOOP_MAX_POSITIVES = triplet_module._LOOP_MAX_POSITIVES, loop_max
     try:
-        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean")
+        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="sqeuclidean")
     finally:
         triplet_module._LOOP_MAX_POSITIVES = saved
     d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
@@ -185,7 +185,7 @@ def test_triplet_windows_with_zero_or_negative_margin_and_ties(margin, triplets,
     for seed in range(8):
         g = torch.Generator().manual_seed(seed)
         emb = torch.randint(-1, 2, (12, 2), generator=g).double().requires_grad_()
-        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="squared_euclidean",
+        ours = L.triplet_margin_loss(emb, lab, margin=margin, triplets=triplets, metric="sqeuclidean",
                                      reduction="sum")
         d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
         same = lab[:, None] == lab[None]
@@ -261,7 +261,7 @@ def test_build_loss():
 
 MATRIX_LOSSES = {
     "contrastive": lambda: L.ContrastiveLoss(neg_margin=1.2),
-    "contrastive_cosine": lambda: L.ContrastiveLoss(pos_margin=0.9, neg_margin=0.3, metric="cosine_similarity"),
+    "contrastive_cosine": lambda: L.ContrastiveLoss(pos_margin=0.1, neg_margin=0.7, metric="cosine"),
     "batch_hard": lambda: L.TripletMarginLoss(0.3, "batch_hard"),
     "circle": lambda: L.CircleLoss(m=0.25, gamma=16.0),
     "generalized_lifted": lambda: L.GeneralizedLiftedStructureLoss(neg_margin=1.5),
@@ -465,8 +465,8 @@ def test_mask_positions_and_the_write_back_keep_the_positions_contract(seed, n, 
     torch.testing.assert_close(target[mask == 0], before[mask == 0])
 
 
-@pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.5)), ("squared_euclidean", (0.1, 1.5)),
-                                            ("cosine_similarity", (0.8, 0.2))])
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.5)), ("sqeuclidean", (0.1, 1.5)),
+                                            ("cosine", (0.2, 0.8))])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_contrastive_with_coincident_points(metric, margins, use_ref):
     """Duplicated embeddings (d = 0 inside and across classes): the value is the reference's and the gradient
@@ -494,10 +494,7 @@ def test_contrastive_with_coincident_points(metric, margins, use_ref):
             d = ref.dist(y[i], other[j], metric)
             if torch.equal(emb[i], other[j].detach()):
                 d = d.detach()  # coincident: value kept, no gradient through this pair
-            if metric == "cosine_similarity":
-                h = torch.relu(margins[0] - d) if lab[i] == other_lab[j] else torch.relu(d - margins[1])
-            else:
-                h = torch.relu(d - margins[0]) if lab[i] == other_lab[j] else torch.relu(margins[1] - d)
+            h = torch.relu(d - margins[0]) if lab[i] == other_lab[j] else torch.relu(margins[1] - d)
             (pos if lab[i] == other_lab[j] else neg).append(h)
     expected = sum(ref._mean_nonzero(t) for t in (pos, neg))
     (expected_grad,) = torch.autograd.grad(expected, y)
@@ -513,8 +510,8 @@ def _separated_batch(normalize: bool):
     return (F.normalize(emb, dim=1) if normalize else emb), lab
 
 
-@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("squared_euclidean", (0.001, 1.5)),
-                                            ("cosine", (0.001, 0.5)), ("cosine_similarity", (0.9999, 0.5)),
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("sqeuclidean", (0.001, 1.5)),
+                                            ("cosine", (0.001, 0.5)), ("cosine", (0.0001, 0.5)),
                                             ("dot", (20.0, 1.0))])
 @pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean"])
@@ -547,7 +544,7 @@ def test_contrastive_without_active_negatives_takes_the_positive_list(metric, ma
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("cosine_similarity", (0.9999, 0.5))])
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.05, 1.0)), ("cosine", (0.0001, 0.5))])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_gradcheck_contrastive_without_active_negatives(metric, margins, use_ref):
     emb, lab = _separated_batch(normalize=True)

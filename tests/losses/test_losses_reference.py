@@ -50,17 +50,29 @@ def _check(fn_ours, fn_ref, tensors, atol=1e-9):
 
 
 @pytest.mark.parametrize("seed,n,c", CASES)
-@pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.0)), ("cosine_similarity", (0.8, 0.2))])
+@pytest.mark.parametrize("metric,margins", [("euclidean", (0.1, 1.0)), ("cosine", (0.2, 0.8))])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_contrastive(seed, n, c, metric, margins, use_ref):
     kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric)
     _check_pair_loss(L.contrastive_loss, ref.contrastive, kw, use_ref, seed, n, c)
 
 
+@pytest.mark.parametrize("seed,n,c", CASES)
+@pytest.mark.parametrize("use_ref", [False, True])
+def test_contrastive_on_cosine_is_the_similarity_form_with_margins_one_minus(seed, n, c, use_ref):
+    """The docstring's promise: margins p, n on cos(x, y) (pytorch-metric-learning's CosineSimilarity) are
+    margins 1 − p, 1 − n on metric="cosine" (1 − cos): the reference hinges [p − s]_+ and [s − n]_+."""
+    def ours(e, lab, *rest, pos_margin, neg_margin):
+        return L.contrastive_loss(e, lab, *rest, pos_margin=1 - pos_margin, neg_margin=1 - neg_margin, metric="cosine")
+
+    kw = dict(pos_margin=0.8, neg_margin=0.2)
+    _check_pair_loss(ours, lambda *a, **k: ref.contrastive(*a, **k, metric="cosine_similarity"), kw, use_ref, seed, n, c)
+
+
 @pytest.mark.parametrize("seed,n,c", CASES[:2])
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
 @pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("metric,margins", [("squared_euclidean", (0.2, 1.5)), ("cosine", (0.1, 0.9)), ("dot", (0.5, 0.1))])
+@pytest.mark.parametrize("metric,margins", [("sqeuclidean", (0.2, 1.5)), ("cosine", (0.1, 0.9)), ("dot", (0.5, 0.1))])
 @pytest.mark.parametrize("use_ref", [False, True])
 def test_contrastive_reductions_squared_and_metrics(seed, n, c, reduction, squared, metric, margins, use_ref):
     kw = dict(pos_margin=margins[0], neg_margin=margins[1], metric=metric, squared=squared, reduction=reduction)
@@ -121,7 +133,7 @@ def triplet_path(request, monkeypatch):
 @pytest.mark.parametrize("seed,n,c", CASES)
 @pytest.mark.parametrize("triplets", ["all", "hard", "semihard", "easy", "batch_hard"])
 @pytest.mark.parametrize("reduction", ["mean_nonzero", "mean", "sum"])
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine_similarity"])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
 def test_triplet(seed, n, c, triplets, reduction, metric, triplet_path):
     emb, lab = make_batch(seed, n, n_classes=c)
     kw = dict(margin=0.3, triplets=triplets, metric=metric, reduction=reduction)
@@ -217,7 +229,7 @@ def test_gradcheck_with_reference_set(name):
     emb, lab = make_batch(6, 7, dim=3, n_classes=3, normalize=False)
     r, rl = make_batch(9, 9, dim=3, n_classes=3, normalize=False)
     fn = {
-        "contrastive": lambda e, rr: L.contrastive_loss(e, lab, rr, rl, neg_margin=2.0, metric="squared_euclidean"),
+        "contrastive": lambda e, rr: L.contrastive_loss(e, lab, rr, rl, neg_margin=2.0, metric="sqeuclidean"),
         "generalized_lifted": lambda e, rr: L.generalized_lifted_structure_loss(e, lab, rr, rl, neg_margin=2.0),
         "multi_similarity": lambda e, rr: L.multi_similarity_loss(e, lab, rr, rl, beta=5.0, mining=False),
         "batch_hard": lambda e, rr: L.triplet_margin_loss(e, lab, rr, rl, margin=0.5, triplets="batch_hard"),

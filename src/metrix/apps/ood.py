@@ -111,11 +111,15 @@ class KNNDetector(_ThresholdMixin):
         Which neighbour (Sun et al. use 1–50; default 10).
     normalize : bool
         L2-normalise embeddings first (Sun et al.'s recommendation for deep features).
+    metric : str
+        How neighbours are compared: a name of :data:`metrix.neighbors.KNN_METRICS` other than ``dot`` (the
+        score is a distance); default ``euclidean``.
     """
 
-    def __init__(self, k: int = 10, normalize: bool = True):
+    def __init__(self, k: int = 10, normalize: bool = True, metric: str = "euclidean"):
         self.k = k
         self.normalize = normalize
+        self.metric = metric
 
     def _prep(self, x, name, dim=None):
         x = torch.from_numpy(_check_embeddings(x, name, dim).astype(np.float32))
@@ -124,6 +128,10 @@ class KNNDetector(_ThresholdMixin):
     def fit(self, embeddings, labels=None):
         if int(self.k) < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        from metrix.distances import check_metric
+        from metrix.neighbors import KNN_METRICS
+
+        check_metric(self.metric, [m for m in KNN_METRICS if m != "dot"], "KNNDetector (its score is a distance)")
         self.reference_ = self._prep(embeddings, "embeddings")
         if len(self.reference_) < self.k:
             raise ValueError(f"k={self.k} but only {len(self.reference_)} training embeddings")
@@ -135,7 +143,7 @@ class KNNDetector(_ThresholdMixin):
         if not hasattr(self, "reference_"):
             raise ValueError("fit the detector first")
         q = self._prep(x, "x", self.reference_.shape[1])
-        dist, _ = knn(q, self.reference_, int(self.k))
+        dist, _ = knn(q, self.reference_, int(self.k), metric=self.metric)
         return dist[:, -1].double().numpy()
 
 

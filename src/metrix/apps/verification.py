@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrix.distances import check_metric, pairwise_distance
 from metrix.index import VectorIndex
 from metrix.io import CorruptFileError, check_provenance, reading
 
 GALLERY_TAG = "metrix_gallery"
-INDEX_METRIC = {"euclidean": "l2", "cosine": "cosine"}  # the gallery's metric -> its index's
+GALLERY_METRICS = ("euclidean", "cosine")  # of metrix.distances.METRICS; the gallery's index uses it unchanged
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 
@@ -146,8 +147,7 @@ class Gallery:
     """
 
     def __init__(self, threshold: float | None = None, metric: str = "euclidean", match: str = "nearest"):
-        if metric not in INDEX_METRIC:
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+        check_metric(metric, GALLERY_METRICS, "a gallery")
         if match not in ("nearest", "mean"):
             raise ValueError(f"match must be 'nearest' or 'mean', got {match!r}")
         self.threshold = threshold
@@ -206,7 +206,7 @@ class Gallery:
                 x = x[[row.tobytes() not in seen for row in x]]
             if len(x):
                 if self._index is None:
-                    self._index = VectorIndex(x.shape[1], metric=INDEX_METRIC[self.metric])
+                    self._index = VectorIndex(x.shape[1], metric=self.metric)
                 ids = self._index.add(x, metadata=[{"identity": identity}] * len(x))
                 self._ids_of.setdefault(identity, []).extend(int(i) for i in ids)
                 self._owner.update((int(i), identity) for i in ids)
@@ -246,11 +246,7 @@ class Gallery:
 
     def pairwise_distances(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Distances between the rows of two embedding tensors under the gallery's metric."""
-        if self.metric == "cosine":
-            qn = torch.nn.functional.normalize(q, dim=1)
-            rn = torch.nn.functional.normalize(r, dim=1)
-            return 1.0 - qn @ rn.T
-        return torch.cdist(q, r)
+        return pairwise_distance(q, r, self.metric)
 
     def _nearest_identities(self, x: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """The ``k`` closest identities of each probe by their closest sample, from one index search: the
@@ -323,7 +319,7 @@ class Gallery:
         with self._lock:
             info = {"identities": list(self._ids_of), "threshold": self.threshold, "metric": self.metric,
                     "match": self.match, "provenance": self.provenance, "empty": self._index is None}
-            index = self._index if self._index is not None else VectorIndex(1, metric=INDEX_METRIC[self.metric])
+            index = self._index if self._index is not None else VectorIndex(1, metric=self.metric)
             return index.save(path, key=key, header={GALLERY_TAG: json.dumps(info)})
 
     @classmethod
@@ -341,7 +337,7 @@ class Gallery:
                 raise CorruptFileError(f"{path}: invalid threshold {threshold!r}")
             gallery = cls(threshold, info["metric"], info["match"])
             gallery.provenance = check_provenance(info.get("provenance", {}), path)
-            if index.metric != INDEX_METRIC[gallery.metric]:
+            if index.metric != gallery.metric:
                 raise CorruptFileError(f"{path}: the index compares with {index.metric!r}, the gallery with {gallery.metric!r}")
             owners = {int(i): (index.metadata(int(i)) or {}).get("identity") for i in index.ids}
             if info.get("empty") is True:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
+from metrix.neighbors import KNN_METRICS as INDEX_METRICS
 
 
 index_app = command_group(help="Build a searchable index of embeddings and query it.")
@@ -23,12 +24,14 @@ def index_build(
     backend: str = typer.Option("exact", help="'exact' (torch) or 'faiss' (needs the faiss extra)."),
     faiss_index: str = typer.Option("HNSW32", help="faiss index factory string for --backend faiss: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ16, ..."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    metric: Optional[str] = typer.Option(None, help=f"How the index compares: {', '.join(INDEX_METRICS)} "
+                                                     "(default: the run's own metric)."),
     device: str = DEVICE,
 ) -> None:
     """Embed a gallery with a trained run and save a vector index of it (ids = row numbers, labels as metadata)."""
     from metrix.jobs.train import build_index
 
-    index = build_index(open_run(run, device), data, out, backend, faiss_index, label_column)
+    index = build_index(open_run(run, device), data, out, backend, faiss_index, label_column, metric)
     typer.echo(f"indexed {len(index)} vectors of dimension {index.dim} ({backend}) -> {out}")
 
 

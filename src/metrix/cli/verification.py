@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
+from metrix.apps.verification import GALLERY_METRICS
 from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
+from metrix.neighbors import KNN_METRICS
 
 
 gallery_app = command_group(help="Enrol identities with a trained run, then verify (1:1) and identify (1:N).")
@@ -22,13 +24,14 @@ def gallery_enroll(
     data: str = typer.Option(..., help="Samples: a folder of class sub-folders (each folder = one identity), .npz, .csv, or a .npy with --identity."),
     identity: Optional[str] = typer.Option(None, help="Enrol every sample of --data as this one identity."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
+    metric: Optional[str] = typer.Option(None, help=f"A new gallery's metric: {', '.join(GALLERY_METRICS)} (default euclidean)."),
     allow_other_run: bool = ALLOW_OTHER_RUN,
     device: str = DEVICE,
 ) -> None:
     """Add identities to a gallery (no retraining needed for new people)."""
     from metrix.jobs.verification import enroll
 
-    r = enroll(gallery, open_run(run, device), data, identity, label_column, allow_other_run)
+    r = enroll(gallery, open_run(run, device), data, identity, label_column, allow_other_run, metric)
     skipped = f"; {r['duplicates']} already enrolled, skipped" if r["duplicates"] else ""
     typer.echo(f"enrolled {len(r['added'])} identities ({sum(r['added'].values())} samples{skipped}) -> {gallery}")
 
@@ -106,6 +109,8 @@ def ood(
     ood_data: str = typer.Option(..., help="Out-of-distribution samples (a dataset or a .npy of raw inputs)."),
     detector: str = typer.Option("mahalanobis", help="'mahalanobis' (class means + shared shrunk covariance) or 'knn' (k-th neighbour distance)."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Neighbour used by the knn detector."),
+    metric: str = typer.Option("euclidean", help="How the knn detector compares: "
+                                                 f"{', '.join(m for m in KNN_METRICS if m != 'dot')}."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: str = DEVICE,
@@ -113,7 +118,7 @@ def ood(
     """Score OOD detection in a learned space: AUROC and FPR at 95% TPR."""
     from metrix.jobs.verification import ood_evaluate
 
-    r = ood_evaluate(open_run(run, device), fit_data, in_data, ood_data, detector, k, label_column)
+    r = ood_evaluate(open_run(run, device), fit_data, in_data, ood_data, detector, k, label_column, metric)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

@@ -376,16 +376,21 @@ def embed(run: Run | str | Path, data: str, out, label_column: str = "label") ->
 
 
 def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", faiss_index: str = "Flat",
-                label_column: str = "label"):
-    """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels)."""
+                label_column: str = "label", metric: str | None = None):
+    """Embed a gallery with a saved run and index it (ids = row numbers, metadata = labels).
+
+    ``metric``: how the index compares (a name of :data:`metrix.index.INDEX_METRICS`); default the run's own.
+    On the unit sphere euclidean, sqeuclidean, cosine and dot rank alike (only the reported values differ);
+    a run trained on the Poincaré ball is searched with its own distance only."""
     from metrix.index import VectorIndex
 
     run = as_run(run)
+    metric = run.metric if metric is None else metric
+    if (metric == "poincare") != (run.metric == "poincare"):
+        raise ValueError(f"this run compares with {run.metric!r}: index it with --metric {run.metric}"
+                         + ("" if run.metric == "poincare" else " (or sqeuclidean, cosine, dot)"))
     x, y = load_inputs(data, label_column)
     emb = run.embed(x, progress="embedding").numpy()
-    # unit-length embeddings: L2 ranking equals cosine ranking, and distances stay interpretable;
-    # a run trained on the Poincaré ball is searched with its own distance
-    metric = "poincare" if run.metric == "poincare" else "l2"
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
     index.provenance = {"run": run.fingerprint}
     metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]

@@ -20,7 +20,7 @@ def _embed(run: Run, data: str, label_column: str = "label"):
     return run.embed(x, progress="embedding").numpy(), y
 
 
-def _open(path, run: Run, create: bool = False, allow_other_run: bool = False) -> Gallery:
+def _open(path, run: Run, create: bool = False, allow_other_run: bool = False, metric: str = "euclidean") -> Gallery:
     """The gallery at ``path`` (new and tied to the run when ``create``); one enrolled with another run
     is refused unless ``allow_other_run``."""
     path = Path(path)
@@ -29,19 +29,23 @@ def _open(path, run: Run, create: bool = False, allow_other_run: bool = False) -
         run.check_built_here(gallery.provenance, "gallery", allow_other_run)
         return gallery
     if create:
-        gallery = Gallery()
+        gallery = Gallery(metric=metric)
         gallery.provenance = {"run": run.fingerprint}
         return gallery
     raise FileNotFoundError(f"no gallery at {path}: create one with 'metrix gallery enroll'")
 
 
 def enroll(gallery_path, run, data: str, identity: str | None = None, label_column: str = "label",
-           allow_other_run: bool = False) -> dict:
+           allow_other_run: bool = False, metric: str | None = None) -> dict:
     """Enrol ``data``: every label as an identity, or all samples as ``identity``. Returns the samples
-    added per identity (samples the identity already holds are not added twice)."""
+    added per identity (samples the identity already holds are not added twice). ``metric`` (one of
+    :data:`metrix.apps.verification.GALLERY_METRICS`) is a new gallery's; an existing one keeps its own."""
     run = _sphere_run(run)
+    gallery = _open(gallery_path, run, create=True, allow_other_run=allow_other_run, metric=metric or "euclidean")
+    if metric is not None and gallery.metric != metric:
+        raise ValueError(f"the gallery at {gallery_path} compares with {gallery.metric!r}, not {metric!r}: "
+                         "leave out --metric, or enrol into a new gallery")
     emb, labels = _embed(run, data, label_column)
-    gallery = _open(gallery_path, run, create=True, allow_other_run=allow_other_run)
     counts: dict[str, int] = {}
     if identity is not None:
         counts[identity] = gallery.enroll(identity, emb)
@@ -101,7 +105,7 @@ def identify(gallery_path, run, data: str, k: int = 1, label_column: str = "labe
 
 
 def ood_evaluate(run, fit_data: str, in_data: str, ood_data: str, detector: str = "mahalanobis", k: int = 10,
-                 label_column: str = "label") -> dict:
+                 label_column: str = "label", metric: str = "euclidean") -> dict:
     """Fit a detector on the embeddings of ``fit_data`` and report AUROC / FPR@95TPR of
     ``in_data`` (in-distribution) against ``ood_data`` (the run is opened once for all three)."""
     from metrix.apps.ood import KNNDetector, MahalanobisDetector, ood_metrics
@@ -113,7 +117,7 @@ def ood_evaluate(run, fit_data: str, in_data: str, ood_data: str, detector: str 
             raise ValueError("the Mahalanobis detector needs labelled fit data (class means)")
         det = MahalanobisDetector().fit(emb, labels)
     elif detector == "knn":
-        det = KNNDetector(k=k).fit(emb)
+        det = KNNDetector(k=k, metric=metric).fit(emb)
     else:
         raise ValueError(f"detector must be 'mahalanobis' or 'knn', got {detector!r}")
     s_in = det.score(_embed(run, in_data, label_column)[0])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from metrix.distances import METRICS, ball_factor, euclidean_backward, euclidean_matrix, half_inverse
+from metrix.distances import ball_factor, check_metric, euclidean_backward, euclidean_matrix, half_inverse
 from metrix.losses._common import (
     EXP_FLOOR, gather_positions, positive_positions, scratch, write_positions, zero_loss,
 )
@@ -58,13 +58,15 @@ class Terms(NamedTuple):
     scale: float = 1.0
 
 
-_PRODUCT = {"euclidean": "euclid", "squared_euclidean": "euclid", "cosine": "dot", "cosine_similarity": "dot", "dot": "dot"}
+# The matrix a loss's terms see ("kernel") -> the GEMM behind it. Kernels are the metric names of
+# metrix.distances.METRICS, plus "cos": cosine's similarity form, for losses written for similarities.
+_PRODUCT = {"euclidean": "euclid", "sqeuclidean": "euclid", "cosine": "dot", "cos": "dot", "dot": "dot"}
 
 
 def _matrix(x, y, same, metric):
     out = scratch("matrix", (x.shape[0], y.shape[0]), x.dtype, x.device)
     if _PRODUCT[metric] == "euclid":
-        return euclidean_matrix(x, y, same, squared=metric == "squared_euclidean", out=out)
+        return euclidean_matrix(x, y, same, squared=metric == "sqeuclidean", out=out)
     s = torch.mm(x, y.T, out=out)
     return s.neg_().add_(1.0) if metric == "cosine" else s
 
@@ -248,20 +250,24 @@ def _dense_grad(out: Terms, shape, dtype, device) -> torch.Tensor:
     return dense.mul_(out.scale) if out.scale != 1.0 else dense
 
 
-def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: Callable[[torch.Tensor], Terms]):
+def matrix_loss(embeddings, ref_embeddings, same_set: bool, metric: str, terms: Callable[[torch.Tensor], Terms],
+                similarity: bool = False):
     """``terms(M)[0]`` for ``M`` = the ``metric`` matrix between the batch and the reference set.
+
+    ``similarity=True`` is for losses written for similarities: ``M`` is then ``cos(x, y)`` for
+    ``metric="cosine"`` (its similarity form) and ``x·y`` for ``dot``; other metrics are refused.
 
     ``terms`` receives ``M`` without a graph and must return the loss with ``∂loss/∂M`` (:class:`Terms`).
     It may use ``M`` as scratch space except with ``metric="euclidean"``, whose backward divides by ``M``.
     Cosine metrics normalise the rows first, under autograd (B×D work); ``poincare`` (curvature −1) takes
     :class:`_PoincareMatrixLoss`.
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    if similarity:
+        metric = {"cosine": "cos", "dot": "dot"}[check_metric(metric, ("cosine", "dot"), "a similarity loss")]
+    elif check_metric(metric, ("euclidean", "sqeuclidean", "cosine", "dot", "poincare"), "a pair loss") == "poincare":
+        return _PoincareMatrixLoss.apply(embeddings, None if same_set else ref_embeddings, terms)
     x, y = embeddings, None if same_set else ref_embeddings
-    if metric == "poincare":
-        return _PoincareMatrixLoss.apply(x, y, terms)
-    if metric in ("cosine", "cosine_similarity"):
+    if metric in ("cosine", "cos"):
         # normalise in the working precision: bfloat16 unit vectors would carry its rounding into the matrix
         x = x.to(compute_dtype(x))
         y = None if y is None else y.to(compute_dtype(y))
@@ -368,4 +374,4 @@ def positive_softmax_loss(batch, logit_scale: float, anchor_loss) -> torch.Tenso
         write_positions(grad, flat, valid, picked.exp() + g)  # the softmax there, plus g
         return Terms(loss, grad, scale=logit_scale / n_anchors)
 
-    return matrix_loss(batch.embeddings, batch.ref_embeddings, batch.same_set, "cosine_similarity", terms)
+    return matrix_loss(batch.embeddings, batch.ref_embeddings, batch.same_set, "cosine", terms, similarity=True)

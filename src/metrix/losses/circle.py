@@ -40,7 +40,7 @@ def circle_loss(embeddings, labels, ref_embeddings=None, ref_labels=None, *, m: 
         grad = prob_n.mul_(alpha_n).sub_(prob_p.mul_(alpha_p)).mul_(row)
         return Terms(loss, grad)
 
-    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, "cosine_similarity", terms)
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, "cosine", terms, similarity=True)
 
 
 class CircleLoss(nn.Module):

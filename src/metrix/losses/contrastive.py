@@ -3,7 +3,10 @@ pytorch-metric-learning:
 
     L = mean_{(i,j) positive, ℓ>0} [d_ij − m_pos]_+  +  mean_{(i,j) negative, ℓ>0} [m_neg − d_ij]_+
 
-With a similarity metric the hinges flip: ``[m_pos − s_ij]_+`` and ``[s_ij − m_neg]_+``.
+``d`` is any metric of :data:`metrix.distances.METRICS` that a pair loss takes (``euclidean``, ``sqeuclidean``,
+``cosine`` = 1 − cos, ``poincare``); with ``dot``, a similarity, the hinges flip: ``[m_pos − s_ij]_+`` and
+``[s_ij − m_neg]_+``. (pytorch-metric-learning's ``CosineSimilarity`` margins ``p, n`` are ``1 − p, 1 − n`` on
+``cosine``.)
 The original paper squares the hinges and weighs each side by ½; ``squared=True`` gives that form.
 """
 
@@ -50,7 +53,7 @@ def contrastive_loss(
         terms = _mined_terms(hinge, *label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True))
     elif metric == "euclidean" and not squared:
         # works on d² and takes 1/d with one rsqrt: no sqrt of the whole matrix, no division by d
-        terms, metric = _all_pairs_terms(b, hinge, on_squared_distances=True), "squared_euclidean"
+        terms, metric = _all_pairs_terms(b, hinge, on_squared_distances=True), "sqeuclidean"
     else:
         # the backward of the Euclidean distance divides by the matrix: it must come back as it was
         terms = _all_pairs_terms(b, hinge, on_squared_distances=False, restore=metric == "euclidean")

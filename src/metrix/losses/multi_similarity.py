@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metrix.distances import is_similarity
+from metrix.distances import check_metric
 from metrix.losses._common import Pairs, label_masks, mask_logits, prepare_batch
 from metrix.losses._matrix import Terms, compute_dtype, masked_row_softmax, matrix_loss
 
@@ -37,12 +37,11 @@ def multi_similarity_loss(
     base: float = 0.5,
     mining: bool = True,
     epsilon: float = 0.1,
-    metric: str = "cosine_similarity",
+    metric: str = "cosine",
     pairs=None,
 ) -> torch.Tensor:
     """Multi-Similarity loss; anchors with no selected pair contribute 0 to the mean."""
-    if not is_similarity(metric):
-        raise ValueError(f"multi_similarity_loss needs a similarity metric (cosine_similarity, dot), got {metric!r}")
+    check_metric(metric, ("cosine", "dot"), "multi_similarity_loss (it compares similarities: cos or x·y)")
     b = prepare_batch(embeddings, labels, ref_embeddings, ref_labels)
     pos, neg = label_masks(b, compute_dtype(b.embeddings), pairs, reuse=True)
 
@@ -54,14 +53,14 @@ def multi_similarity_loss(
         loss = (lse_p / alpha + lse_n / beta).mean()
         return Terms(loss, prob_n.sub_(prob_p).div_(s.shape[0]))
 
-    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms)
+    return matrix_loss(b.embeddings, b.ref_embeddings, b.same_set, metric, terms, similarity=True)
 
 
 class MultiSimilarityLoss(nn.Module):
     """Module form of :func:`multi_similarity_loss`."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, mining: bool = True,
-                 epsilon: float = 0.1, metric: str = "cosine_similarity"):
+                 epsilon: float = 0.1, metric: str = "cosine"):
         super().__init__()
         self.alpha, self.beta, self.base = float(alpha), float(beta), float(base)
         self.mining, self.epsilon, self.metric = bool(mining), float(epsilon), metric
