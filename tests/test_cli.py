@@ -22,8 +22,8 @@ def test_train_evaluate_embed_roundtrip(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 50\nloss: triplet\nembedding_dim: 16\n")
     # the CLI flag --epochs 2 wins over the file's 50
-    result = runner.invoke(app, ["train", "--config", str(cfg), "--epochs", "2", "--out", str(tmp_path / "runs"),
-                                 "--name", "t", "--no-progress"])
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--epochs", "2", "--out", str(tmp_path / "runs" / "t"),
+                                 "--no-progress"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "t"
     for name in ["model.safetensors", "config.json", "metrics.json", "history.csv"]:
@@ -55,9 +55,9 @@ def test_train_on_npz_with_string_labels(tmp_path):
     X = rng.normal(size=(100, 5)) + 3 * (np.searchsorted(np.unique(y), y)[:, None] == np.arange(5))
     np.savez(tmp_path / "d.npz", X=X, y=y)
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "d.npz"), "--epochs", "3", "--classes-per-batch", "4",
-                                 "--samples-per-class", "4", "--loss", "proxy_anchor", "--out", str(tmp_path), "--no-progress"])
+                                 "--samples-per-class", "4", "--loss", "proxy_anchor", "--out", str(tmp_path / "run"), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "d-proxy_anchor" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # --out is the run folder itself
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -77,14 +77,14 @@ def test_default_main_job_reaches_map_at_r_target(tmp_path):
     """Acceptance: `metrix train` with defaults lifts digits MAP@R from ~0.54 (raw) to >= 0.95."""
     from metrix.jobs.train import TrainConfig, train
 
-    result = train(TrainConfig.from_sources(out=str(tmp_path), progress=False), echo=lambda *_: None)
+    result = train(TrainConfig.from_sources(out=str(tmp_path / "run"), progress=False), echo=lambda *_: None)
     assert result["before"]["map_at_r"] == pytest.approx(0.544, abs=0.01)
     assert result["after"]["map_at_r"] >= 0.95
     assert result["after"]["precision_at_1"] >= 0.96
 
 
 def test_index_build_and_search(tmp_path):
-    result = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path), "--name", "r", "--no-progress"])
+    result = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path / "r"), "--no-progress"])
     assert result.exit_code == 0, result.output
     run, idx = tmp_path / "r", tmp_path / "gallery.idx"
     result = runner.invoke(app, ["index", "build", str(run), "--data", "digits", "--out", str(idx)])
@@ -123,3 +123,21 @@ def test_index_build_and_search(tmp_path):
     idx.write_bytes(bytes(raw))
     result = runner.invoke(app, ["index", "search", str(run), str(idx), "--query", "digits"])
     assert result.exit_code == 2 and "checksum" in result.output
+
+
+def test_out_is_the_run_folder_and_a_used_one_is_refused(tmp_path, monkeypatch):
+    """--out names the run folder itself (as it names the file of embed and index build); a folder that
+    already holds something is refused, pointing at --resume; without --out the run goes to runs/<name>."""
+    run = tmp_path / "exp"
+    args = ["train", "--epochs", "1", "--no-progress", "--checkpoint-every", "0"]
+    assert runner.invoke(app, args + ["--out", str(run)]).exit_code == 0
+    assert (run / "model.safetensors").is_file()
+    again = runner.invoke(app, args + ["--out", str(run)])
+    assert again.exit_code == 2 and f"--out {run} is not an empty folder" in again.output and "--resume" in again.output
+    monkeypatch.chdir(tmp_path)
+    for expected in ("runs/digits-ntxent", "runs/digits-ntxent-2"):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / expected / "model.safetensors").is_file()
+    assert runner.invoke(app, args + ["--name", "mine"]).exit_code == 0
+    assert (tmp_path / "runs" / "mine" / "config.json").is_file()

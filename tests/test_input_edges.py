@@ -27,7 +27,7 @@ def test_cli_train_and_fit_linear_refuse_mismatched_npz(tmp_path):
 
     path = tmp_path / "bad.npz"
     np.savez(path, X=np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32), y=np.arange(50) % 2)
-    for args in (["train", "--data", str(path), "--epochs", "1", "--out", str(tmp_path)],
+    for args in (["train", "--data", str(path), "--epochs", "1", "--out", str(tmp_path / "run")],
                  ["fit-linear", "NCA", "--data", str(path)]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code != 0 and "100 samples but y has 50 labels" in result.output, result.output

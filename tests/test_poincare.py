@@ -223,7 +223,7 @@ def test_train_evaluate_on_the_ball(tmp_path):
     from metrix.jobs.train import TrainConfig, build_index, evaluate, search_index, train
     from metrix.models import load_model
 
-    cfg = TrainConfig.from_sources(None, loss="triplet", geometry="poincare", epochs=2, out=str(tmp_path),
+    cfg = TrainConfig.from_sources(None, loss="triplet", geometry="poincare", epochs=2, out=str(tmp_path / "ball"),
                                    progress=False)
     result = train(cfg, echo=lambda *a: None)
     model, config = load_model(result["run_dir"])
@@ -244,7 +244,7 @@ def test_train_evaluate_on_the_ball(tmp_path):
     hits = search_index(tmp_path / "idx", result["run_dir"], "digits", k=3, limit=5)
     # itself first, at 0 up to float32: √ of a GEMM residual, as for the Euclidean distance
     assert [h["neighbours"][0]["distance"] for h in hits] == pytest.approx([0.0] * 5, abs=5e-3)
-    sphere = train(TrainConfig.from_sources(None, loss="triplet", epochs=1, out=str(tmp_path), progress=False),
+    sphere = train(TrainConfig.from_sources(None, loss="triplet", epochs=1, out=str(tmp_path / "sphere"), progress=False),
                    echo=lambda *a: None)
     with pytest.raises(ValueError, match="build the index with the same run"):
         search_index(tmp_path / "idx", sphere["run_dir"], "digits", k=3)

@@ -14,8 +14,8 @@ def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     runs = []
     for seed in (0, 1):
-        result = CliRunner().invoke(app, ["train", "--epochs", "1", "--seed", str(seed), "--out", str(out),
-                                          "--name", f"r{seed}", "--no-progress"])
+        result = CliRunner().invoke(app, ["train", "--epochs", "1", "--seed", str(seed), "--out", str(out / f"r{seed}"),
+                                          "--no-progress"])
         assert result.exit_code == 0, result.output
         runs.append(out / f"r{seed}")
     return runs

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 def test_every_loss_trains_from_the_command_line(name, tiny, tmp_path):
     entry = lookup("losses", name)
     args = ["train", "--config", str(tiny / "tiny.yaml"), "--data", str(tiny / "tiny.npz"), "--loss", name,
-            "--epochs", "1", "--embedding-dim", "8", "--out", str(tmp_path), "--no-progress",
+            "--epochs", "1", "--embedding-dim", "8", "--out", str(tmp_path / "run"), "--no-progress",
             "--classes-per-batch", "3", "--samples-per-class", "4"]
     if entry.takes_pairs:
         args += ["--miner", "hardest"]

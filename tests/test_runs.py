@@ -15,7 +15,7 @@ from metrix.runs import Run, resolve_run_dir
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    result = train(TrainConfig.from_sources(None, epochs=1, out=str(out), name="r", progress=False),
+    result = train(TrainConfig.from_sources(None, epochs=1, out=str(out / "r"), progress=False),
                    echo=lambda *a: None)
     return result["run_dir"]
 

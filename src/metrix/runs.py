@@ -62,6 +62,41 @@ def resolve_run_dir(path) -> Path:
     raise ValueError(f"{path} holds {len(runs)} runs ({', '.join(r.name for r in runs)}); give one of them")
 
 
+def new_run_dir(out, default_name: str) -> Path:
+    """The folder a training command writes, created now so that two runs never pick the same one: ``out``
+    itself (it must be new or empty), or ``runs/<default_name>`` (numbered ``-2``, ``-3``, … if taken).
+    Every training command's ``--out`` means this: the run folder."""
+    if out is not None:
+        run_dir = Path(out)
+        if run_dir.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
+            raise ValueError(f"--out {run_dir} is not an empty folder: give a new folder for the run "
+                             f"(or continue an interrupted run with --resume {run_dir})")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    parent = Path("runs")
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = parent / default_name, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, n = parent / f"{default_name}-{n}", n + 1
+
+
+def model_file(path, made_by: str) -> Path:
+    """The model file of a run folder (``<path>/model.safetensors``), or ``path`` itself when it is a file;
+    ``made_by`` names the command that writes such runs, for the error message."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{path} holds no {MODEL_FILE}: give a run folder written by '{made_by}'")
+        return path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path} (give a run folder written by '{made_by}')")
+    return path
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The inputs a run's model takes: one sample's shape (flat vectors of the same size are accepted and

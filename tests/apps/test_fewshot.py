@@ -89,7 +89,7 @@ def test_fewshot_cli(tmp_path):
     X, y = synthetic_images()
     data = tmp_path / "imgs.npz"
     np.savez(data, X=X, y=y)
-    model = tmp_path / "p.safetensors"
+    model = tmp_path / "protonet"  # --out is the run folder
     runner = CliRunner()
     r = runner.invoke(app, ["fewshot", "train", "--data", str(data), "--out", str(model), "--episodes", "20",
                             "--n-way", "5", "--k-shot", "2", "--n-query", "3", "--no-rotations"])

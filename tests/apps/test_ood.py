@@ -92,7 +92,7 @@ def test_ood_cli(tmp_path):
     from metrix.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path), "--name", "run", "--no-progress"])
+    r = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 0, r.output
     X, y = load_digits(return_X_y=True)
     X = X.astype(np.float32)

@@ -139,7 +139,7 @@ def test_save_load_and_cli(tmp_path):
     lines = [f"{u + 1}\t{i + 1}\t{int(r)}\t{t}" for u, i, r, t in zip(data.users, data.items, data.ratings, data.timestamps)]
     (root / "u.data").write_text("\n".join(lines) + "\n")
     runner = CliRunner()
-    out = tmp_path / "cml.safetensors"
+    out = tmp_path / "cml"  # --out is the run folder
     r = runner.invoke(app, ["recommend", "train", "--root", str(root), "--split", "loo", "--dim", "8",
                             "--epochs", "3", "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -138,7 +138,7 @@ def test_gallery_cli(tmp_path):
     from metrix.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path), "--name", "run", "--no-progress"])
+    r = runner.invoke(app, ["train", "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert r.exit_code == 0, r.output
     run, gal = str(tmp_path / "run"), str(tmp_path / "g.safetensors")
     r = runner.invoke(app, ["gallery", "identify", run, gal, "--data", "digits"])

@@ -64,12 +64,12 @@ def test_corrupt_and_foreign_files_fail_loudly(tmp_path):
 
 
 def test_fit_linear_and_transform_cli(tmp_path):
-    model = tmp_path / "lfda.safetensors"
+    model = tmp_path / "lfda"  # --out is the run folder
     result = runner.invoke(app, ["fit-linear", "LFDA", "--data", "digits", "--out", str(model),
                                  "--n-components", "12", "--param", "k=5"])
     assert result.exit_code == 0, result.output
     assert "3-NN test accuracy" in result.output and "learned metric" in result.output
-    est, extra = load_estimator(model, return_extra=True)
+    est, extra = load_estimator(model / "model.safetensors", return_extra=True)
     assert est.k == 5 and est.components_.shape == (12, 64)
     assert extra["knn_accuracy_after"] > 0.9
     out = tmp_path / "z.npz"
@@ -87,6 +87,9 @@ def test_fit_linear_and_transform_cli(tmp_path):
     train, test = stratified_split(y, 0.3, 0)
     acc = KNeighborsClassifier(3).fit(z["embeddings"][train], y[train]).score(z["embeddings"][test], y[test])
     assert acc == pytest.approx(extra["knn_accuracy_after"], abs=2e-3)
+    # the run folder is not written over: a second fit into it is refused before fitting
+    again = runner.invoke(app, ["fit-linear", "NCA", "--data", "digits", "--out", str(model)])
+    assert again.exit_code == 2 and "is not an empty folder" in again.output
 
 
 def test_fit_linear_errors():

@@ -14,7 +14,7 @@ from metrix.cli.common import app
 def fit_linear(
     algorithm: str = typer.Argument(..., help="Covariance, NCA, LMNN, ITML, MMC, LFDA, FDA, RCA or MLKR (any case)."),
     data: str = typer.Option("digits", help="'digits' (bundled), a folder of class sub-folders of images, an .npz with X and y, or a .csv."),
-    out: Optional[Path] = typer.Option(None, help="Where to save the fitted learner (default runs/<data>-<algorithm>.safetensors)."),
+    out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/<data>-<algorithm>, numbered if taken)."),
     n_components: Optional[int] = typer.Option(None, help="Output dimension (default: the learner's own)."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Hyper-parameter as key=value, repeatable (e.g. --param n_neighbors=5)."),
     seed: int = typer.Option(0, help="Seed of the split and of the learner."),
@@ -34,7 +34,7 @@ def fit_linear(
 
 @app.command("transform-linear")
 def transform_linear(
-    model: Path = typer.Argument(..., help="A learner saved by 'metrix fit-linear'."),
+    model: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix fit-linear'."),
     data: str = typer.Option(..., help="Data to map: 'digits', a folder, .npz or .csv (raw features)."),
     out: Path = typer.Option(..., help="Output .npz with 'embeddings' and 'labels'."),
     label_column: str = typer.Option("label", help="Label column of a CSV file."),

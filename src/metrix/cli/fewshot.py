@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -20,7 +21,7 @@ DATA_HELP = ("'omniglot-background' / 'omniglot-evaluation' (the official zips i
 @fewshot_app.command("train")
 def fewshot_train(
     data: str = typer.Option("omniglot-background", help=DATA_HELP),
-    out: Path = typer.Option(Path("runs/protonet.safetensors"), help="Where to save the encoder."),
+    out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/protonet, numbered if taken)."),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Omniglot zips from the official repository."),
     rotations: bool = typer.Option(True, "--rotations/--no-rotations", help="Add 90/180/270-degree rotations as new classes (Snell et al.)."),
@@ -40,7 +41,7 @@ def fewshot_train(
 
 @fewshot_app.command("eval")
 def fewshot_eval(
-    model: Path = typer.Argument(..., metavar="RUN", help="Encoder saved by 'metrix fewshot train'."),
+    model: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix fewshot train'."),
     data: str = typer.Option("omniglot-evaluation", help=DATA_HELP),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Omniglot zips."),

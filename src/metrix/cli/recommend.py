@@ -25,7 +25,7 @@ def recommend_train(
     epochs: int = typer.Option(20, help="Training epochs."),
     lr: float = typer.Option(5e-3, help="Adam learning rate."),
     seed: int = typer.Option(0, help="Seed."),
-    out: Path = typer.Option(Path("runs/recommender.safetensors"), help="Where to save the model."),
+    out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/<model>-<split>, numbered if taken)."),
 ) -> None:
     """Train a recommender on a MovieLens-100K split and print its test metrics."""
     from metrix.jobs import recommend as job
@@ -37,7 +37,7 @@ def recommend_train(
 
 @recommend_app.command("eval")
 def recommend_eval(
-    model_path: Path = typer.Argument(..., metavar="RUN", help="Model saved by 'metrix recommend train'."),
+    model_path: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix recommend train'."),
     root: Path = typer.Option(Path("data/ml-100k"), help="Folder of the MovieLens-100K files."),
     split: str = typer.Option("u1", help="Split to evaluate on (use the one it was trained on)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -51,7 +51,7 @@ def recommend_eval(
 
 @recommend_app.command("for-user")
 def recommend_for_user(
-    model_path: Path = typer.Argument(..., metavar="RUN", help="A CML or BPR model saved by 'metrix recommend train'."),
+    model_path: Path = typer.Argument(..., metavar="RUN", help="A run folder of a CML or BPR model written by 'metrix recommend train'."),
     user: int = typer.Option(..., help="MovieLens user id (1-based)."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
     root: Optional[Path] = typer.Option(None, help="MovieLens folder: skip items the user rated in --split, show titles."),

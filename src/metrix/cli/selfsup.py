@@ -23,7 +23,7 @@ def selfsup_train(
     data: str = typer.Option("fashion-mnist", help=_SELFSUP_DATA_HELP),
     root: Path = typer.Option(Path("data/fashion_mnist"), help="Folder of the Fashion-MNIST IDX files."),
     download: bool = typer.Option(False, "--download", help="Fetch missing Fashion-MNIST files from the official address."),
-    out: Path = typer.Option(Path("runs/selfsup"), help="Folder that receives model.safetensors and config.json."),
+    out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/<method>, numbered if taken)."),
     epochs: int = typer.Option(5, help="Passes over the training images."),
     batch_size: int = typer.Option(256, help="Images per step (SimCLR compares 2× this many views)."),
     train_size: Optional[int] = typer.Option(None, help="Use only the first N training images."),

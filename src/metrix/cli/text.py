@@ -30,7 +30,7 @@ def text_train(
     lr: float = typer.Option(2e-5, help="AdamW peak learning rate (10% linear warm-up, then linear decay)."),
     max_length: int = typer.Option(128, help="Token limit per text."),
     seed: int = typer.Option(0, help="Seed of the batch order."),
-    out: Path = typer.Option(Path("runs/text"), help="Folder for the fine-tuned encoder."),
+    out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/text-<task>, numbered if taken)."),
 ) -> None:
     """Fine-tune on the task's training split, then print the held-out score before and after."""
     from metrix.jobs import text as job

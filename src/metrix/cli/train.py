@@ -43,8 +43,8 @@ def train(
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation improvement (default: never)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and batch order (default 0)."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a CSV file (default 'label')."),
-    out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default 'runs')."),
-    name: Optional[str] = typer.Option(None, help="Run folder name (default '<data>-<loss>', numbered if taken)."),
+    out: Optional[str] = typer.Option(None, help="The run folder to write (new or empty; default runs/<name>)."),
+    name: Optional[str] = typer.Option(None, help="The run's name (default '<data>-<loss>'); without --out the run goes to runs/<name>, numbered if taken."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar per epoch."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default 1; 0: none). Ctrl-C then says how to resume."),
@@ -55,7 +55,7 @@ def train(
 
     With no options: scikit-learn's bundled digits, a stratified 70/30 split, an MLP embedding
     trained with supervised NT-Xent; the test split queries the train split. Writes
-    runs/<name>/ with model.safetensors, config.json, metrics.json, history.csv (and plots).
+    the run folder (--out, default runs/<name>/) with model.safetensors, config.json, metrics.json, history.csv (and plots).
     """
     from metrix.jobs.classical import parse_params
     from metrix.jobs.train import TrainConfig, resume_config, train as run_train

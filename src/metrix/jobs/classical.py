@@ -7,6 +7,7 @@ of the standardised pipeline (the mean shift cancels in every difference).
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from sklearn.preprocessing import StandardScaler
 from metrix.classical import ESTIMATORS
 from metrix.classical.persistence import load_estimator, save_estimator
 from metrix.datasets import encode_labels, load_dataset, stratified_split
+from metrix.io import atomic_write_bytes
+from metrix.runs import MODEL_FILE, model_file, new_run_dir
 
 
 def parse_params(items: list[str] | None, flag: str = "--param") -> dict:
@@ -60,6 +63,7 @@ def fit_linear(algorithm: str, data: str = "digits", out: str | Path | None = No
     if "random_state" in valid:
         kwargs.setdefault("random_state", seed)
     estimator = cls(**kwargs)
+    run_dir = new_run_dir(out, f"{ds.name}-{cls.__name__.lower()}")  # before fitting: a used --out is refused at once
     target = y[train].astype(np.float64) if cls is ESTIMATORS["MLKR"] else y[train]
     start = time.perf_counter()
     estimator.fit(X_tr, target)
@@ -73,7 +77,7 @@ def fit_linear(algorithm: str, data: str = "digits", out: str | Path | None = No
     }
     # fold the standardisation in: L(x − μ)/σ and (L/σ)x differ by a constant shift only
     estimator.components_ = estimator.components_ / scaler.scale_[None, :]
-    out = Path(out) if out is not None else Path("runs") / f"{ds.name}-{cls.__name__.lower()}.safetensors"
+    out = run_dir / MODEL_FILE
     save_estimator(estimator, out, extra={**result, "classes": [str(c) for c in classes],
                                           "input": "raw features (standardisation folded into components)"})
     result["path"] = str(out)
@@ -81,22 +85,24 @@ def fit_linear(algorithm: str, data: str = "digits", out: str | Path | None = No
          f"{result['n_components']} dimensions, fit in {seconds:.2f} s")
     echo(f"  {k}-NN test accuracy   standardised euclidean {result['knn_accuracy_before']:.4f}   "
          f"learned metric {result['knn_accuracy_after']:.4f}")
-    echo(f"  saved {out}")
+    echo(f"  saved {out.parent}/")
     return result
 
 
 def transform_linear(model: str | Path, data: str, out: str | Path, label_column: str = "label") -> tuple[Path, int]:
-    """Map a dataset with a saved learner; write ``.npz`` with ``embeddings`` and ``labels``."""
-    estimator = load_estimator(model)
+    """Map a dataset with a saved learner (a run folder of ``metrix fit-linear``, or its model file); write
+    ``.npz`` with ``embeddings`` and ``labels`` (atomically)."""
+    estimator = load_estimator(model_file(model, "metrix fit-linear"))
     ds = load_dataset(data, label_column)
     X = ds.X.reshape(len(ds.X), -1).astype(np.float64)
     if X.shape[1] != estimator.n_features_in_:
         raise ValueError(f"{data} has {X.shape[1]} features, the model expects {estimator.n_features_in_}")
     Z = estimator.transform(X)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(ds.y)
     if labels.dtype == object:
         labels = labels.astype(str)
-    np.savez(out, embeddings=Z.astype(np.float32), labels=labels)
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=Z.astype(np.float32), labels=labels)
+    atomic_write_bytes(out, buf.getvalue())
     return out, Z.shape[1]

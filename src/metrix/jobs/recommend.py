@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from metrix.apps import recommend as rec
+from metrix.runs import MODEL_FILE, model_file, new_run_dir
 
 
 def movielens_split(root, split: str, download: bool = False):
@@ -25,11 +26,13 @@ def _test_metrics(net, train, test, split: str) -> dict:
 
 
 def train(model: str, root, split: str = "u1", dim: int = 64, epochs: int = 20, lr: float = 5e-3, seed: int = 0,
-          out="runs/recommender.safetensors", download: bool = False) -> dict:
-    """Train ``model`` (cml, bpr, metric, mf) on a split, save it to ``out``; returns its test metrics."""
+          out=None, download: bool = False) -> dict:
+    """Train ``model`` (cml, bpr, metric, mf) on a split and save it into the run folder ``out`` (default
+    ``runs/<model>-<split>``); returns its test metrics and the folder."""
     if model not in rec.MODELS:
         raise ValueError(f"model must be one of {sorted(rec.MODELS)}, got {model!r}")
     train_set, test_set = movielens_split(root, split, download)
+    run_dir = new_run_dir(out, f"{model}-{split}")  # before training: a used --out is refused at once
     if model in rec.IMPLICIT:
         fit_set = train_set if split == "loo" else train_set.positives()
         net = rec.MODELS[model](fit_set.n_users, fit_set.n_items, dim, seed=seed)
@@ -38,13 +41,13 @@ def train(model: str, root, split: str = "u1", dim: int = 64, epochs: int = 20, 
         net = rec.MODELS[model](train_set.n_users, train_set.n_items, dim, float(train_set.ratings.mean()), seed)
         rec.fit_explicit(net, train_set, epochs=epochs, lr=lr, seed=seed)
     metrics = _test_metrics(net, train_set, test_set, split)
-    rec.save_recommender(net, out, extra={"split": split, "metrics": metrics})
-    return {"metrics": metrics, "out": Path(out)}
+    rec.save_recommender(net, run_dir / MODEL_FILE, extra={"split": split, "metrics": metrics})
+    return {"metrics": metrics, "out": run_dir}
 
 
 def evaluate(model_path, root, split: str = "u1") -> dict:
     """Test metrics of a saved recommender: Recall/NDCG/HR@k and coverage, or RMSE/MAE."""
-    net, _ = rec.load_recommender(model_path)
+    net, _ = rec.load_recommender(model_file(model_path, "metrix recommend train"))
     train_set, test_set = movielens_split(root, split)
     return _test_metrics(net, train_set, test_set, split)
 
@@ -52,7 +55,7 @@ def evaluate(model_path, root, split: str = "u1") -> dict:
 def for_user(model_path, user: int, k: int = 10, root=None, split: str = "u1") -> list[dict]:
     """The ``k`` nearest items of ``user`` (1-based MovieLens id) in the learned space, without the items the
     user rated in ``split``'s training part when ``root`` is given; titles from ``root/u.item``."""
-    net, _ = rec.load_recommender(model_path)
+    net, _ = rec.load_recommender(model_file(model_path, "metrix recommend train"))
     if not isinstance(net, (rec.CML, rec.BPR)):
         raise ValueError("for-user needs a ranking model (cml or bpr)")
     if not 1 <= int(user) <= net.users.shape[0]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from metrix.apps.augment import ImageAugment
 from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
 from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
+from metrix.runs import new_run_dir
 
 
 def images(data: str, root, download: bool = False):
@@ -26,15 +27,17 @@ def images(data: str, root, download: bool = False):
 def train(method: str, data: str, root, out, download: bool = False, epochs: int = 5, batch_size: int = 256,
           train_size: int | None = None, lr: float = 1e-3, temperature: float | None = None, queue_size: int = 4096,
           momentum: float = 0.99, flip: float | None = None, seed: int = 0, echo=print) -> Path:
-    """Train an encoder on the training images with the labels hidden; saves it to the folder ``out``."""
+    """Train an encoder on the training images with the labels hidden; saves it into the run folder ``out``
+    (new or empty; default ``runs/<method>``) and returns that folder."""
     X, *_ = images(data, root, download)
+    run_dir = new_run_dir(out, method)
     X = X[:train_size] if train_size else X
     augment = ImageAugment(flip=flip if flip is not None else (0.0 if data == "digits" else 0.5), seed=seed)
     learner = ContrastiveLearner(method, input_shape=X.shape[1:], temperature=temperature, queue_size=queue_size,
                                  momentum=momentum, augment=augment, seed=seed)
     learner.fit(X, epochs, min(batch_size, len(X)), lr, log_every=max(epochs * (len(X) // batch_size) // 10, 1), echo=echo)
-    learner.save(out)
-    return Path(out)
+    learner.save(run_dir)
+    return run_dir
 
 
 def evaluate(model, data: str, root, download: bool = False, k: int = 20, baselines: bool = False) -> dict:

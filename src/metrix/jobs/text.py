@@ -9,6 +9,7 @@ import numpy as np
 
 from metrix import datasets as d
 from metrix.apps.text import SentenceEncoder, fit_labelled, fit_pairs, retrieval_scores, sts_correlation
+from metrix.runs import new_run_dir
 
 
 def task_data(task: str, root=None, download: bool = False):
@@ -46,9 +47,10 @@ def load_encoder(model: str, max_length: int = 128) -> SentenceEncoder:
 
 def train(task: str, model: str, out, root=None, download: bool = False, loss: str | None = None, epochs: int = 1,
           batch_size: int = 64, lr: float = 2e-5, max_length: int = 128, seed: int = 0, echo=print) -> dict:
-    """Fine-tune on the task's training split and save to ``out``; returns the held-out scores before and
-    after and the training CPU time."""
+    """Fine-tune on the task's training split and save into the run folder ``out`` (new or empty; default
+    ``runs/text-<task>``); returns the held-out scores before and after, the training CPU time and the folder."""
     kind, train_set, test_set = task_data(task, root, download)
+    run_dir = new_run_dir(out, f"text-{task}")
     encoder = load_encoder(model, max_length)
     before = scores(encoder, kind, train_set, test_set)
     start = time.process_time()
@@ -60,8 +62,8 @@ def train(task: str, model: str, out, root=None, download: bool = False, loss: s
         fit_labelled(encoder, train_set.texts, train_set.y, loss or "supcon", batch_size=batch_size, **log)
     cpu = time.process_time() - start
     after = scores(encoder, kind, train_set, test_set)
-    encoder.save(out)
-    return {"before": before, "after": after, "cpu_seconds": cpu, "out": Path(out)}
+    encoder.save(run_dir)
+    return {"before": before, "after": after, "cpu_seconds": cpu, "out": run_dir}
 
 
 def evaluate(task: str, model: str, root=None, download: bool = False, max_length: int = 128) -> dict:

@@ -24,7 +24,7 @@ from metrix import registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.models import EmbeddingModel, save_model
-from metrix.runs import Run, as_run, check_device
+from metrix.runs import Run, as_run, check_device, new_run_dir
 from metrix.training import Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -61,8 +61,8 @@ class TrainConfig:
     test_size: float = 0.3
     val_size: float = 0.15  # of the training split, for per-epoch validation and the best epoch
     seed: int = 0
-    out: str = "runs"
-    name: str | None = None
+    out: str | None = None  # the run folder (default runs/<name>)
+    name: str | None = None  # the run's name (default <data>-<loss>): names the default folder
     progress: bool = True
     checkpoint_every: int = 1  # epochs between resumable checkpoints in <run>/checkpoints/ (0: none)
     test_data: str | None = None  # an official test set (e.g. fashion-mnist:test) instead of a random split
@@ -195,18 +195,6 @@ CHECKPOINTS = "checkpoints"
 SETTINGS_FILE = "train.json"
 
 
-def _start_run_dir(out: Path, name: str) -> Path:
-    """A new run folder, created now so that two runs never pick the same one."""
-    out.mkdir(parents=True, exist_ok=True)
-    candidate, n = out / name, 2
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            candidate, n = out / f"{name}-{n}", n + 1
-
-
 def resume_config(run_dir) -> TrainConfig:
     """The settings of an interrupted ``metrix train --checkpoint-every`` run, for ``--resume``."""
     run_dir = Path(run_dir)
@@ -261,7 +249,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     checkpoint_dir = None
     if cfg.checkpoint_every or resume is not None:
         if run_dir is None:
-            run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
+            run_dir = new_run_dir(cfg.out, cfg.name or f"{ds.name}-{cfg.loss}")
             save_json(run_dir / CHECKPOINTS / SETTINGS_FILE, dataclasses.asdict(cfg))
         checkpoint_dir = run_dir / CHECKPOINTS
     trainer = Trainer(
@@ -287,7 +275,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric, progress=label("learned"))
 
     if run_dir is None:
-        run_dir = _start_run_dir(Path(cfg.out), cfg.name or f"{ds.name}-{cfg.loss}")
+        run_dir = new_run_dir(cfg.out, cfg.name or f"{ds.name}-{cfg.loss}")
     save_model(model, run_dir, {
         "train": dataclasses.asdict(cfg), "classes": [c.item() if hasattr(c, "item") else c for c in classes],
         "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data, "test_data": cfg.test_data},
