@@ -225,3 +225,37 @@ def test_the_exact_search_cache_follows_every_write():
     assert index.search(q, 1)[1][0, 0] == 999
     index.remove([999])
     assert index.search(q, 1)[1][0, 0] != 999
+
+
+def test_inputs_are_scanned_for_nan_once_at_the_boundary(monkeypatch):
+    """A gallery checks its probes and samples itself and tells its index so; the index checks its own
+    callers' vectors and never re-scans its store (validated when added) when it prepares a search."""
+    import metrix.neighbors as neighbors_module
+    from metrix.apps.verification import Gallery
+
+    rng = np.random.default_rng(0)
+    gallery = Gallery(threshold=1.0)
+    for name in "abc":
+        gallery.enroll(name, rng.normal(size=(5, 8)).astype(np.float32))
+    scans = []
+    real_isfinite, real_check = np.isfinite, neighbors_module.check_embeddings
+    monkeypatch.setattr(np, "isfinite", lambda a: scans.append(a.shape) or real_isfinite(a))
+    monkeypatch.setattr(neighbors_module, "check_embeddings", lambda x, n: scans.append(n) or real_check(x, n))
+    probes = rng.normal(size=(4, 8)).astype(np.float32)
+    expected = gallery.identify(probes, k=2)
+    assert scans == [(4, 8)]  # the probes, once; not the store
+    gallery.enroll("d", rng.normal(size=(2, 8)).astype(np.float32))
+    gallery.identify(probes, k=2)
+    assert scans == [(4, 8), (2, 8), (4, 8)]  # after a write the store is prepared again without a scan
+    bad = probes.copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="probes contain NaN"):
+        gallery.identify(bad)
+    scans.clear()
+    index = VectorIndex(8)
+    index.add(rng.normal(size=(10, 8)).astype(np.float32))
+    index.search(probes, k=3)
+    assert scans == [(10, 8), (4, 8)]  # a direct caller's vectors and queries are checked by the index, once each
+    with pytest.raises(ValueError, match="NaN or inf"):
+        index.search(bad, k=1)
+    assert len(expected) == 4

@@ -353,7 +353,7 @@ def load_fashion_mnist(root, split: str = "train", download_missing: bool = Fals
         paths[kind] = root / name
         if not paths[kind].is_file():
             if not download_missing:
-                raise FileNotFoundError(f"{paths[kind]} is missing (pass download_missing=True to fetch it)")
+                raise FileNotFoundError(f"{paths[kind]} is missing (fetch it with --download; download_missing=True in Python)")
             md5, sha256 = FASHION_MNIST_FILES[name]
             download(FASHION_MNIST_URL + name, paths[kind], sha256, md5)
     X = read_idx(paths["images-idx3"]).astype(np.float32)[:, None] / 255.0
@@ -381,7 +381,7 @@ def load_omniglot(root, split: str = "background", image_size: int = 28, downloa
     path = Path(root) / name
     if not path.is_file():
         if not download_missing:
-            raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch it)")
+            raise FileNotFoundError(f"{path} is missing (fetch it with --download; download_missing=True in Python)")
         download(OMNIGLOT_URL + name, path, sha256)
     images, labels = [], []
     try:
@@ -479,7 +479,7 @@ def load_stsb(root, split: str = "test", download_missing: bool = False) -> Sent
     path = root / f"sts-{split}.csv"
     if not path.is_file():
         if not download_missing:
-            raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch the official archive)")
+            raise FileNotFoundError(f"{path} is missing (fetch the official archive with --download; download_missing=True in Python)")
         _fetch_stsb(root)
     first, second, scores = [], [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -506,7 +506,7 @@ def load_banking77(root, split: str = "train", download_missing: bool = False) -
     for name in (f"{split}.csv", "categories.json"):
         if not (root / name).is_file():
             if not download_missing:
-                raise FileNotFoundError(f"{root / name} is missing (pass download_missing=True to fetch it)")
+                raise FileNotFoundError(f"{root / name} is missing (fetch it with --download; download_missing=True in Python)")
             download(BANKING77_URL + name, root / name, BANKING77_FILES[name])
     classes = json.loads((root / "categories.json").read_text(encoding="utf-8"))
     index = {c: i for i, c in enumerate(classes)}
@@ -534,7 +534,7 @@ def load_trec(root, split: str = "train", fine: bool = False, download_missing: 
         path = root / name
         if not path.is_file():
             if not download_missing:
-                raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch it)")
+                raise FileNotFoundError(f"{path} is missing (fetch it with --download; download_missing=True in Python)")
             download(TREC_URL + name, path, digest)
         rows = []
         for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):

@@ -45,7 +45,7 @@ BACKENDS = ("exact", "faiss")
 
 
 
-def _as_matrix(x, dim: int, name: str) -> np.ndarray:
+def _as_matrix(x, dim: int, name: str, check_input: bool = True) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -56,7 +56,7 @@ def _as_matrix(x, dim: int, name: str) -> np.ndarray:
     if x.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be numeric, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+    if check_input and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or inf values in {bad} row(s)")
     return x
@@ -141,9 +141,10 @@ class VectorIndex:
                 raise KeyError(f"id {id_} is not in the index")
             return self._meta[self._pos[int(id_)]]
 
-    def add(self, vectors, ids=None, metadata=None) -> np.ndarray:
-        """Add vectors; ``ids`` default to consecutive integers after the largest id. Returns the ids."""
-        x = _as_matrix(vectors, self.dim, "vectors")
+    def add(self, vectors, ids=None, metadata=None, check_input: bool = True) -> np.ndarray:
+        """Add vectors; ``ids`` default to consecutive integers after the largest id. Returns the ids.
+        ``check_input=False``: the caller checked the vectors for NaN/inf already (shapes are still checked)."""
+        x = _as_matrix(vectors, self.dim, "vectors", check_input)
         if self.metric == "poincare":
             ball_factor(torch.from_numpy(x), 1.0, "vectors")  # raises for points on or outside the ball
         n_new = x.shape[0]
@@ -265,8 +266,8 @@ class VectorIndex:
                     built.add(self._search_space(rows, data=True), np.asarray(present, dtype=np.int64))
             self._ann, self._build_log = built, None
 
-    def _check_query(self, queries, k=None) -> np.ndarray:
-        q = _as_matrix(queries, self.dim, "queries")
+    def _check_query(self, queries, k=None, check_input: bool = True) -> np.ndarray:
+        q = _as_matrix(queries, self.dim, "queries", check_input)
         if len(q) == 0:
             raise ValueError("queries is empty: give at least one query vector")
         if self._n == 0:
@@ -276,20 +277,21 @@ class VectorIndex:
         return q
 
     def search(self, queries, k: int = 10, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, check_input: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest vectors of each query: ``(distances, ids)``, both (n_queries, k).
 
         Approximate backends may find fewer than ``k``; missing slots have id −1 and distance inf
-        (−inf for ``ip``). ``nprobe`` / ``ef_search`` override the index's settings for this call only.
-        While the faiss structure is first being built, searches are answered exactly.
+        (−inf for ``dot``). ``nprobe`` / ``ef_search`` override the index's settings for this call only.
+        While the faiss structure is first being built, searches are answered exactly. ``check_input=False``:
+        the caller checked the queries for NaN/inf already.
         """
         self._ensure_structure()
         with self._lock:
-            q = self._check_query(queries, k)
+            q = self._check_query(queries, k, check_input)
             if self._ann is None:
                 dist, pos = [], []
                 for _, d, p in iter_knn(q, None, int(k), self.metric, False, self.max_memory_mb,
-                                        prepared=self._prepared_reference()):
+                                        prepared=self._prepared_reference(), check_input=False):
                     dist.append(d.numpy())
                     pos.append(p.numpy())
                 dist, pos = np.concatenate(dist), np.concatenate(pos)
@@ -302,7 +304,8 @@ class VectorIndex:
     def _prepared_reference(self) -> PreparedReference:
         """The store made ready for exact search, kept until the next write (most of a single query's cost)."""
         if self._prepared is None:
-            self._prepared = prepare_reference(self._vectors[: self._n], self.metric)
+            # the store holds only vectors that add() or load() checked: no NaN scan per write
+            self._prepared = prepare_reference(self._vectors[: self._n], self.metric, check_input=False)
         return self._prepared
 
     def _knobs(self, nprobe, ef_search) -> tuple[int, int]:

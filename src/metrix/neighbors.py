@@ -38,13 +38,15 @@ from metrix.distances import arcosh1p, ball_factor, check_metric, exact_near_zer
 DEFAULT_MAX_MEMORY_MB = 1024  # 200k × k=199 self-search: ~460 MB of candidate lists
 
 
-def as_float_tensor(x, name: str) -> torch.Tensor:
-    """``x`` (array or tensor) as a validated float32/float64 (n, d) tensor (integer arrays become float32)."""
+def as_float_tensor(x, name: str, check_input: bool = True) -> torch.Tensor:
+    """``x`` (array or tensor) as a validated float32/float64 (n, d) tensor (integer arrays become float32).
+    ``check_input=False`` is for callers that validated ``x`` already (an index's own store): no scan."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "iub":
             x = x.astype(np.float32)
         x = torch.from_numpy(np.ascontiguousarray(x))
-    x = check_embeddings(x, name)
+    if check_input:
+        x = check_embeddings(x, name)
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -356,10 +358,11 @@ def _reference_rows(rs: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.
     return rs, None
 
 
-def prepare_reference(reference, metric: str = "euclidean") -> PreparedReference:
-    """Validate ``reference`` and build what :func:`iter_knn` needs of it for one-sided search, once."""
+def prepare_reference(reference, metric: str = "euclidean", check_input: bool = True) -> PreparedReference:
+    """Validate ``reference`` (unless ``check_input=False``) and build what :func:`iter_knn` needs of it for
+    one-sided search, once."""
     _check_metric(metric)
-    r = as_float_tensor(reference, "reference")
+    r = as_float_tensor(reference, "reference", check_input)
     if r.shape[0] == 0:
         raise ValueError("the reference set is empty")
     rs = _search_vectors(r, metric)
@@ -375,6 +378,7 @@ def iter_knn(
     exclude_self: bool | None = None,
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
     prepared: PreparedReference | None = None,
+    check_input: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, distances, indices)`` for consecutive chunks of queries.
 
@@ -382,14 +386,15 @@ def iter_knn(
     distances sorted ascending otherwise). ``exclude_self`` defaults to True
     when ``reference`` is None (query i is never its own neighbour). ``prepared`` (from
     :func:`prepare_reference`, with the same ``metric``) replaces ``reference`` and skips its preparation.
+    ``check_input=False``: the caller validated ``query`` and ``reference`` already (no second scan).
     """
-    q = as_float_tensor(query, "query")
+    q = as_float_tensor(query, "query", check_input)
     if prepared is not None:
         if prepared.metric != metric:
             raise ValueError(f"the prepared reference is for metric {prepared.metric!r}, not {metric!r}")
         reference = prepared.vectors
     same = reference is None
-    r = q if same else (reference if prepared is not None else as_float_tensor(reference, "reference"))
+    r = q if same else (reference if prepared is not None else as_float_tensor(reference, "reference", check_input))
     if not same:
         check_pair(q, r, "query", "reference")
     if exclude_self is None:

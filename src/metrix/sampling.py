@@ -58,7 +58,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             shown = ", ".join(f"{lab!r} ({n})" for lab, n in too_small[:5])
             raise ValueError(
                 f"{len(too_small)} class(es) have fewer than samples_per_class={self.samples_per_class} samples: "
-                f"{shown}; lower samples_per_class or pass replacement=True"
+                f"{shown}; lower samples_per_class (--samples-per-class) or pass replacement=True"
             )
         groups = sum(self._n_groups(len(m)) for m in self._members)
         self._n_batches = groups // self.classes_per_batch

@@ -93,7 +93,7 @@ def _ensure_movielens(root: Path, name: str, download_missing: bool) -> Path:
     if path.is_file():
         return path
     if not download_missing:
-        raise FileNotFoundError(f"{path} is missing (pass download_missing=True to fetch {MOVIELENS_100K_URL})")
+        raise FileNotFoundError(f"{path} is missing (fetch {MOVIELENS_100K_URL} with --download; download_missing=True in Python)")
     from metrix.datasets import archive_member_name, extract_pinned, fetch_archive
 
     data = fetch_archive(MOVIELENS_100K_URL)

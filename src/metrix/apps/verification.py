@@ -207,7 +207,7 @@ class Gallery:
             if len(x):
                 if self._index is None:
                     self._index = VectorIndex(x.shape[1], metric=self.metric)
-                ids = self._index.add(x, metadata=[{"identity": identity}] * len(x))
+                ids = self._index.add(x, metadata=[{"identity": identity}] * len(x), check_input=False)  # _check did
                 self._ids_of.setdefault(identity, []).extend(int(i) for i in ids)
                 self._owner.update((int(i), identity) for i in ids)
             return len(x)
@@ -252,7 +252,7 @@ class Gallery:
         """The ``k`` closest identities of each probe by their closest sample, from one index search: the
         ``k × (most samples of one identity)`` nearest samples always hold ``k`` distinct identities."""
         most = max(len(v) for v in self._ids_of.values())
-        dist, ids = self._index.search(x, min(len(self._owner), k * most))
+        dist, ids = self._index.search(x, min(len(self._owner), k * most), check_input=False)  # probes checked
         out = []
         for drow, irow in zip(dist, ids):
             best: dict[str, float] = {}
@@ -277,7 +277,7 @@ class Gallery:
     def verify(self, x, identity: str) -> tuple[np.ndarray, np.ndarray]:
         """1:1 — is each probe ``identity``? Returns ``(accepted, distances)``."""
         if self.threshold is None:
-            raise ValueError("verify needs a threshold: set Gallery(threshold=...) or use calibrate_threshold")
+            raise ValueError("the gallery has no threshold yet: run 'metrix gallery calibrate' (in Python: Gallery(threshold=...) or calibrate_threshold)")
         d = self.distance(x, identity)
         return d <= self.threshold, d
 

@@ -104,13 +104,14 @@ class TrainConfig:
                                  f"{', '.join(sorted(n for n, e in registry.losses().items() if e.takes_pairs))}")
             lookup("miners", self.miner).check_params(self.miner_params)
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
-            raise ValueError("test_size must be in (0, 1) and val_size in [0, 1)")
+            raise ValueError(f"test_size must be in (0, 1) and val_size in [0, 1) (settings of --config), got "
+                             f"{self.test_size} and {self.val_size}")
         check_device(self.device)
         if int(self.checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 epochs (0: no checkpoints), got {self.checkpoint_every}")
+            raise ValueError(f"--checkpoint-every must be >= 0 epochs (0: no checkpoints), got {self.checkpoint_every}")
         for name in ("epochs", "embedding_dim", "classes_per_batch", "samples_per_class"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
