@@ -271,3 +271,38 @@ def test_sts_correlation_and_retrieval_scores_match_direct_computation(tiny_mode
     assert got["knn1_accuracy"] == pytest.approx(np.mean(hits)) and got["queries"] == 30
     with pytest.raises(ValueError, match="pairs"):
         sts_correlation(enc, a[:2], b[:2], gold[:2])
+
+
+def test_cli_text_train_resumes_after_ctrl_c_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C at a step between two checkpoints, then --resume: the weights of an uninterrupted run, bit for bit
+    (dropout's generator, the schedule and AdamW's moments are restored; the planned batches are the same)."""
+    from typer.testing import CliRunner
+
+    import metrix.training as training
+    from metrix.cli import app
+
+    texts, y = _toy_corpus(96, seed=8)
+    for split, (tx, ty) in {"train": (texts[:64], y[:64]), "test": (texts[64:], y[64:])}.items():
+        with open(tmp_path / f"{split}.csv", "w", newline="") as fh:
+            fh.write("text,category\n" + "".join(f"{t},{COLOURS[c]}\n" for t, c in zip(tx, ty)))
+    runner = CliRunner()
+    args = ["text", "train", "--task", f"csv:{tmp_path}", "--model", str(tiny_model_dir), "--epochs", "2",
+            "--batch-size", "16", "--lr", "3e-3", "--checkpoint-every", "3"]
+    assert runner.invoke(app, args + ["--out", str(tmp_path / "ref")]).exit_code == 0
+    real, calls = training.optimizer_step, []
+
+    def step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "optimizer_step", step)
+    cut = runner.invoke(app, args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(training, "optimizer_step", real)
+    assert cut.exit_code == 130 and "checkpoint after step 3" in cut.output and "--resume" in cut.output, cut.output
+    again = runner.invoke(app, ["text", "train", "--resume", str(tmp_path / "cut")])
+    assert again.exit_code == 0, again.output
+    want = SentenceEncoder.load(tmp_path / "ref").state_dict()
+    got = SentenceEncoder.load(tmp_path / "cut").state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metrix.checkpoints import LoopCheckpoint
 from metrix.io import CorruptFileError, build_to_fit, load_tagged, save_tagged
 from metrix.models import MAX_INPUT_ELEMENTS
 from metrix.training import optimizer_step
@@ -108,21 +109,42 @@ class PrototypicalNetwork:
         return nn.functional.cross_entropy(logits, target), logits, target
 
     def fit(self, X, labels, n_way: int = 20, k_shot: int = 5, n_query: int = 5, episodes: int = 1000,
-            lr: float = 1e-3, lr_halve_every: int | None = None, seed: int = 0, log_every: int = 0, echo=print):
-        """Episodic training (Adam; optionally halve the learning rate every ``lr_halve_every`` episodes)."""
+            lr: float = 1e-3, lr_halve_every: int | None = None, seed: int = 0, log_every: int = 0, echo=print,
+            checkpoint: LoopCheckpoint | None = None, resume: bool = False):
+        """Episodic training (Adam; optionally halve the learning rate every ``lr_halve_every`` episodes).
+
+        ``checkpoint`` saves the encoder, optimiser, scheduler, generator state and losses every
+        ``checkpoint.every`` episodes; ``resume=True`` continues from its last one to the weights an
+        uninterrupted run ends with (the episodes already done are drawn again, not trained on)."""
         X = np.asarray(X, dtype=np.float32)
         if not np.isfinite(X).all():
             raise ValueError("X contains NaN or infinity")
         torch.manual_seed(seed)
         opt = torch.optim.Adam(self.encoder.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, lr_halve_every, 0.5) if lr_halve_every else None
+        history, done = [], 0
+        saved = checkpoint.load() if resume and checkpoint is not None else None
+        if saved is not None:
+            done, state, meta = saved
+            self.encoder.load_state_dict(state["encoder"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            history = list(meta["history"])
         self.encoder.train()
-        history, start = [], time.perf_counter()
+        start = time.perf_counter()
         for step, (support, query) in enumerate(EpisodeSampler(labels, n_way, k_shot, n_query, episodes, seed), 1):
+            if step <= done:
+                continue  # drawn again so that the sampler's generator stands where it stood
             loss, logits, target = self._episode_loss(X, support, query, n_way, n_query)
             history.append(optimizer_step(loss, opt, f"episode {step}"))
             if sched is not None:
                 sched.step()
+            if checkpoint is not None and checkpoint.due(step, episodes):
+                checkpoint.save(step, {"encoder": self.encoder.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": None if sched is None else sched.state_dict(),
+                                       "rng": torch.get_rng_state()}, {"history": history})
             if log_every and step % log_every == 0:
                 acc = float((logits.argmax(1) == target).float().mean())
                 echo(f"episode {step:5d}  loss {np.mean(history[-log_every:]):.4f}  acc {acc:.3f}  "

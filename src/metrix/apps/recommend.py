@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metrix._validation import progress_bar
 from metrix.training import optimizer_step
 
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -263,27 +264,44 @@ class BiasedMF(_BiasedRatingModel):
 
 
 def _train_epochs(model, n: int, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-                  batch_step) -> list[float]:
+                  batch_step, checkpoint=None, resume: bool = False, progress: str | None = None) -> list[float]:
     """Adam over shuffled mini-batches of ``n`` interactions; the per-epoch mean of ``batch_step``'s sums.
 
     ``batch_step(idx, opt, g)`` takes one optimiser step on the rows ``idx`` (drawing any randomness from ``g``)
-    and returns the batch's summed loss.
+    and returns the batch's summed loss. ``checkpoint`` (a :class:`metrix.checkpoints.LoopCheckpoint`) saves
+    the weights, optimiser, generator and losses after every ``checkpoint.every`` epochs; ``resume=True``
+    continues from its last one to the weights an uninterrupted run ends with.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history = []
-    for _ in range(epochs):
+    history, done = [], 0
+    saved = checkpoint.load() if resume and checkpoint is not None else None
+    if saved is not None:
+        done, state, meta = saved
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        history = list(meta["history"])
+    bar = progress_bar(epochs, progress, "epoch")
+    bar.update(done)
+    for epoch in range(done + 1, epochs + 1):
         total = 0.0
         for idx in torch.randperm(n, generator=g).split(batch_size):
             total += batch_step(idx, opt, g)
         history.append(total / n)
+        if checkpoint is not None and checkpoint.due(epoch, epochs):
+            checkpoint.save(epoch, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "generator": g.get_state()}, {"history": history})
+        bar.update(1)
+    bar.close()
     return history
 
 
 def fit_implicit(model, train: Interactions, epochs: int = 30, batch_size: int = 1024, lr: float = 1e-3,
-                 n_negatives: int = 20, weight_decay: float = 0.0, seed: int = 0) -> list[float]:
+                 n_negatives: int = 20, weight_decay: float = 0.0, seed: int = 0, **resumable) -> list[float]:
     """Train CML or BPR on (user, item) positives with uniformly sampled negatives
-    (re-drawn when a sample is itself a positive of the user)."""
+    (re-drawn when a sample is itself a positive of the user). ``resumable``: ``checkpoint``, ``resume`` and
+    ``progress`` of :func:`_train_epochs`."""
     if len(train) == 0:
         raise ValueError("no training interactions")
     known = torch.zeros(train.n_users, train.n_items, dtype=torch.bool)
@@ -302,12 +320,13 @@ def fit_implicit(model, train: Interactions, epochs: int = 30, batch_size: int =
         model.after_step()
         return value
 
-    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step)
+    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step, **resumable)
 
 
 def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int = 1024, lr: float = 1e-2,
-                 weight_decay: float = 0.0, l2: float = 0.05, seed: int = 0) -> list[float]:
-    """Train a rating model with squared error plus ``l2``·(squared norms of the rows used)."""
+                 weight_decay: float = 0.0, l2: float = 0.05, seed: int = 0, **resumable) -> list[float]:
+    """Train a rating model with squared error plus ``l2``·(squared norms of the rows used); ``resumable`` as
+    for :func:`fit_implicit`."""
     users, items = torch.from_numpy(train.users), torch.from_numpy(train.items)
     ratings = torch.from_numpy(train.ratings)
 
@@ -318,7 +337,7 @@ def fit_explicit(model, train: Interactions, epochs: int = 30, batch_size: int =
         optimizer_step((err * err).mean() + l2 * reg.mean(), opt)
         return float((err.detach() ** 2).sum())
 
-    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step)
+    return _train_epochs(model, len(users), epochs, batch_size, lr, weight_decay, seed, batch_step, **resumable)
 
 
 # --- evaluation -------------------------------------------------------------------------------

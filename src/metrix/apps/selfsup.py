@@ -35,6 +35,7 @@ from torch import nn
 from metrix._validation import check_positive
 from metrix.apps.augment import ImageAugment
 from metrix.losses import NTXentLoss
+from metrix.checkpoints import LoopCheckpoint, numpy_rng_state, set_numpy_rng_state
 from metrix.memory import CrossBatchMemory, MomentumEncoder
 from metrix.models import EmbeddingModel, load_model, save_model
 from metrix.training import optimizer_step
@@ -113,8 +114,13 @@ class ContrastiveLearner:
         return X
 
     def fit(self, X, epochs: int = 5, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-6,
-            log_every: int = 0, echo=print) -> list[float]:
-        """Train on unlabelled images in [0, 1]; returns the loss of every step (Adam, cosine-decayed lr)."""
+            log_every: int = 0, echo=print, checkpoint: LoopCheckpoint | None = None,
+            resume: bool = False) -> list[float]:
+        """Train on unlabelled images in [0, 1]; returns the loss of every step (Adam, cosine-decayed lr).
+
+        ``checkpoint`` saves everything the next epoch depends on (weights, optimiser, schedule, MoCo's key
+        encoder and queue, the shuffling, augmentation and torch generators) every ``checkpoint.every``
+        epochs; ``resume=True`` continues from its last one to the weights an uninterrupted run ends with."""
         X = self._check_fit_args(X, epochs, batch_size)
         if self._own_model and self.model.preprocess is not None:
             self.model.preprocess.mean.fill_(float(X.mean()))
@@ -130,9 +136,22 @@ class ContrastiveLearner:
         if self.method == "moco":  # kept as attributes after fit, for inspection
             keys = self.key_encoder_ = MomentumEncoder(model, self.momentum)
             queue = self.queue_ = CrossBatchMemory(ntxent, model.embedding_dim, self.queue_size).to(device)
+        history, start, step, done = [], time.perf_counter(), 0, 0
+        saved = checkpoint.load() if resume and checkpoint is not None else None
+        if saved is not None:
+            done, state, meta = saved
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.augment.generator.set_state(state["augment"])
+            set_numpy_rng_state(rng, meta["order_rng"])
+            if self.method == "moco":
+                keys.load_state_dict(state["keys"])
+                queue.load_state_dict(state["queue"])
+            history, step = list(meta["history"]), done * steps_per_epoch
         model.train()
-        history, start, step = [], time.perf_counter(), 0
-        for _ in range(int(epochs)):
+        for epoch in range(done + 1, int(epochs) + 1):
             order = rng.permutation(len(X))
             for s in range(steps_per_epoch):
                 x = torch.from_numpy(X[order[s * batch_size : (s + 1) * batch_size]]).to(device)
@@ -151,6 +170,13 @@ class ContrastiveLearner:
                 step += 1
                 if log_every and step % log_every == 0:
                     echo(f"step {step:6d}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
+            if checkpoint is not None and checkpoint.due(epoch, int(epochs)):
+                moco = self.method == "moco"
+                checkpoint.save(epoch, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(), "augment": self.augment.generator.get_state(),
+                    "keys": keys.state_dict() if moco else None, "queue": queue.state_dict() if moco else None,
+                }, {"history": history, "order_rng": numpy_rng_state(rng)})
         model.eval()
         return history
 

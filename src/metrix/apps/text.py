@@ -212,8 +212,14 @@ class SentenceEncoder(nn.Module):
 # --- fine-tuning --------------------------------------------------------------------------------
 
 def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step_loss: Callable, epochs: int,
-              lr: float, warmup: float, weight_decay: float, log_every: int, echo) -> list[float]:
-    """AdamW with linear warm-up then linear decay (the BERT schedule); one call of step_loss per batch."""
+              lr: float, warmup: float, weight_decay: float, log_every: int, echo, checkpoint=None,
+              resume: bool = False) -> list[float]:
+    """AdamW with linear warm-up then linear decay (the BERT schedule); one call of step_loss per batch.
+
+    The batches of every epoch are planned first, so a ``checkpoint`` (a
+    :class:`metrix.checkpoints.LoopCheckpoint`, every ``checkpoint.every`` steps) needs only the weights,
+    optimiser, schedule, torch generator (dropout) and losses; ``resume=True`` continues from its last one to
+    the weights an uninterrupted run ends with."""
     from metrix.training import optimizer_step
 
     if int(epochs) < 1:
@@ -228,14 +234,26 @@ def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(int(warmup * total), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(total - s, 0) / max(total - warm, 1)))
+    history, done = [], 0
+    saved = checkpoint.load() if resume and checkpoint is not None else None
+    if saved is not None:
+        done, state, meta = saved
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history = list(meta["history"])
     encoder.train()
-    history, start = [], time.perf_counter()
-    for epoch_batches in plan:
-        for batch in epoch_batches:
-            history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}"))
-            sched.step()
-            if log_every and len(history) % log_every == 0:
-                echo(f"step {len(history):5d}/{total}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    for batch in [b for epoch_batches in plan for b in epoch_batches][done:]:
+        history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}"))
+        sched.step()
+        if checkpoint is not None and checkpoint.due(len(history), total):
+            checkpoint.save(len(history), {"encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
+                                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+                            {"history": history})
+        if log_every and len(history) % log_every == 0:
+            echo(f"step {len(history):5d}/{total}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
     encoder.eval()
     return history
 
@@ -256,7 +274,7 @@ def labelled_loss(name: str, temperature: float = 0.05, margin: float | None = N
 def fit_labelled(encoder: SentenceEncoder, texts, labels, loss: str = "supcon", epochs: int = 1,
                  batch_size: int = 64, samples_per_class: int = 4, lr: float = 2e-5, warmup: float = 0.1,
                  weight_decay: float = 0.01, temperature: float = 0.05, margin: float | None = None, seed: int = 0,
-                 log_every: int = 0, echo=print) -> list[float]:
+                 log_every: int = 0, echo=print, **resumable) -> list[float]:
     """Fine-tune on labelled texts with class-balanced P×K batches; returns the loss of every step.
 
     A batch holds ``batch_size // samples_per_class`` classes × ``samples_per_class`` texts; with fewer classes
@@ -287,13 +305,13 @@ def fit_labelled(encoder: SentenceEncoder, texts, labels, loss: str = "supcon", 
     def step_loss(idx):
         return criterion(encoder([texts[i] for i in idx]), lab[idx])
 
-    return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo)
+    return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo, **resumable)
 
 
 def fit_pairs(encoder: SentenceEncoder, first, second, scores=None, loss: str = "ranknet", epochs: int = 1,
               batch_size: int = 32, lr: float = 2e-5, warmup: float = 0.1, weight_decay: float = 0.01,
               temperature: float = 0.05, scale: float = 20.0, positive_threshold: float = 4.0, seed: int = 0,
-              log_every: int = 0, echo=print) -> list[float]:
+              log_every: int = 0, echo=print, **resumable) -> list[float]:
     """Fine-tune on sentence pairs (``scores``: graded similarity, needed by ranknet/pointwise and used by
     infonce to keep only pairs scored ≥ ``positive_threshold``; without scores every pair is a positive)."""
     from metrix.losses import info_nce_loss, pointwise_loss, ranknet_loss
@@ -334,7 +352,7 @@ def fit_pairs(encoder: SentenceEncoder, first, second, scores=None, loss: str = 
             return ranknet_loss(scale * cos, gold[idx][None].to(cos.dtype))
         return pointwise_loss(cos, target[idx][None].to(cos.dtype))
 
-    return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo)
+    return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo, **resumable)
 
 
 # --- evaluation ---------------------------------------------------------------------------------

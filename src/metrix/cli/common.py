@@ -66,6 +66,28 @@ def registry_names(kind: str) -> list[str]:
     return sorted(REGISTRIES[kind]())
 
 
+def resume_option(command: str):
+    """``--resume RUN`` of a training command."""
+    return typer.Option(None, metavar="RUN", help=f"Continue an interrupted '{command}' run from its last checkpoint, "
+                        "with the settings it was started with; it ends with the weights an uninterrupted run has.")
+
+
+def checkpoint_option(default: int, unit: str):
+    return typer.Option(default, min=1, help=f"Write a resumable checkpoint every N {unit} into <run>/checkpoints/; "
+                                             "Ctrl-C then says how to resume.")
+
+
+def refuse_flags_with_resume(ctx: typer.Context, keep: tuple[str, ...] = ("resume", "device")) -> None:
+    """A resumed run keeps the settings it was started with: flags given beside ``--resume`` are refused
+    instead of silently ignored."""
+    if ctx.params.get("resume") is None:
+        return
+    given = sorted(f"--{name.replace('_', '-')}" for name in ctx.params
+                   if name not in keep and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE")
+    if given:
+        raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
+
+
 ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")
 DEVICE = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:N or mps.")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, command_group
+from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
 
 
 fewshot_app = command_group(help="Prototypical networks: episodic training and N-way K-shot evaluation.")
@@ -20,6 +20,7 @@ DATA_HELP = ("'omniglot-background' / 'omniglot-evaluation' (the official zips i
 
 @fewshot_app.command("train")
 def fewshot_train(
+    ctx: typer.Context,
     data: str = typer.Option("omniglot-background", help=DATA_HELP),
     out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/protonet, numbered if taken)."),
     root: Path = typer.Option(Path("data/omniglot"), help="Folder of the Omniglot zips."),
@@ -31,11 +32,15 @@ def fewshot_train(
     n_query: int = typer.Option(5, help="Query samples per class."),
     lr: float = typer.Option(1e-3, help="Adam learning rate (halved every third of the episodes)."),
     seed: int = typer.Option(0, help="Seed of the episodes and the initialisation."),
+    checkpoint_every: int = checkpoint_option(100, "episodes"),
+    resume: Optional[Path] = resume_option("metrix fewshot train"),
 ) -> None:
     """Train a prototypical network (4-block conv net) with N-way K-shot episodes."""
     from metrix.jobs import fewshot as job
 
-    saved = job.train(data, out, root, download, rotations, episodes, n_way, k_shot, n_query, lr, seed, echo=typer.echo)
+    refuse_flags_with_resume(ctx)
+    saved = job.train(data, out, root, download, rotations, episodes, n_way, k_shot, n_query, lr, seed,
+                      checkpoint_every, resume, echo=typer.echo)
     typer.echo(f"saved {saved}")
 
 

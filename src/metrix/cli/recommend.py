@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, command_group
+from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
 
 
 recommend_app = command_group(help="Metric-learning recommenders (CML, learned-metric ratings) and baselines on MovieLens-100K.")
@@ -17,6 +17,7 @@ app.add_typer(recommend_app, name="recommend")
 
 @recommend_app.command("train")
 def recommend_train(
+    ctx: typer.Context,
     model: str = typer.Option("cml", help="cml, bpr (implicit: ratings >= 4 are positives), metric or mf (explicit ratings)."),
     root: Path = typer.Option(Path("data/ml-100k"), help="Folder of the MovieLens-100K files (u.data, u1.base, ...)."),
     download: bool = typer.Option(False, "--download", help="Fetch ml-100k.zip from GroupLens if files are missing."),
@@ -26,11 +27,15 @@ def recommend_train(
     lr: float = typer.Option(5e-3, help="Adam learning rate."),
     seed: int = typer.Option(0, help="Seed."),
     out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/<model>-<split>, numbered if taken)."),
+    checkpoint_every: int = checkpoint_option(1, "epochs"),
+    resume: Optional[Path] = resume_option("metrix recommend train"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over the epochs (on a terminal)."),
 ) -> None:
     """Train a recommender on a MovieLens-100K split and print its test metrics."""
     from metrix.jobs import recommend as job
 
-    r = job.train(model, root, split, dim, epochs, lr, seed, out, download)
+    refuse_flags_with_resume(ctx, keep=("resume", "progress"))
+    r = job.train(model, root, split, dim, epochs, lr, seed, out, download, checkpoint_every, resume, progress)
     typer.echo("  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if isinstance(v, float)))
     typer.echo(f"saved {r['out']}")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, command_group
+from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
 
 
 selfsup_app = command_group(help="Self-supervised contrastive learning (SimCLR, MoCo v2) without labels, judged by kNN and a linear probe.")
@@ -19,6 +19,7 @@ _SELFSUP_DATA_HELP = "'fashion-mnist' (the official IDX files in --root; --downl
 
 @selfsup_app.command("train")
 def selfsup_train(
+    ctx: typer.Context,
     method: str = typer.Option("simclr", help="'simclr' (two views, NT-Xent over the batch) or 'moco' (momentum encoder + queue of negatives)."),
     data: str = typer.Option("fashion-mnist", help=_SELFSUP_DATA_HELP),
     root: Path = typer.Option(Path("data/fashion_mnist"), help="Folder of the Fashion-MNIST IDX files."),
@@ -33,12 +34,15 @@ def selfsup_train(
     momentum: float = typer.Option(0.99, help="MoCo: key-encoder momentum."),
     flip: Optional[float] = typer.Option(None, help="Probability of a horizontal flip (default 0.5; 0 for digits, where mirroring changes meaning)."),
     seed: int = typer.Option(0, help="Seed of initialisation, batch order and augmentations."),
+    checkpoint_every: int = checkpoint_option(1, "epochs"),
+    resume: Optional[Path] = resume_option("metrix selfsup train"),
 ) -> None:
     """Train an encoder on the training images with labels hidden; the labels are used only by 'selfsup eval'."""
     from metrix.jobs import selfsup as job
 
+    refuse_flags_with_resume(ctx)
     saved = job.train(method, data, root, out, download, epochs, batch_size, train_size, lr, temperature, queue_size,
-                      momentum, flip, seed, echo=typer.echo)
+                      momentum, flip, seed, checkpoint_every, resume, echo=typer.echo)
     typer.echo(f"saved {saved}")
 
 

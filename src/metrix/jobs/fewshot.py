@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from metrix.apps.fewshot import PrototypicalNetwork, rotate_classes
 from metrix.datasets import load_dataset, load_omniglot
-from metrix.runs import MODEL_FILE, model_file, new_run_dir
+from metrix.checkpoints import CHECKPOINTS, LoopCheckpoint, interrupted, start_or_resume
+from metrix.runs import MODEL_FILE, model_file
 
 def episode_data(data: str, root, download: bool = False):
     """Omniglot's background or evaluation set (``omniglot-background``), or any labelled image dataset."""
@@ -15,16 +18,35 @@ def episode_data(data: str, root, download: bool = False):
     return load_dataset(data)
 
 
-def train(data: str, out, root, download: bool = False, rotations: bool = True, episodes: int = 1500,
-          n_way: int = 20, k_shot: int = 5, n_query: int = 5, lr: float = 1e-3, seed: int = 0, echo=print) -> Path:
+COMMAND = "metrix fewshot train"
+
+
+def train(data: str = "omniglot-background", out=None, root="data/omniglot", download: bool = False,
+          rotations: bool = True, episodes: int = 1500, n_way: int = 20, k_shot: int = 5, n_query: int = 5,
+          lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 100, resume=None, echo=print) -> Path:
     """Train a prototypical network (4-block conv net), halving the learning rate every third of the
-    episodes; saves it into the run folder ``out`` (default ``runs/protonet``) and returns that folder."""
-    ds = episode_data(data, root, download)
-    run_dir = new_run_dir(out, "protonet")  # before training: a used --out is refused at once
-    X, y = rotate_classes(ds.X, ds.y) if rotations else (ds.X, ds.y)
+    episodes; saves it into the run folder ``out`` (default ``runs/protonet``) and returns that folder.
+
+    A checkpoint is written every ``checkpoint_every`` episodes into ``<run>/checkpoints/``; ``resume`` (an
+    interrupted run folder) continues it with its own settings to the weights an uninterrupted run has."""
+    settings = dict(data=data, root=str(root), download=download, rotations=rotations, episodes=int(episodes),
+                    n_way=int(n_way), k_shot=int(k_shot), n_query=int(n_query), lr=float(lr), seed=int(seed),
+                    checkpoint_every=int(checkpoint_every))
+    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
+    run_dir, s, resuming = start_or_resume(COMMAND, out, "protonet", settings, resume)
+    if resuming:
+        echo(f"resuming {run_dir} from its last checkpoint")
+    ds = episode_data(s["data"], s["root"], s["download"])
+    X, y = rotate_classes(ds.X, ds.y) if s["rotations"] else (ds.X, ds.y)
+    torch.manual_seed(s["seed"])  # the initial weights too: the same settings give the same network
     net = PrototypicalNetwork(input_shape=X.shape[1:])
-    net.fit(X, y, n_way, k_shot, n_query, episodes, lr, lr_halve_every=max(episodes // 3, 1), seed=seed,
-            log_every=max(episodes // 10, 1), echo=echo)
+    ckpt = LoopCheckpoint(run_dir / CHECKPOINTS, s["checkpoint_every"])
+    try:
+        net.fit(X, y, s["n_way"], s["k_shot"], s["n_query"], s["episodes"], s["lr"],
+                lr_halve_every=max(s["episodes"] // 3, 1), seed=s["seed"], log_every=max(s["episodes"] // 10, 1),
+                echo=echo, checkpoint=ckpt, resume=resuming)
+    except KeyboardInterrupt:
+        raise interrupted(run_dir, ckpt, "episode", s["episodes"], COMMAND) from None
     net.save(run_dir / MODEL_FILE)
     return run_dir
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from metrix.apps import recommend as rec
-from metrix.runs import MODEL_FILE, model_file, new_run_dir
+from metrix.checkpoints import CHECKPOINTS, LoopCheckpoint, interrupted, start_or_resume
+from metrix.runs import MODEL_FILE, model_file
 
 
 def movielens_split(root, split: str, download: bool = False):
@@ -25,21 +26,35 @@ def _test_metrics(net, train, test, split: str) -> dict:
     return rec.rating_metrics(net, test)
 
 
-def train(model: str, root, split: str = "u1", dim: int = 64, epochs: int = 20, lr: float = 5e-3, seed: int = 0,
-          out=None, download: bool = False) -> dict:
+COMMAND = "metrix recommend train"
+
+
+def train(model: str = "cml", root="data/ml-100k", split: str = "u1", dim: int = 64, epochs: int = 20,
+          lr: float = 5e-3, seed: int = 0, out=None, download: bool = False, checkpoint_every: int = 1,
+          resume=None, progress: bool = False) -> dict:
     """Train ``model`` (cml, bpr, metric, mf) on a split and save it into the run folder ``out`` (default
-    ``runs/<model>-<split>``); returns its test metrics and the folder."""
+    ``runs/<model>-<split>``); returns its test metrics and the folder. A checkpoint is written every
+    ``checkpoint_every`` epochs; ``resume`` (an interrupted run folder) continues it with its own settings."""
     if model not in rec.MODELS:
         raise ValueError(f"model must be one of {sorted(rec.MODELS)}, got {model!r}")
-    train_set, test_set = movielens_split(root, split, download)
-    run_dir = new_run_dir(out, f"{model}-{split}")  # before training: a used --out is refused at once
-    if model in rec.IMPLICIT:
-        fit_set = train_set if split == "loo" else train_set.positives()
-        net = rec.MODELS[model](fit_set.n_users, fit_set.n_items, dim, seed=seed)
-        rec.fit_implicit(net, fit_set, epochs=epochs, lr=lr, seed=seed)
-    else:
-        net = rec.MODELS[model](train_set.n_users, train_set.n_items, dim, float(train_set.ratings.mean()), seed)
-        rec.fit_explicit(net, train_set, epochs=epochs, lr=lr, seed=seed)
+    settings = dict(model=model, root=str(root), split=split, dim=int(dim), epochs=int(epochs), lr=float(lr),
+                    seed=int(seed), download=download, checkpoint_every=int(checkpoint_every))
+    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
+    run_dir, s, resuming = start_or_resume(COMMAND, out, f"{model}-{split}", settings, resume)
+    model, split, seed = s["model"], s["split"], s["seed"]
+    train_set, test_set = movielens_split(s["root"], split, s["download"])
+    ckpt = LoopCheckpoint(run_dir / CHECKPOINTS, s["checkpoint_every"])
+    resumable = dict(checkpoint=ckpt, resume=resuming, progress="training" if progress else None)
+    try:
+        if model in rec.IMPLICIT:
+            fit_set = train_set if split == "loo" else train_set.positives()
+            net = rec.MODELS[model](fit_set.n_users, fit_set.n_items, s["dim"], seed=seed)
+            rec.fit_implicit(net, fit_set, epochs=s["epochs"], lr=s["lr"], seed=seed, **resumable)
+        else:
+            net = rec.MODELS[model](train_set.n_users, train_set.n_items, s["dim"], float(train_set.ratings.mean()), seed)
+            rec.fit_explicit(net, train_set, epochs=s["epochs"], lr=s["lr"], seed=seed, **resumable)
+    except KeyboardInterrupt:
+        raise interrupted(run_dir, ckpt, "epoch", s["epochs"], COMMAND) from None
     metrics = _test_metrics(net, train_set, test_set, split)
     rec.save_recommender(net, run_dir / MODEL_FILE, extra={"split": split, "metrics": metrics})
     return {"metrics": metrics, "out": run_dir}

@@ -7,7 +7,7 @@ from pathlib import Path
 from metrix.apps.augment import ImageAugment
 from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
 from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
-from metrix.runs import new_run_dir
+from metrix.checkpoints import CHECKPOINTS, LoopCheckpoint, interrupted, start_or_resume
 
 
 def images(data: str, root, download: bool = False):
@@ -24,18 +24,37 @@ def images(data: str, root, download: bool = False):
     raise ValueError(f"unknown --data {data!r}: use 'fashion-mnist' or 'digits'")
 
 
-def train(method: str, data: str, root, out, download: bool = False, epochs: int = 5, batch_size: int = 256,
-          train_size: int | None = None, lr: float = 1e-3, temperature: float | None = None, queue_size: int = 4096,
-          momentum: float = 0.99, flip: float | None = None, seed: int = 0, echo=print) -> Path:
+COMMAND = "metrix selfsup train"
+
+
+def train(method: str = "simclr", data: str = "fashion-mnist", root="data/fashion_mnist", out=None,
+          download: bool = False, epochs: int = 5, batch_size: int = 256, train_size: int | None = None,
+          lr: float = 1e-3, temperature: float | None = None, queue_size: int = 4096, momentum: float = 0.99,
+          flip: float | None = None, seed: int = 0, checkpoint_every: int = 1, resume=None, echo=print) -> Path:
     """Train an encoder on the training images with the labels hidden; saves it into the run folder ``out``
-    (new or empty; default ``runs/<method>``) and returns that folder."""
-    X, *_ = images(data, root, download)
-    run_dir = new_run_dir(out, method)
-    X = X[:train_size] if train_size else X
-    augment = ImageAugment(flip=flip if flip is not None else (0.0 if data == "digits" else 0.5), seed=seed)
-    learner = ContrastiveLearner(method, input_shape=X.shape[1:], temperature=temperature, queue_size=queue_size,
-                                 momentum=momentum, augment=augment, seed=seed)
-    learner.fit(X, epochs, min(batch_size, len(X)), lr, log_every=max(epochs * (len(X) // batch_size) // 10, 1), echo=echo)
+    (new or empty; default ``runs/<method>``) and returns that folder. A checkpoint is written every
+    ``checkpoint_every`` epochs; ``resume`` (an interrupted run folder) continues it with its own settings."""
+    settings = dict(method=method, data=data, root=str(root), download=download, epochs=int(epochs),
+                    batch_size=int(batch_size), train_size=train_size, lr=float(lr), temperature=temperature,
+                    queue_size=int(queue_size), momentum=float(momentum), flip=flip, seed=int(seed),
+                    checkpoint_every=int(checkpoint_every))
+    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
+    run_dir, s, resuming = start_or_resume(COMMAND, out, method, settings, resume)
+    if resuming:
+        echo(f"resuming {run_dir} from its last checkpoint")
+    X, *_ = images(s["data"], s["root"], s["download"])
+    X = X[: s["train_size"]] if s["train_size"] else X
+    flip = s["flip"] if s["flip"] is not None else (0.0 if s["data"] == "digits" else 0.5)
+    learner = ContrastiveLearner(s["method"], input_shape=X.shape[1:], temperature=s["temperature"],
+                                 queue_size=s["queue_size"], momentum=s["momentum"],
+                                 augment=ImageAugment(flip=flip, seed=s["seed"]), seed=s["seed"])
+    ckpt = LoopCheckpoint(run_dir / CHECKPOINTS, s["checkpoint_every"])
+    batch_size = min(s["batch_size"], len(X))
+    try:
+        learner.fit(X, s["epochs"], batch_size, s["lr"], log_every=max(s["epochs"] * (len(X) // batch_size) // 10, 1),
+                    echo=echo, checkpoint=ckpt, resume=resuming)
+    except KeyboardInterrupt:
+        raise interrupted(run_dir, ckpt, "epoch", s["epochs"], COMMAND) from None
     learner.save(run_dir)
     return run_dir
 

