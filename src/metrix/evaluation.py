@@ -175,15 +175,19 @@ def knn_accuracy(
     k: int = 5,
     metric: str = "euclidean",
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
+    progress: str | None = None,
 ) -> float:
     """Accuracy of a majority vote among the ``k`` nearest references.
 
-    Ties between labels are broken in favour of the label seen at the nearest rank.
+    Ties between labels are broken in favour of the label seen at the nearest rank. ``progress``: a label for
+    a progress bar over the queries (shown on a terminal).
     """
     q, q_lab, r, r_lab, same = _prepare(query, query_labels, reference, reference_labels)
     n_classes = int(max(int(q_lab.max()), int(r_lab.max()))) + 1
     correct = 0
+    bar = progress_bar(len(q), progress, "query")
     for start, _, idx in iter_knn(q, None if same else r, k, metric, same, max_memory_mb):
+        bar.update(idx.shape[0])
         lab = r_lab[idx]
         kk = lab.shape[1]
         counts = torch.zeros(lab.shape[0], n_classes, dtype=torch.int64).scatter_add_(1, lab, torch.ones_like(lab))
@@ -193,6 +197,7 @@ def knn_accuracy(
         score = counts * (kk + 1) + (kk - first)
         pred = score.argmax(dim=1)
         correct += int((pred == q_lab[start : start + lab.shape[0]]).sum())
+    bar.close()
     return correct / q.shape[0]
 
 

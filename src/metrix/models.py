@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metrix._validation import progress_bar
 from metrix.distances import check_curvature, clip_norm, expmap0
 from metrix.io import (CorruptFileError, build_to_fit, file_digest, load_json, load_tagged, remove_orphan_temps,
                        save_json, save_tagged)
@@ -227,10 +228,11 @@ class EmbeddingModel(nn.Module):
         return F.normalize(e, dim=1) if self.normalize else e
 
     @torch.no_grad()
-    def embed(self, x, batch_size: int = 1024, features: bool = False) -> torch.Tensor:
+    def embed(self, x, batch_size: int = 1024, features: bool = False, progress: str | None = None) -> torch.Tensor:
         """Embed a large array in eval mode, batch by batch; returns a float32 CPU tensor.
 
         ``features=True`` returns the backbone's output (:meth:`features`) instead of the embedding.
+        ``progress``: a label for a progress bar over the samples (shown on a terminal).
         """
         x = torch.as_tensor(x, dtype=torch.float32)
         fn = self.features if features else self
@@ -239,8 +241,14 @@ class EmbeddingModel(nn.Module):
             self.eval()
         try:
             device = next(self.parameters()).device
+            bar = progress_bar(len(x), progress, "sample")
+            parts = []
             with torch.no_grad():  # plain tensors out (inference-mode ones refuse later in-place use)
-                return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+                for i in range(0, len(x), batch_size):
+                    parts.append(fn(x[i : i + batch_size].to(device)).cpu())
+                    bar.update(parts[-1].shape[0])
+            bar.close()
+            return torch.cat(parts)
         finally:
             if was_training:
                 self.train(True)

@@ -180,9 +180,9 @@ class ContrastiveLearner:
         model.eval()
         return history
 
-    def features(self, X, batch_size: int = 1024) -> np.ndarray:
+    def features(self, X, batch_size: int = 1024, progress: str | None = None) -> np.ndarray:
         """Frozen backbone features (the representation evaluated downstream)."""
-        return self.model.embed(check_images(X), batch_size, features=True).numpy()
+        return self.model.embed(check_images(X), batch_size, features=True, progress=progress).numpy()
 
     def save(self, folder) -> Path:
         return save_model(self.model, folder, {"selfsup": {"method": self.method, "temperature": self.temperature,
@@ -251,20 +251,22 @@ def _probe_accuracy(xtr, ytr, xte, yte, weight_decay, max_iter=200) -> float:
 
 
 def evaluate_features(train, train_labels, test, test_labels, k: int = 20, metric: str = "cosine",
-                      weight_decay: float = 1e-4) -> dict:
-    """kNN accuracy (test queries against the training set) and linear-probe accuracy of frozen features."""
+                      weight_decay: float = 1e-4, progress: str | None = None) -> dict:
+    """kNN accuracy (test queries against the training set) and linear-probe accuracy of frozen features.
+    ``progress``: a label for the kNN's progress bar (shown on a terminal)."""
     from metrix.evaluation import knn_accuracy
 
     xtr, ytr, xte, yte = _check_features(train, train_labels, test, test_labels)
-    knn = knn_accuracy(xte.astype(np.float32), yte, xtr.astype(np.float32), ytr, k=k, metric=metric)
+    knn = knn_accuracy(xte.astype(np.float32), yte, xtr.astype(np.float32), ytr, k=k, metric=metric,
+                       progress=progress and f"{progress}: kNN")
     return {"knn_accuracy": knn, "linear_probe_accuracy": _probe_accuracy(xtr, ytr, xte, yte, weight_decay),
             "k": int(k), "metric": metric, "dim": int(xtr.shape[1])}
 
 
-def random_encoder_features(X, input_shape, seed: int = 0, **model_kwargs) -> np.ndarray:
+def random_encoder_features(X, input_shape, seed: int = 0, progress: str | None = None, **model_kwargs) -> np.ndarray:
     """Features of an untrained :func:`default_model` (the baseline every learned encoder must beat)."""
     model = _seeded(default_model, seed, input_shape, **model_kwargs)
-    return model.embed(check_images(X), features=True).numpy()
+    return model.embed(check_images(X), features=True, progress=progress).numpy()
 
 
 __all__ = ["ContrastiveLearner", "default_model", "linear_probe", "evaluate_features", "random_encoder_features",

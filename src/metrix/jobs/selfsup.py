@@ -64,11 +64,15 @@ def evaluate(model, data: str, root, download: bool = False, k: int = 20, baseli
     ``baselines`` also of raw pixels and of the same encoder untrained. Returns one row per feature kind."""
     learner = ContrastiveLearner.load(model)
     Xtr, ytr, Xte, yte = images(data, root, download)
-    rows = {"trained": evaluate_features(learner.features(Xtr), ytr, learner.features(Xte), yte, k)}
+    rows = {"trained": evaluate_features(learner.features(Xtr, progress="trained: train features"), ytr,
+                                         learner.features(Xte, progress="trained: test features"), yte, k,
+                                         progress="trained")}
     if baselines:
-        rows["raw pixels"] = evaluate_features(Xtr, ytr, Xte, yte, k)
+        rows["raw pixels"] = evaluate_features(Xtr, ytr, Xte, yte, k, progress="raw pixels")
         shape, kw = Xtr.shape[1:], {"seed": learner.seed, "pixel_mean": float(Xtr.mean()),
                                      "pixel_std": float(Xtr.std()), **learner.model.backbone_kwargs}
-        rows["random encoder"] = evaluate_features(random_encoder_features(Xtr, shape, **kw), ytr,
-                                                   random_encoder_features(Xte, shape, **kw), yte, k)
+        rows["random encoder"] = evaluate_features(
+            random_encoder_features(Xtr, shape, progress="random encoder: train features", **kw), ytr,
+            random_encoder_features(Xte, shape, progress="random encoder: test features", **kw), yte, k,
+            progress="random encoder")
     return rows
