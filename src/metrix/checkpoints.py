@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from metrix.runs import new_run_dir
 from metrix.io import (CorruptFileError, flatten_state, load_json, load_tagged, reading, remove_orphan_temps,
@@ -68,6 +69,25 @@ class LoopCheckpoint:
                 raise CorruptFileError(f"{self.path}: invalid checkpoint contents")
         self.saved = done
         return done, state, info["meta"]
+
+
+def restore(ckpt: LoopCheckpoint | None, objects: dict) -> tuple[int, dict, dict] | None:
+    """Load ``ckpt``'s last checkpoint into ``objects`` (name → anything with ``load_state_dict``; None entries
+    are skipped) and the global torch generator; returns ``(done, state, meta)``, or None without one."""
+    saved = None if ckpt is None else ckpt.load()
+    if saved is not None:
+        _, state, _ = saved
+        for name, obj in objects.items():
+            if obj is not None:
+                obj.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"])
+    return saved
+
+
+def capture(ckpt: LoopCheckpoint, done: int, objects: dict, meta: dict, **more) -> None:
+    """Save ``objects``' state_dicts, the global torch generator and ``more`` (tensors, generator states)."""
+    state = {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
+    ckpt.save(done, {**state, "rng": torch.get_rng_state(), **more}, meta)
 
 
 def numpy_rng_state(rng: np.random.Generator) -> dict:

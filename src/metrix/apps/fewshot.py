@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metrix.checkpoints import LoopCheckpoint
+from metrix.checkpoints import LoopCheckpoint, capture, restore
 from metrix.io import CorruptFileError, build_to_fit, load_tagged, save_tagged
 from metrix.models import MAX_INPUT_ELEMENTS
 from metrix.training import optimizer_step
@@ -123,15 +123,10 @@ class PrototypicalNetwork:
         opt = torch.optim.Adam(self.encoder.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, lr_halve_every, 0.5) if lr_halve_every else None
         history, done = [], 0
-        saved = checkpoint.load() if resume and checkpoint is not None else None
+        objects = {"encoder": self.encoder, "optimizer": opt, "scheduler": sched}
+        saved = restore(checkpoint, objects) if resume else None
         if saved is not None:
-            done, state, meta = saved
-            self.encoder.load_state_dict(state["encoder"])
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            history = list(meta["history"])
+            done, history = saved[0], list(saved[2]["history"])
         self.encoder.train()
         start = time.perf_counter()
         for step, (support, query) in enumerate(EpisodeSampler(labels, n_way, k_shot, n_query, episodes, seed), 1):
@@ -142,9 +137,7 @@ class PrototypicalNetwork:
             if sched is not None:
                 sched.step()
             if checkpoint is not None and checkpoint.due(step, episodes):
-                checkpoint.save(step, {"encoder": self.encoder.state_dict(), "optimizer": opt.state_dict(),
-                                       "scheduler": None if sched is None else sched.state_dict(),
-                                       "rng": torch.get_rng_state()}, {"history": history})
+                capture(checkpoint, step, objects, {"history": history})
             if log_every and step % log_every == 0:
                 acc = float((logits.argmax(1) == target).float().mean())
                 echo(f"episode {step:5d}  loss {np.mean(history[-log_every:]):.4f}  acc {acc:.3f}  "

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from metrix._validation import progress_bar
+from metrix.checkpoints import capture, restore
 from metrix.training import optimizer_step
 
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -275,13 +276,11 @@ def _train_epochs(model, n: int, epochs: int, batch_size: int, lr: float, weight
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     history, done = [], 0
-    saved = checkpoint.load() if resume and checkpoint is not None else None
+    objects = {"model": model, "optimizer": opt}
+    saved = restore(checkpoint, objects) if resume else None
     if saved is not None:
-        done, state, meta = saved
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        g.set_state(state["generator"])
-        history = list(meta["history"])
+        done, history = saved[0], list(saved[2]["history"])
+        g.set_state(saved[1]["generator"])
     bar = progress_bar(epochs, progress, "epoch")
     bar.update(done)
     for epoch in range(done + 1, epochs + 1):
@@ -290,8 +289,7 @@ def _train_epochs(model, n: int, epochs: int, batch_size: int, lr: float, weight
             total += batch_step(idx, opt, g)
         history.append(total / n)
         if checkpoint is not None and checkpoint.due(epoch, epochs):
-            checkpoint.save(epoch, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "generator": g.get_state()}, {"history": history})
+            capture(checkpoint, epoch, objects, {"history": history}, generator=g.get_state())
         bar.update(1)
     bar.close()
     return history

@@ -35,7 +35,7 @@ from torch import nn
 from metrix._validation import check_positive
 from metrix.apps.augment import ImageAugment
 from metrix.losses import NTXentLoss
-from metrix.checkpoints import LoopCheckpoint, numpy_rng_state, set_numpy_rng_state
+from metrix.checkpoints import LoopCheckpoint, capture, numpy_rng_state, restore, set_numpy_rng_state
 from metrix.memory import CrossBatchMemory, MomentumEncoder
 from metrix.models import EmbeddingModel, load_model, save_model
 from metrix.training import optimizer_step
@@ -137,18 +137,14 @@ class ContrastiveLearner:
             keys = self.key_encoder_ = MomentumEncoder(model, self.momentum)
             queue = self.queue_ = CrossBatchMemory(ntxent, model.embedding_dim, self.queue_size).to(device)
         history, start, step, done = [], time.perf_counter(), 0, 0
-        saved = checkpoint.load() if resume and checkpoint is not None else None
+        moco = self.method == "moco"
+        objects = {"model": model, "optimizer": opt, "scheduler": sched, "keys": keys if moco else None,
+                   "queue": queue if moco else None}
+        saved = restore(checkpoint, objects) if resume else None
         if saved is not None:
             done, state, meta = saved
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
             self.augment.generator.set_state(state["augment"])
             set_numpy_rng_state(rng, meta["order_rng"])
-            if self.method == "moco":
-                keys.load_state_dict(state["keys"])
-                queue.load_state_dict(state["queue"])
             history, step = list(meta["history"]), done * steps_per_epoch
         model.train()
         for epoch in range(done + 1, int(epochs) + 1):
@@ -171,12 +167,8 @@ class ContrastiveLearner:
                 if log_every and step % log_every == 0:
                     echo(f"step {step:6d}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
             if checkpoint is not None and checkpoint.due(epoch, int(epochs)):
-                moco = self.method == "moco"
-                checkpoint.save(epoch, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "augment": self.augment.generator.get_state(),
-                    "keys": keys.state_dict() if moco else None, "queue": queue.state_dict() if moco else None,
-                }, {"history": history, "order_rng": numpy_rng_state(rng)})
+                capture(checkpoint, epoch, objects, {"history": history, "order_rng": numpy_rng_state(rng)},
+                        augment=self.augment.generator.get_state())
         model.eval()
         return history
 

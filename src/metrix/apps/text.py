@@ -234,24 +234,20 @@ def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(int(warmup * total), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(total - s, 0) / max(total - warm, 1)))
+    from metrix.checkpoints import capture, restore
+
     history, done = [], 0
-    saved = checkpoint.load() if resume and checkpoint is not None else None
+    objects = {"encoder": encoder, "optimizer": opt, "scheduler": sched}
+    saved = restore(checkpoint, objects) if resume else None
     if saved is not None:
-        done, state, meta = saved
-        encoder.load_state_dict(state["encoder"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        history = list(meta["history"])
+        done, history = saved[0], list(saved[2]["history"])
     encoder.train()
     start = time.perf_counter()
     for batch in [b for epoch_batches in plan for b in epoch_batches][done:]:
         history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}"))
         sched.step()
         if checkpoint is not None and checkpoint.due(len(history), total):
-            checkpoint.save(len(history), {"encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
-                                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
-                            {"history": history})
+            capture(checkpoint, len(history), objects, {"history": history})
         if log_every and len(history) % log_every == 0:
             echo(f"step {len(history):5d}/{total}  loss {np.mean(history[-log_every:]):.4f}  {time.perf_counter() - start:.0f} s")
     encoder.eval()
