@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 import sys
 
 import typer
 
 # The one error boundary of the command line: the library's own exceptions become one line on stderr and exit
 # code 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback. --debug shows it for all of them.
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, FloatingPointError, OSError)
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, FloatingPointError, OSError,
+               sqlite3.Error)
 _DEBUG = {"on": False}
 
 

@@ -1,0 +1,264 @@
+"""The service's durable store: collections, items, API keys and an audit log in SQLite.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: a transaction is on disk (WAL fsynced) when ``COMMIT``
+returns, so a write the service acknowledges survives ``kill -9`` and power loss. Every write is one transaction
+(an upsert of many items lands whole or not at all). The in-memory search indexes are derived from this store
+and rebuilt from it at start-up; the store is the truth.
+
+Every change bumps a store-wide ``version`` (the ``seq`` of the item rows it wrote), so a reader can ask for
+"everything after version v" — the change feed a second replica would follow.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('collection', 'gallery')),
+    metric TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    index_type TEXT NOT NULL,
+    threshold REAL,
+    calibration TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection TEXT NOT NULL REFERENCES collections(name) ON DELETE CASCADE,
+    item_id TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    metadata TEXT NOT NULL,
+    label TEXT,
+    UNIQUE (collection, item_id)
+);
+CREATE INDEX IF NOT EXISTS items_by_label ON items(collection, label);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    at REAL NOT NULL,
+    key_id TEXT,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    kind: str
+    metric: str
+    dim: int
+    index_type: str
+    threshold: float | None
+    calibration: dict | None
+
+    def public(self, count: int) -> dict:
+        out = {"name": self.name, "kind": self.kind, "metric": self.metric, "dim": self.dim,
+               "index_type": self.index_type, "count": count}
+        if self.kind == "gallery":
+            out["threshold"] = self.threshold
+        return out
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    seq: int
+    item_id: str
+    vector: np.ndarray
+    metadata: dict
+    label: str | None
+
+
+class SQLiteStore:
+    """The store in ``folder/metrix.db``. One connection per thread; writes are serialised by SQLite."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "metrix.db"
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)  # idempotent (IF NOT EXISTS); commits by itself
+
+    # -------------------------------------------------------------- plumbing
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # COMMIT returns after the WAL is fsynced
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    class _Transaction:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, kind, exc, tb):
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            return False
+
+    def _tx(self):
+        return self._Transaction(self._db())
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # ------------------------------------------------------------ collections
+    def create_collection(self, info: CollectionInfo, audit: tuple | None = None) -> None:
+        with self._tx() as db:
+            self._log(db, audit)
+            if db.execute("SELECT 1 FROM collections WHERE name = ?", (info.name,)).fetchone():
+                raise FileExistsError(f"collection {info.name!r} exists")
+            db.execute("INSERT INTO collections VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (info.name, info.kind, info.metric, info.dim, info.index_type, info.threshold,
+                        None if info.calibration is None else json.dumps(info.calibration), time.time()))
+
+    def collections(self) -> list[CollectionInfo]:
+        rows = self._db().execute("SELECT name, kind, metric, dim, index_type, threshold, calibration "
+                                  "FROM collections ORDER BY name").fetchall()
+        return [CollectionInfo(r[0], r[1], r[2], int(r[3]), r[4], r[5], None if r[6] is None else json.loads(r[6]))
+                for r in rows]
+
+    def delete_collection(self, name: str, audit: tuple | None = None) -> None:
+        with self._tx() as db:
+            self._log(db, audit)
+            db.execute("DELETE FROM items WHERE collection = ?", (name,))
+            db.execute("DELETE FROM collections WHERE name = ?", (name,))
+
+    def set_calibration(self, name: str, threshold: float, calibration: dict, audit: tuple | None = None) -> None:
+        with self._tx() as db:
+            self._log(db, audit)
+            db.execute("UPDATE collections SET threshold = ?, calibration = ? WHERE name = ?",
+                       (threshold, json.dumps(calibration), name))
+
+    # ------------------------------------------------------------------ items
+    def upsert(self, collection: str, ids: list[str], vectors: np.ndarray, metadata: list[dict],
+               labels: list[str | None], audit: tuple | None = None) -> tuple[list[int], list[int]]:
+        """Insert or replace items in one transaction; returns ``(new seqs, replaced seqs)``."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        new, old = [], []
+        with self._tx() as db:
+            self._log(db, audit)
+            for item_id, vec, meta, label in zip(ids, vectors, metadata, labels):
+                prev = db.execute("DELETE FROM items WHERE collection = ? AND item_id = ? RETURNING seq",
+                                  (collection, item_id)).fetchone()
+                if prev is not None:
+                    old.append(int(prev[0]))
+                cur = db.execute("INSERT INTO items (collection, item_id, vector, metadata, label) VALUES (?, ?, ?, ?, ?)",
+                                 (collection, item_id, vec.tobytes(), json.dumps(meta), label))
+                new.append(int(cur.lastrowid))
+        return new, old
+
+    def delete_items(self, collection: str, ids: list[str], audit: tuple | None = None) -> list[int]:
+        """Delete items by id in one transaction; returns the seqs removed (ids not present are skipped)."""
+        removed = []
+        with self._tx() as db:
+            self._log(db, audit)
+            for item_id in ids:
+                row = db.execute("DELETE FROM items WHERE collection = ? AND item_id = ? RETURNING seq",
+                                 (collection, item_id)).fetchone()
+                if row is not None:
+                    removed.append(int(row[0]))
+        return removed
+
+    def delete_label(self, collection: str, label: str, audit: tuple | None = None) -> list[int]:
+        with self._tx() as db:
+            self._log(db, audit)
+            return [int(r[0]) for r in db.execute("DELETE FROM items WHERE collection = ? AND label = ? RETURNING seq",
+                                                  (collection, label)).fetchall()]
+
+    def items(self, collection: str, dim: int) -> list[ItemRow]:
+        rows = self._db().execute("SELECT seq, item_id, vector, metadata, label FROM items WHERE collection = ? "
+                                  "ORDER BY seq", (collection,)).fetchall()
+        return [ItemRow(int(r[0]), r[1], np.frombuffer(r[2], dtype=np.float32, count=dim), json.loads(r[3]), r[4])
+                for r in rows]
+
+    def get(self, collection: str, item_id: str, dim: int) -> ItemRow | None:
+        r = self._db().execute("SELECT seq, item_id, vector, metadata, label FROM items WHERE collection = ? "
+                               "AND item_id = ?", (collection, item_id)).fetchone()
+        return None if r is None else ItemRow(int(r[0]), r[1], np.frombuffer(r[2], dtype=np.float32, count=dim),
+                                              json.loads(r[3]), r[4])
+
+    def rows_for_seqs(self, seqs: list[int]) -> dict[int, tuple[str, dict, str | None]]:
+        if not seqs:
+            return {}
+        out = {}
+        db = self._db()
+        for start in range(0, len(seqs), 500):
+            part = seqs[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for r in db.execute(f"SELECT seq, item_id, metadata, label FROM items WHERE seq IN ({marks})", part):
+                out[int(r[0])] = (r[1], json.loads(r[2]), r[3])
+        return out
+
+    # ------------------------------------------------------------------- keys
+    def add_key(self, key_id: str, secret_hash: str, scopes: list[str], name: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
+                       (key_id, secret_hash, json.dumps(sorted(scopes)), name, time.time()))
+
+    def key(self, key_id: str) -> tuple[str, list[str]] | None:
+        r = self._db().execute("SELECT secret_hash, scopes FROM api_keys WHERE key_id = ? AND revoked IS NULL",
+                               (key_id,)).fetchone()
+        return None if r is None else (r[0], json.loads(r[1]))
+
+    def keys(self) -> list[dict]:
+        rows = self._db().execute("SELECT key_id, scopes, name, created, revoked FROM api_keys ORDER BY created").fetchall()
+        return [{"key_id": r[0], "scopes": json.loads(r[1]), "name": r[2], "created": r[3], "revoked": r[4]} for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
+                              (time.time(), key_id)).rowcount == 1
+
+    # ------------------------------------------------------------------ audit
+    @staticmethod
+    def _log(db, audit: tuple | None) -> None:
+        """An audit row ``(key_id, action, detail)`` in the same transaction as the write it records."""
+        if audit is not None:
+            key_id, action, detail = audit
+            db.execute("INSERT INTO audit VALUES (?, ?, ?, ?)", (time.time(), key_id, action, json.dumps(detail)))
+
+    def audit(self, key_id: str | None, action: str, detail: dict) -> None:
+        with self._tx() as db:
+            self._log(db, (key_id, action, detail))
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        rows = self._db().execute("SELECT at, key_id, action, detail FROM audit ORDER BY rowid DESC LIMIT ?",
+                                  (int(limit),)).fetchall()
+        return [{"at": r[0], "key_id": r[1], "action": r[2], "detail": json.loads(r[3])} for r in rows]
+
+    # --------------------------------------------------------------- settings
+    def setting(self, name: str) -> str | None:
+        r = self._db().execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return None if r is None else r[0]
+
+    def set_setting(self, name: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                       (name, value))
