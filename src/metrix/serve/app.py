@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metrix.serve.batching import Saturated
 from metrix.serve.keys import allows, check_token
@@ -177,6 +178,13 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):  # FastAPI's own (unparsable body, 404, 405)
+        detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the body is not valid JSON"
+        return _error(exc.status_code, detail, exc.headers)
 
     handlers = {NotFound: 404, Conflict: 409, Saturated: 429, ValueError: 400, TypeError: 400}
     for kind, status in handlers.items():
