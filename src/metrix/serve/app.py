@@ -79,7 +79,8 @@ class SearchRequest(_Body):
 
 class GalleryRequest(_Body):
     name: str
-    metric: Optional[str] = None
+    metric: Optional[str] = Field(None, description="euclidean (default) or cosine.")
+    dim: Optional[int] = Field(None, description="Only without a run: the vectors' dimension.")
 
 
 class EnrollRequest(_Body):
@@ -313,7 +314,7 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
     # ------------------------------------------------------------ verification
     @app.post(f"{v1}/galleries", status_code=201, tags=["verification"])
     def create_gallery(body: GalleryRequest, key=require("admin")):
-        return service.create_collection(body.name, "gallery", body.metric, "exact", key_id=key)
+        return service.create_collection(body.name, "gallery", body.metric, "exact", body.dim, key_id=key)
 
     @app.get(f"{v1}/galleries/{{name}}/identities", tags=["verification"])
     def identities(name: str, key=require("read")):

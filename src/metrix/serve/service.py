@@ -67,6 +67,7 @@ class _Collection:
         self.entries: dict[int, tuple[str, dict, str | None]] = {}  # seq -> (item id, metadata, label)
         self.index: VectorIndex | None = None
         self.gallery: Gallery | None = None
+        self._searcher: MicroBatcher | None = None
         if info.kind == "gallery":
             self.gallery = Gallery(threshold=info.threshold, metric=info.metric)
         else:
@@ -75,6 +76,39 @@ class _Collection:
 
     def count(self) -> int:
         return len(self.entries)
+
+    def searcher(self, settings) -> MicroBatcher | None:
+        """The collection's search micro-batcher (started at its first search), or None without batching."""
+        if settings is None or self.index is None:
+            return None
+        with self.write_lock:
+            if self._searcher is None:
+                self._searcher = MicroBatcher(self._search_batch, *settings)
+        return self._searcher
+
+    def _search_batch(self, payloads: list) -> list:
+        """One index search per (nprobe, ef_search) group of waiting queries, each cut to its own k."""
+        out: list = [None] * len(payloads)
+        groups: dict = {}
+        for i, (q, k, nprobe, ef_search) in enumerate(payloads):
+            groups.setdefault((nprobe, ef_search), []).append(i)
+        for (nprobe, ef_search), members in groups.items():
+            n = len(self.index)
+            if n == 0:
+                for i in members:
+                    out[i] = (np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64))
+                continue
+            k = min(max(payloads[i][1] for i in members), n)
+            queries = np.concatenate([payloads[i][0] for i in members])
+            dist, ids = self.index.search(queries, k, nprobe=nprobe, ef_search=ef_search, check_input=False)
+            for row, i in enumerate(members):
+                own = min(payloads[i][1], n)
+                out[i] = (dist[row : row + 1, :own], ids[row : row + 1, :own])
+        return out
+
+    def close(self) -> None:
+        if self._searcher is not None:
+            self._searcher.close()
 
 
 class Service:
@@ -86,15 +120,19 @@ class Service:
     store : the durable store (rebuilt into memory here)
     limits : per-request limits
     batching : ``(max_batch, max_delay_seconds, max_queue)`` of the embedding micro-batcher; None for none
+    search_batching : the same for searches of one collection (queries that arrive together are answered by one
+        index search of all of them: one GEMM instead of many scans); None for none
     """
 
-    def __init__(self, run, store: SQLiteStore, limits: Limits = Limits(), batching=(64, 0.005, 256)):
+    def __init__(self, run, store: SQLiteStore, limits: Limits = Limits(), batching=(64, 0.005, 256),
+                 search_batching=(32, 0.002, 256)):
         self.run, self.store, self.limits = run, store, limits
         self._lock = threading.RLock()  # guards the collections dict
         self._collections: dict[str, _Collection] = {}
+        self.search_batching = search_batching
         self.batcher = None
         if run is not None and batching is not None:
-            self.batcher = MicroBatcher(lambda x: run.embed(x).numpy(), *batching)
+            self.batcher = MicroBatcher(MicroBatcher.stacked(lambda x: run.embed(x).numpy()), *batching)
         for info in store.collections():
             self._collections[info.name] = self._rebuilt(info)
         self.ready = True
@@ -102,6 +140,9 @@ class Service:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        with self._lock:
+            for coll in self._collections.values():
+                coll.close()
 
     @property
     def dim(self) -> int | None:
@@ -243,6 +284,7 @@ class Service:
         with coll.write_lock, self._lock:
             self.store.delete_collection(name, audit=(key_id, "delete_collection", {"name": name}))
             self._collections.pop(name, None)
+        coll.close()
 
     def _rebuilt(self, info: CollectionInfo) -> _Collection:
         coll = _Collection(info)
@@ -344,7 +386,11 @@ class Service:
             dist, ids = index.range_search(q, float(radius), nprobe=nprobe, ef_search=ef_search)[0]
             hits = list(zip(ids[:k].tolist(), dist[:k].tolist()))
         else:
-            dist, ids = index.search(q, min(k, n), nprobe=nprobe, ef_search=ef_search, check_input=False)
+            searcher = coll.searcher(self.search_batching)
+            if searcher is not None:
+                dist, ids = searcher.submit((q, k, nprobe, ef_search), size=1).result(60)
+            else:
+                dist, ids = index.search(q, min(k, n), nprobe=nprobe, ef_search=ef_search, check_input=False)
             hits = [(int(i), float(d)) for i, d in zip(ids[0], dist[0]) if i >= 0]
         if filter and radius is not None:
             similar = coll.info.metric == "dot"
