@@ -115,13 +115,28 @@ def _dump(items) -> list[dict]:
 class _Limits:
     """Pure ASGI middleware: refuses bodies over the limit (413) and requests beyond the concurrency limit (429)."""
 
-    def __init__(self, app, max_body: int, max_concurrent: int, state):
-        self.app, self.max_body, self.state = app, max_body, state
+    def __init__(self, app, max_body: int, max_concurrent: int, state, metrics: ServiceMetrics):
+        self.app, self.max_body, self.state, self.metrics = app, max_body, state, metrics
         self.slots = threading.BoundedSemaphore(max_concurrent)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, sending)
+        finally:  # per route template (the router put it in the scope), so ids do not explode the labels
+            route = scope.get("route")
+            self.metrics.record(scope.get("method", ""), getattr(route, "path", "unmatched"), status[0],
+                                time.perf_counter() - start)
+
+    async def _limited(self, scope, receive, send):
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await _error(413, f"the request body is larger than {self.max_body} bytes")(scope, receive, send)
@@ -219,16 +234,6 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
     @app.exception_handler(_Forbidden)
     async def _403(request, exc):
         return _error(403, f"this key lacks the '{exc.args[0]}' scope")
-
-    # ------------------------------------------------------------ metrics
-    @app.middleware("http")
-    async def _measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.record(request.method, getattr(route, "path", "unmatched"), response.status_code,
-                       time.perf_counter() - start)
-        return response
 
     # ------------------------------------------------------------ health, page, metrics
     @app.get("/healthz", include_in_schema=False)
@@ -346,7 +351,7 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
             raise ValueError("limit must be in [1, 10000]")
         return {"entries": service.store.audit_log(limit)}
 
-    wrapped = _Limits(app, service.limits.max_body_bytes, service.limits.max_concurrent, state)
+    wrapped = _Limits(app, service.limits.max_body_bytes, service.limits.max_concurrent, state, metrics)
     wrapped.fastapi = app  # the FastAPI object (routes, OpenAPI schema) behind the limits
     return wrapped
 

@@ -94,6 +94,7 @@ class SQLiteStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "metrix.db"
         self._local = threading.local()
+        self._key_cache: dict[str, tuple[float, tuple | None]] = {}
         self._db().executescript(SCHEMA)  # idempotent (IF NOT EXISTS); commits by itself
 
     # -------------------------------------------------------------- plumbing
@@ -222,10 +223,20 @@ class SQLiteStore:
             db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
                        (key_id, secret_hash, json.dumps(sorted(scopes)), name, time.time()))
 
+    KEY_CACHE_SECONDS = 1.0  # a key revoked by another process stops working within this time
+
     def key(self, key_id: str) -> tuple[str, list[str]] | None:
+        """``(secret hash, scopes)`` of an unrevoked key; read from the database at most once a second per key
+        (every request checks its key)."""
+        now = time.monotonic()
+        cached = self._key_cache.get(key_id)
+        if cached is not None and now - cached[0] < self.KEY_CACHE_SECONDS:
+            return cached[1]
         r = self._db().execute("SELECT secret_hash, scopes FROM api_keys WHERE key_id = ? AND revoked IS NULL",
                                (key_id,)).fetchone()
-        return None if r is None else (r[0], json.loads(r[1]))
+        found = None if r is None else (r[0], json.loads(r[1]))
+        self._key_cache[key_id] = (now, found)
+        return found
 
     def keys(self) -> list[dict]:
         rows = self._db().execute("SELECT key_id, scopes, name, created, revoked FROM api_keys ORDER BY created").fetchall()
@@ -233,8 +244,10 @@ class SQLiteStore:
 
     def revoke_key(self, key_id: str) -> bool:
         with self._tx() as db:
-            return db.execute("UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
+            done = db.execute("UPDATE api_keys SET revoked = ? WHERE key_id = ? AND revoked IS NULL",
                               (time.time(), key_id)).rowcount == 1
+        self._key_cache.pop(key_id, None)
+        return done
 
     # ------------------------------------------------------------------ audit
     @staticmethod
