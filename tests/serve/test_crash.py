@@ -36,10 +36,17 @@ def _call(url, method, path, token, body=None, timeout=5.0):
         return response.status, json.loads(response.read() or b"null")
 
 
+def _start_args(store, port, *extra):
+    return [sys.executable, "-m", "metrix", "serve", "--store", str(store), "--port", str(port), *extra]
+
+
 def _start(store, port):
-    proc = subprocess.Popen([sys.executable, "-m", "metrix", "serve", "--store", str(store), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_start_args(store, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return _wait_ready(proc, port)
+
+
+def _wait_ready(proc, port):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -61,8 +61,8 @@ class Conflict(ValueError):
 class _Collection:
     """A collection's in-memory side: its index (ids = store seqs) or gallery, and who each entry is."""
 
-    def __init__(self, info: CollectionInfo):
-        self.info = info
+    def __init__(self, info: CollectionInfo, since: int = 0):
+        self.info, self.since = info, since  # since: the change-feed version this copy already reflects
         self.write_lock = threading.Lock()
         self.entries: dict[int, tuple[str, dict, str | None]] = {}  # seq -> (item id, metadata, label)
         self.index: VectorIndex | None = None
@@ -133,11 +133,18 @@ class Service:
         self.batcher = None
         if run is not None and batching is not None:
             self.batcher = MicroBatcher(MicroBatcher.stacked(lambda x: run.embed(x).numpy()), *batching)
+        self.version = store.version()  # read first: changes after it are applied again, idempotently
         for info in store.collections():
-            self._collections[info.name] = self._rebuilt(info)
+            self._collections[info.name] = self._rebuilt(info, self.version)
+        self._sync_lock = threading.Lock()
+        self._following: threading.Thread | None = None
+        self._stop = threading.Event()
         self.ready = True
 
     def close(self) -> None:
+        self._stop.set()
+        if self._following is not None:
+            self._following.join(5)
         if self.batcher is not None:
             self.batcher.close()
         with self._lock:
@@ -265,7 +272,7 @@ class Service:
         coll = _Collection(info)  # builds the index first: a bad faiss setting fails before the store changes
         with self._lock:
             try:
-                self.store.create_collection(info, audit=(key_id, "create_collection", {"name": name}))
+                coll.since = self.store.create_collection(info, audit=(key_id, "create_collection", {"name": name}))
             except FileExistsError:
                 raise Conflict(f"a collection named {name!r} exists") from None
             self._collections[name] = coll
@@ -286,8 +293,8 @@ class Service:
             self._collections.pop(name, None)
         coll.close()
 
-    def _rebuilt(self, info: CollectionInfo) -> _Collection:
-        coll = _Collection(info)
+    def _rebuilt(self, info: CollectionInfo, since: int) -> _Collection:
+        coll = _Collection(info, since)
         rows = self.store.items(info.name, info.dim)
         if info.kind == "gallery":
             by_identity: dict[str, list] = {}
@@ -300,10 +307,79 @@ class Service:
         coll.entries = {r.seq: (r.item_id, r.metadata, r.label) for r in rows}
         return coll
 
+    # ------------------------------------------------------------- replicas
+    def follow(self, interval: float = 0.05) -> None:
+        """Keep applying the changes other writers make to the store (other replicas, other processes), every
+        ``interval`` seconds, in a background thread."""
+        if self._following is None:
+            def loop():
+                while not self._stop.wait(interval):
+                    try:
+                        self.sync()
+                    except Exception:  # noqa: BLE001 - a store that is briefly unreachable: try again next time
+                        continue
+            self._following = threading.Thread(target=loop, name="metrix-follow", daemon=True)
+            self._following.start()
+
+    def sync(self) -> int:
+        """Apply every change in the store's feed after the last one applied; returns how many. Idempotent: a
+        change this service made itself (already in memory) is skipped."""
+        with self._sync_lock:
+            changes = self.store.changes_since(self.version)
+            adds: dict[str, list[int]] = {}
+            for ch in changes:
+                if ch.op == "add":
+                    adds.setdefault(ch.collection, []).append(ch.seq)
+            rows = {}
+            for name, seqs in adds.items():
+                coll = self._collections.get(name)
+                if coll is not None:
+                    rows.update({r.seq: r for r in self.store.items_by_seq(name, seqs, coll.info.dim)})
+            for ch in changes:
+                self._apply(ch, rows)
+                self.version = ch.version
+            return len(changes)
+
+    def _apply(self, ch, rows: dict) -> None:
+        with self._lock:
+            coll = self._collections.get(ch.collection)
+            if ch.op == "create" and coll is None:
+                info = self.store.collection_info(ch.collection)
+                if info is not None:
+                    self._collections[ch.collection] = self._rebuilt(info, ch.version)
+                return
+            if ch.op == "drop" and coll is not None and coll.since < ch.version:
+                self._collections.pop(ch.collection)
+                coll.close()
+                return
+        if coll is None or coll.since >= ch.version:
+            return
+        with coll.write_lock:
+            if ch.op == "add" and ch.seq not in coll.entries and ch.seq in rows:
+                row = rows[ch.seq]
+                if coll.gallery is not None:
+                    coll.gallery.enroll(row.label, row.vector[None])
+                else:
+                    coll.index.add(row.vector[None], ids=[row.seq], check_input=False)
+                coll.entries[row.seq] = (row.item_id, row.metadata, row.label)
+            elif ch.op == "remove" and ch.seq in coll.entries:
+                if coll.index is not None:
+                    coll.index.remove([ch.seq])
+                coll.entries.pop(ch.seq)
+            elif ch.op == "remove_label" and coll.gallery is not None and ch.label in coll.gallery.identities:
+                coll.gallery.remove(ch.label)
+                coll.entries = {s: e for s, e in coll.entries.items() if e[2] != ch.label}
+            elif ch.op == "calibrate":
+                info = self.store.collection_info(ch.collection)
+                if info is not None:
+                    coll.info = info
+                    coll.gallery.threshold = info.threshold
+
     # ------------------------------------------------------------------ items
     def upsert(self, name: str, items: list[dict], key_id: str | None = None) -> dict:
         """Insert or replace items (``id``, ``vector`` or ``input``/``image``, ``metadata``, ``label``); durable
         when this returns."""
+        self.sync()  # what other writers did first, so that replacing their items finds them here
         coll = self._get(name, "collection")
         if not items:
             raise ValueError("give at least one item")
@@ -326,7 +402,7 @@ class Service:
         with coll.write_lock:
             new, old = self.store.upsert(name, ids, vectors, metadata, labels,
                                          audit=(key_id, "upsert", {"collection": name, "ids": ids[:20], "n": len(ids)}))
-            coll.index.remove(old)
+            coll.index.remove([s for s in old if s in coll.entries])  # (one another replica wrote may not be here yet)
             coll.index.add(vectors, ids=new, check_input=False)
             for seq in old:
                 coll.entries.pop(seq, None)
@@ -342,13 +418,14 @@ class Service:
         return {"id": row.item_id, "vector": row.vector.tolist(), "metadata": row.metadata, "label": row.label}
 
     def delete_items(self, name: str, ids: list[str], key_id: str | None = None) -> dict:
+        self.sync()
         coll = self._get(name, "collection")
         if not ids or len(ids) > self.limits.max_batch:
             raise ValueError(f"give 1 to {self.limits.max_batch} ids")
         with coll.write_lock:
             removed = self.store.delete_items(name, [str(i) for i in ids],
                                               audit=(key_id, "delete", {"collection": name, "ids": ids[:20]}))
-            coll.index.remove(removed)
+            coll.index.remove([s for s in removed if s in coll.entries])
             for seq in removed:
                 coll.entries.pop(seq, None)
         return {"deleted": len(removed)}
@@ -424,6 +501,7 @@ class Service:
     # ----------------------------------------------------------- verification
     def enroll(self, name: str, identity: str, samples: list[dict], key_id: str | None = None) -> dict:
         """Add samples of ``identity`` to a gallery (a sample it already holds is skipped); durable on return."""
+        self.sync()
         coll = self._get(name, "gallery")
         identity = str(identity)
         if not 1 <= len(identity) <= 256:
@@ -447,6 +525,7 @@ class Service:
         return {"identity": identity, "added": int(len(x)), "skipped": len(samples) - int(len(x))}
 
     def remove_identity(self, name: str, identity: str, key_id: str | None = None) -> dict:
+        self.sync()
         coll = self._get(name, "gallery")
         with coll.write_lock:
             if identity not in coll.gallery.identities:
