@@ -130,6 +130,8 @@ class Run:
     """A trained run: ``model`` (inference mode, never switched), ``config``, ``metric``, ``input_spec`` and
     ``fingerprint`` (SHA-256 of its weights file, which indexes and galleries built from it record)."""
 
+    kind = "deep"  # or "classical" (a linear map from metrix fit-linear) or "text" (a sentence encoder)
+
     def __init__(self, path: Path, model: EmbeddingModel, config: dict, fingerprint: str):
         self.path, self.model, self.config, self.fingerprint = Path(path), model, config, fingerprint
         self.model.eval()
@@ -142,8 +144,14 @@ class Run:
 
     @classmethod
     def open(cls, path, device: str | torch.device = "cpu") -> "Run":
-        """Load a run folder (or the one run inside ``path``) once, verified, onto ``device``."""
+        """Load a run folder (or the one run inside ``path``) once, verified, onto ``device``: a deep run of
+        ``metrix train`` (or ``selfsup``), a linear one of ``metrix fit-linear`` or a text encoder of
+        ``metrix text train``."""
         folder = resolve_run_dir(path)
+        if (folder / "metrix_text.json").is_file():
+            return TextRun.open_folder(folder, device)
+        if not (folder / "config.json").is_file():
+            return ClassicalRun.open_folder(folder)
         model, config = load_model(folder)
         return cls(folder, model.to(check_device(device)), config, run_fingerprint(folder))
 
@@ -183,6 +191,65 @@ class Run:
             raise ValueError(f"the {what} was built with another run (fingerprint {recorded[:12]}…) than {self.path}; "
                              "embeddings of different runs are not comparable: rebuild it with this run, or pass "
                              "--allow-other-run if both runs are known to embed alike")
+
+
+class ClassicalRun(Run):
+    """A run of ``metrix fit-linear``: the learned linear map ``x ↦ L x`` (standardisation folded in), so the
+    Euclidean distance of its embeddings is the learned Mahalanobis distance."""
+
+    kind = "classical"
+
+    def __init__(self, path: Path, estimator, extra: dict, fingerprint: str):
+        self.path, self.model, self.config, self.fingerprint = Path(path), None, {"classical": extra}, fingerprint
+        self.estimator = estimator
+        self.geometry, self.metric = "linear", "euclidean"
+        self.input_spec = InputSpec((int(estimator.n_features_in_),), True)
+
+    @classmethod
+    def open_folder(cls, folder: Path) -> "ClassicalRun":
+        from metrix.classical.persistence import load_estimator
+
+        estimator, extra = load_estimator(folder / MODEL_FILE, return_extra=True)
+        return cls(folder, estimator, extra, run_fingerprint(folder))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.estimator.components_.shape[0])
+
+    def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
+        x = self.input_spec.check(inputs)
+        return torch.from_numpy(self.estimator.transform(x.reshape(len(x), -1).double().numpy()).astype(np.float32))
+
+
+class TextRun(Run):
+    """A run of ``metrix text train``: a sentence encoder; it embeds texts (a list of strings)."""
+
+    kind = "text"
+
+    def __init__(self, path: Path, encoder, fingerprint: str):
+        self.path, self.model, self.config, self.fingerprint = Path(path), None, {}, fingerprint
+        self.encoder = encoder
+        self.geometry, self.metric = "sphere", "euclidean"
+        self.input_spec = None
+
+    @classmethod
+    def open_folder(cls, folder: Path, device="cpu") -> "TextRun":
+        from metrix.apps.text import SentenceEncoder
+
+        encoder = SentenceEncoder.load(folder).to(check_device(device)).eval()
+        encoder.requires_grad_(False)
+        return cls(folder, encoder, run_fingerprint(folder))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.encoder.dim)
+
+    def embed(self, inputs, batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
+        if isinstance(inputs, str) or not all(isinstance(t, str) for t in inputs):
+            raise ValueError("this is a text run: it embeds texts (a list of strings), not arrays")
+        if not inputs:
+            raise ValueError("inputs are empty: give at least one text")
+        return torch.from_numpy(self.encoder.encode(list(inputs), batch_size, progress=progress))
 
 
 def as_run(run) -> Run:

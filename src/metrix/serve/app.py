@@ -34,12 +34,13 @@ class _Body(BaseModel):
 
 
 class Input(_Body):
-    """One thing to compare: a precomputed ``vector``, raw ``input`` values the run embeds, or an ``image``
-    (base64 file bytes)."""
+    """One thing to compare: a precomputed ``vector``, raw ``input`` values the run embeds, an ``image``
+    (base64 file bytes), or a ``text`` (for a text run)."""
 
     vector: Optional[list[float]] = None
     input: Optional[list[float]] = None
     image: Optional[str] = None
+    text: Optional[str] = None
 
 
 class Item(Input):
@@ -260,7 +261,8 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
     def info(key=require("read")):
         run = service.run
         return {"dim": service.dim, "metric": None if run is None else run.metric,
-                "input_shape": None if run is None else list(run.input_spec.shape),
+                "kind": None if run is None else run.kind,
+                "input_shape": None if run is None or run.input_spec is None else list(run.input_spec.shape),
                 "limits": service.limits.__dict__}
 
     # ------------------------------------------------------------ embeddings

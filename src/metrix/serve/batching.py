@@ -15,7 +15,6 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 
 class Saturated(RuntimeError):
@@ -28,7 +27,7 @@ class MicroBatcher:
     Parameters
     ----------
     fn : ``fn(payloads) -> results``, one result per payload, for a list of payloads; called from the worker
-        thread only. :meth:`stacked` makes one from a function of a stacked array (e.g. ``run.embed``).
+        thread only
     max_batch : samples per call at most (a request larger than this is its own batch)
     max_delay : seconds the first request of a batch waits for company
     max_queue : requests waiting at most; more raise :class:`Saturated`
@@ -45,15 +44,6 @@ class MicroBatcher:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._loop, name="metrix-microbatcher", daemon=True)
         self._worker.start()
-
-    @staticmethod
-    def stacked(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[list], list]:
-        """``fn`` of one (n, ...) array as a function of a list of arrays: stacked, called once, split back."""
-        def run(arrays: list) -> list:
-            out = fn(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
-            bounds = np.cumsum([len(a) for a in arrays])[:-1]
-            return np.split(out, bounds)
-        return run
 
     @property
     def waiting(self) -> int:

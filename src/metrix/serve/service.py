@@ -132,7 +132,7 @@ class Service:
         self.search_batching = search_batching
         self.batcher = None
         if run is not None and batching is not None:
-            self.batcher = MicroBatcher(MicroBatcher.stacked(lambda x: run.embed(x).numpy()), *batching)
+            self.batcher = MicroBatcher(self._embed_payloads, *batching)
         self.version = store.version()  # read first: changes after it are applied again, idempotently
         for info in store.collections():
             self._collections[info.name] = self._rebuilt(info, self.version)
@@ -156,11 +156,21 @@ class Service:
         return None if self.run is None else self.run.embedding_dim
 
     # ---------------------------------------------------------------- inputs
+    def _embed_payloads(self, payloads: list) -> list:
+        """Embeddings of several requests' inputs (arrays, or lists of texts for a text run) in one model call."""
+        sizes = [len(p) for p in payloads]
+        if self.run.kind == "text":
+            out = self.run.embed([t for p in payloads for t in p]).numpy()
+        else:
+            out = self.run.embed(np.concatenate(payloads) if len(payloads) > 1 else payloads[0]).numpy()
+        return np.split(out, np.cumsum(sizes)[:-1])
+
     def _decode_image(self, data: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        if self.run is None:
-            raise ValueError("this service has no run to embed images; send vectors")
+        if self.run is None or self.run.input_spec is None:
+            raise ValueError("this service's run does not take images; send " +
+                             ("vectors" if self.run is None else "'text'"))
         shape = self.run.input_spec.shape
         side = math.isqrt(math.prod(shape)) if len(shape) == 1 else None
         if len(shape) == 3 and shape[0] == 1:
@@ -185,14 +195,22 @@ class Service:
         return pixels.reshape(shape)
 
     def embed(self, inputs: list[dict]) -> np.ndarray:
-        """Embeddings of ``inputs``: each ``{"input": [...]}`` (raw values the run takes) or ``{"image": base64}``,
-        all through the micro-batcher."""
+        """Embeddings of ``inputs``: each ``{"input": [...]}`` (raw values the run takes), ``{"image": base64}``
+        or, for a text run, ``{"text": "..."}``; all through the micro-batcher."""
         if self.run is None:
             raise ValueError("this service was started without a run: it takes precomputed vectors only")
         if not inputs:
             raise ValueError("give at least one input")
         if len(inputs) > self.limits.max_batch:
             raise ValueError(f"{len(inputs)} inputs in one request; the limit is {self.limits.max_batch}")
+        if self.run.kind == "text":
+            texts = [item.get("text") for item in inputs]
+            for i, text in enumerate(texts):
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"input {i}: this run embeds texts: give a non-empty 'text'")
+                if len(text) > 100_000:
+                    raise ValueError(f"input {i}: a text of {len(text)} characters is over the limit of 100,000")
+            return self.batcher(texts) if self.batcher is not None else self.run.embed(texts).numpy()
         rows = []
         for i, item in enumerate(inputs):
             if item.get("image") is not None:
@@ -200,7 +218,8 @@ class Service:
             elif item.get("input") is not None:
                 rows.append(np.asarray(item["input"], dtype=np.float64).reshape(-1))
             else:
-                raise ValueError(f"input {i} has neither 'input' nor 'image'")
+                raise ValueError(f"input {i} has neither 'input' nor 'image'" +
+                                 (" (this run embeds raw values, not text)" if item.get("text") is not None else ""))
         size = math.prod(self.run.input_spec.shape)
         flat = []
         for i, r in enumerate(rows):
@@ -219,7 +238,7 @@ class Service:
         out: list = [None] * len(items)
         to_embed = []
         for i, item in enumerate(items):
-            if item.get("vector") is not None:
+            if item.get("vector") is not None:  # (a text run's items carry 'text' and are embedded)
                 v = np.asarray(item["vector"], dtype=np.float64)
                 if v.ndim != 1 or v.shape[0] != dim:
                     raise ValueError(f"{what} {i}: vector has {v.size} values; this collection holds {dim}-d vectors")
