@@ -193,6 +193,8 @@ def create_app(service: Service, insecure_no_auth: bool = False) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(422, f"the body is not valid JSON (at character {first.get('loc', ('', '?'))[-1]})")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(422, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
 
