@@ -79,7 +79,7 @@ def test_sigkilled_training_resumes_bit_identical(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     print(f"kills {kills}, inside checkpoint writes {inside_writes}, resumed from a checkpoint {resumed}")
-    assert kills >= 30 and inside_writes >= 10
+    assert kills >= KILLS and inside_writes >= KILLS // 3  # a third of the kills land inside a checkpoint write
 
     ours, ours_info = _tensors(run / "model.safetensors")
     theirs, theirs_info = _tensors(tmp_path / "runs" / "ref" / "model.safetensors")

@@ -1,0 +1,77 @@
+"""What ``metrix explain`` does: explain a pair, or a query and its nearest items in a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from metrix.explain import explain_pair, plot_pairs
+from metrix.runs import Run, as_run
+
+
+def pick(spec: str, run: Run):
+    """One input from ``spec``: ``DATA#i`` (sample i of a dataset name, folder or file), a ``.npy`` of one
+    sample, or — for a text run — the text itself."""
+    if run.kind == "text":
+        if not spec.strip():
+            raise ValueError("give a non-empty text")
+        return spec, None
+    from metrix.datasets import load_dataset
+
+    if "#" in spec:
+        data, _, index = spec.rpartition("#")
+        if not index.isdigit():
+            raise ValueError(f"{spec!r}: the part after '#' must be a sample number")
+        ds = load_dataset(data)
+        if not int(index) < len(ds.X):
+            raise ValueError(f"{data} has {len(ds.X)} samples; {index} is out of range")
+        label = ds.y[int(index)]
+        return ds.X[int(index)], label.item() if hasattr(label, "item") else label
+    path = Path(spec)
+    if path.suffix == ".npy" and path.is_file():
+        x = np.load(path, allow_pickle=False)
+        if x.ndim >= 2 and x.shape[0] == 1:
+            x = x[0]
+        return x, None
+    raise ValueError(f"{spec!r}: give DATA#i (e.g. digits#7), a .npy file of one sample"
+                     + (", or a text (this is a text run)" if run.kind == "text" else ""))
+
+
+def explain(run, query: str, reference: str | None = None, data: str | None = None, k: int = 3,
+            steps: int = 64, out=None) -> dict:
+    """Explain ``query`` against ``reference``, or against its ``k`` nearest samples of ``data`` (itself
+    excluded); writes a figure to ``out`` when given. Returns the explanations as JSON-able dicts."""
+    run = as_run(run)
+    a, a_label = pick(query, run)
+    if (reference is None) == (data is None):
+        raise ValueError("give --reference (one pair) or --data (the query's nearest samples), not both")
+    if reference is not None:
+        b, b_label = pick(reference, run)
+        pairs = [(b, b_label, reference)]
+    else:
+        if run.kind == "text":
+            raise ValueError("--data takes image or feature datasets; for a text run give --reference")
+        from metrix.datasets import load_dataset
+        from metrix.neighbors import knn
+
+        ds = load_dataset(data)
+        emb = run.embed(ds.X, progress="embedding")
+        q = run.embed(np.asarray(a, dtype=np.float32)[None])
+        dist, idx = knn(q, emb, k=min(int(k) + 1, len(ds.X)), metric=run.metric)
+        chosen = [int(i) for i, d in zip(idx[0], dist[0]) if float(d) > 1e-6][: int(k)]  # not the query itself
+        pairs = [(ds.X[i], ds.y[i].item() if hasattr(ds.y[i], "item") else ds.y[i], f"{data}#{i}") for i in chosen]
+    results = []
+    for b, b_label, name in pairs:
+        result = explain_pair(run, a, b, steps)
+        result.update(query=query, reference=name, query_label=_plain(a_label), reference_label=_plain(b_label))
+        results.append(result)
+    if out is not None:
+        if run.kind == "text":
+            raise ValueError("figures are for image and feature runs; use --json for a text run's token attributions")
+        plot_pairs([(a, b, r, r["reference"]) for (b, _, _), r in zip(pairs, results)], out)
+    return {"pairs": results}
+
+
+def _plain(label):
+    return None if label is None else (label if isinstance(label, (int, float, str)) else str(label))
