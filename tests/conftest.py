@@ -25,6 +25,26 @@ def clustered(n_classes=6, per_class=8, dim=16, spread=0.6, seed=0, dtype=torch.
     return x[perm], labels[perm]
 
 
+def run_threads(work, n: int) -> list:
+    """Run ``work(i)`` for i in range(n) on n threads at once; returns the exceptions they raised."""
+    import threading
+
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def flip_byte(path, offset: int = -3) -> None:
     """Damage a saved file in place (one byte inverted), as a disk or a bad copy would."""
     data = bytearray(Path(path).read_bytes())

@@ -1,7 +1,6 @@
 """A run is opened once and shared: the same embeddings from 8 threads as from one, no mode switching,
 a folder holding one run accepted, clear errors for inputs that do not fit."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from sklearn.datasets import load_digits
 
 from metrix.jobs.train import TrainConfig, train
 from metrix.runs import Run, resolve_run_dir
+from tests.conftest import run_threads
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,13 @@ def test_a_run_shared_by_eight_threads_embeds_as_one_thread(run_dir):
     run = Run.open(run_dir)
     x = load_digits().data.astype(np.float32)
     expected = run.embed(x, batch_size=64)
-    results, errors = [None] * 8, []
+    results = [None] * 8
 
     def work(i):
-        try:
-            for _ in range(3):
-                results[i] = run.embed(x, batch_size=64)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        for _ in range(3):
+            results[i] = run.embed(x, batch_size=64)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert run_threads(work, 8) == []
     # unit vectors from float32 GEMMs: a different split of the work between threads may move the last bits
     for r in results:
         torch.testing.assert_close(r, expected, rtol=0, atol=1e-5)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_threads
+
 
 def _inputs(x):
     return [{"input": row.tolist()} for row in x]
@@ -94,20 +96,12 @@ def test_embed_matches_the_run_and_micro_batches_concurrent_requests(make_client
     r = client("POST", "/v1/embed", scope="read", json={"inputs": _inputs(X[:3])})
     assert r.status_code == 200 and r.json()["dim"] == 64
     np.testing.assert_allclose(r.json()["embeddings"], client.service.run.embed(X[:3]).numpy(), rtol=1e-5, atol=1e-6)
-    results, errors = {}, []
+    results = {}
 
     def call(i):
-        try:
-            results[i] = client("POST", "/v1/embed", scope="read", json={"inputs": _inputs(X[i : i + 1])}).json()
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        results[i] = client("POST", "/v1/embed", scope="read", json={"inputs": _inputs(X[i : i + 1])}).json()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert run_threads(call, 16) == []
     want = client.service.run.embed(X[:16]).numpy()
     for i in range(16):
         np.testing.assert_allclose(results[i]["embeddings"][0], want[i], rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import sys
@@ -66,6 +67,15 @@ def registry_names(kind: str) -> list[str]:
     from metrix.registry import REGISTRIES
 
     return sorted(REGISTRIES[kind]())
+
+
+def echo_rows(rows: list, as_json: bool, line) -> None:
+    """Print ``rows`` as JSON, or one ``line(row)`` each."""
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(line(row))
 
 
 def resume_option(command: str):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from metrix.cli.common import DEVICE, app, command_group, open_run
+from metrix.cli.common import DEVICE, app, command_group, echo_rows, open_run
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -88,12 +87,8 @@ def keys_list(store: str = STORE, as_json: bool = typer.Option(False, "--json", 
     """The store's keys: id, scopes, note, and whether revoked (never the secrets)."""
     from metrix.serve.store import open_store
 
-    keys = open_store(store).keys()
-    if as_json:
-        typer.echo(json.dumps(keys, indent=2))
-        return
-    for k in keys:
-        typer.echo(f"{k['key_id']}  {','.join(k['scopes']):<17} {'revoked' if k['revoked'] else 'active ':<8} {k['name']}")
+    echo_rows(open_store(store).keys(), as_json,
+              lambda k: f"{k['key_id']}  {','.join(k['scopes']):<17} {'revoked' if k['revoked'] else 'active ':<8} {k['name']}")
 
 
 @keys_app.command("revoke")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from metrix.apps.verification import GALLERY_METRICS
-from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
+from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, echo_rows, open_run
 from metrix.neighbors import KNN_METRICS
 
 
@@ -68,11 +68,8 @@ def gallery_verify(
     from metrix.jobs.verification import verify
 
     results = verify(gallery, open_run(run, device), data, identity, label_column, allow_other_run)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        typer.echo(f"sample {r['sample']:>5}  {'ACCEPT' if r['accepted'] else 'reject'}  distance {r['distance']:.4f}")
+    echo_rows(results, as_json,
+              lambda r: f"sample {r['sample']:>5}  {'ACCEPT' if r['accepted'] else 'reject'}  distance {r['distance']:.4f}")
 
 
 @gallery_app.command("identify")
