@@ -26,6 +26,15 @@ ERROR_CASES = [
     (["fewshot", "eval", MISSING], "no such file"),
     (["selfsup", "eval", MISSING], ""),
     (["text", "eval", "--task", "nope"], "nope"),
+    (["text", "train"], "give --task"),
+    (["fewshot", "train", "--resume", MISSING], "no checkpoints to resume"),
+    (["recommend", "train", "--resume", MISSING], "no checkpoints to resume"),
+    (["selfsup", "train", "--resume", MISSING], "no checkpoints to resume"),
+    (["explain", MISSING, "--query", "digits#0", "--reference", "digits#1"], "no such file"),
+    (["serve", MISSING, "--store", "/nonexistent/store-parent/store"], "no such file"),
+    (["serve", "keys", "create", "--store", "s", "--scope", "root"], "scopes of read, write, admin"),
+    (["serve", "keys", "revoke", "abc", "--store", "/nonexistent/x"], "no store at /nonexistent/x"),
+    (["serve", "keys", "list", "--store", "/nonexistent/x"], "no store at"),
 ]
 
 

@@ -76,9 +76,10 @@ def keys_create(
     name: str = typer.Option("", help="A note saying whose key this is."),
 ) -> None:
     """Create an API key and print it (only its hash is stored: keep the printed token)."""
-    from metrix.serve.keys import create_key
+    from metrix.serve.keys import check_scopes, create_key
     from metrix.serve.store import open_store
 
+    check_scopes(scope)  # before the store is opened (and made): a refused command leaves nothing behind
     typer.echo(create_key(open_store(store), scope, name))
 
 
@@ -87,7 +88,7 @@ def keys_list(store: str = STORE, as_json: bool = typer.Option(False, "--json", 
     """The store's keys: id, scopes, note, and whether revoked (never the secrets)."""
     from metrix.serve.store import open_store
 
-    echo_rows(open_store(store).keys(), as_json,
+    echo_rows(open_store(store, create=False).keys(), as_json,
               lambda k: f"{k['key_id']}  {','.join(k['scopes']):<17} {'revoked' if k['revoked'] else 'active ':<8} {k['name']}")
 
 
@@ -97,6 +98,6 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The id of the key (the p
     """Revoke a key: requests with it get 401 from then on (within a second on other replicas)."""
     from metrix.serve.store import open_store
 
-    if not open_store(store).revoke_key(key_id):
+    if not open_store(store, create=False).revoke_key(key_id):
         raise KeyError(f"no active key {key_id!r} in {store}")
     typer.echo(f"revoked {key_id}")

@@ -18,11 +18,17 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(store, scopes: list[str], name: str = "") -> str:
-    """A new key with ``scopes`` in ``store``; returns the token (shown once: only its hash is kept)."""
+def check_scopes(scopes) -> list[str]:
+    """``scopes`` sorted, if each is one of :data:`SCOPES`, else a ``ValueError`` naming them."""
     scopes = sorted(set(scopes))
     if not scopes or any(s not in SCOPES for s in scopes):
         raise ValueError(f"give one or more scopes of {', '.join(SCOPES)} (--scope), got {scopes}")
+    return scopes
+
+
+def create_key(store, scopes: list[str], name: str = "") -> str:
+    """A new key with ``scopes`` in ``store``; returns the token (shown once: only its hash is kept)."""
+    scopes = check_scopes(scopes)
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     store.add_key(key_id, _hash(secret), scopes, name)
     return f"mxk_{key_id}_{secret}"

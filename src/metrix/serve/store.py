@@ -393,9 +393,12 @@ class PostgresStore(SQLStore):
                     db.execute(statement)
 
 
-def open_store(spec) -> SQLStore:
-    """``postgresql://...`` → :class:`PostgresStore`; anything else is a folder for a :class:`SQLiteStore`."""
+def open_store(spec, create: bool = True) -> SQLStore:
+    """``postgresql://...`` → :class:`PostgresStore`; anything else is a folder for a :class:`SQLiteStore`
+    (made when missing unless ``create=False``)."""
     text = str(spec)
     if text.startswith(("postgresql://", "postgres://")):
         return PostgresStore(text)
+    if not create and not (Path(text) / "metrix.db").is_file():
+        raise FileNotFoundError(f"no store at {text} (no metrix.db in it): give the --store the service uses")
     return SQLiteStore(text)
