@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from metrix.io import load_tagged
@@ -35,6 +36,7 @@ def _wait_for(predicate, proc, timeout=60.0):
     return False
 
 
+@pytest.mark.slow  # about a minute: .ci/run runs it after the default suite
 def test_sigkilled_training_resumes_bit_identical(tmp_path):
     (tmp_path / "run.yaml").write_text(SETTINGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every process of the test

@@ -120,3 +120,49 @@ def test_cli_explains_a_pair_a_search_and_a_linear_run(tmp_path):
                        (["--reference", "nowhere.txt"], "DATA#i")):
         r = runner.invoke(app, ["explain", str(tmp_path / "run"), "--query", "digits#0", *args])
         assert r.exit_code == 2 and says in r.output, r.output
+
+
+def _gap_model(seed=0):
+    torch.manual_seed(seed)
+    model = EmbeddingModel("convnet_gap", 24, input_shape=(1, 16, 16), backbone_kwargs={"channels": 12})
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        model.train()
+        model(torch.rand(64, 1, 16, 16))
+    return model.eval()
+
+
+def test_gap_pairwise_decomposition_sums_exactly_to_the_cosine():
+    """Stylianou et al. 2019: with global average pooling and a linear head, cos(e(x), e(y)) is a sum over
+    pairs of feature-map positions, bias included; each side's map and each point-specific map sum consistently."""
+    model = _gap_model()
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x, y = torch.rand(1, 16, 16, generator=g), torch.rand(1, 16, 16, generator=g)
+        maps = E.gap_pairwise_maps(model, x, y)
+        with torch.no_grad():
+            cos = float((model(x[None]).double() * model(y[None]).double()).sum())
+        assert maps.cosine == pytest.approx(cos, abs=1e-6)
+        assert float(maps.map_x.sum()) == pytest.approx(cos, abs=1e-6) and float(maps.map_y.sum()) == pytest.approx(cos, abs=1e-6)
+        assert maps.map_x.shape == (4, 4) and maps.pairs.shape == (16, 16)
+        torch.testing.assert_close(maps.pairs.sum(1).reshape(4, 4), maps.map_x)
+    with pytest.raises(ValueError, match="convnet_gap"):
+        E.gap_pairwise_maps(_model(), torch.rand(256), torch.rand(256))
+
+
+def test_gap_maps_pass_the_sanity_checks():
+    """Adebayo et al. 2018 for the exact maps: they change when the weights are randomised (the head's bias is
+    zeroed so that the maps are not dominated by its uniform share). (An untrained model embeds random images
+    almost parallel, so its maps barely depend on the other input; that check runs on integrated gradients.)"""
+    def model(seed):
+        m = _gap_model(seed)
+        with torch.no_grad():
+            m.head.bias.zero_()
+        return m
+
+    g = torch.Generator().manual_seed(5)
+    changed = 0
+    for _ in range(5):
+        x, y = (torch.rand(1, 16, 16, generator=g) for _ in range(2))
+        base = E.gap_pairwise_maps(model(0), x, y).map_x.numpy()
+        changed += _rank_correlation(base, E.gap_pairwise_maps(model(9), x, y).map_x.numpy()) < 0.7
+    assert changed >= 4

@@ -166,13 +166,21 @@ def explain_pair(run, a, b, steps: int = 64, baseline=None) -> dict:
     xb = run.input_spec.check(np.asarray(b, dtype=np.float32)[None])[0]
     att_a = integrated_gradients(run.model, xa, xb, run.metric, baseline, steps)
     att_b = integrated_gradients(run.model, xb, xa, run.metric, baseline, steps)
-    return {"kind": "integrated_gradients", "metric": run.metric, "distance": -att_a.similarity,
-            "baseline": "zeros" if baseline is None else "given", "a": att_a.to_dict(), "b": att_b.to_dict()}
+    result = {"kind": "integrated_gradients", "metric": run.metric, "distance": -att_a.similarity,
+              "baseline": "zeros" if baseline is None else "given", "a": att_a.to_dict(), "b": att_b.to_dict()}
+    if getattr(run.model, "backbone_name", None) == "convnet_gap" and isinstance(run.model.head, torch.nn.Linear):
+        maps = gap_pairwise_maps(run.model, xa, xb)  # exact, over feature-map positions, besides the gradients
+        result["exact_pairwise"] = {"cosine": maps.cosine, "map_a": maps.map_x.tolist(), "map_b": maps.map_y.tolist(),
+                                    "pairs": maps.pairs.tolist()}
+    return result
 
 
 def attribution_maps(result: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The two sides' attribution arrays of :func:`explain_pair` (the exact linear decomposition is one
-    per-feature array shared by both sides)."""
+    """The two sides' attribution arrays of :func:`explain_pair`: the exact pairwise maps when the run has them
+    (feature-map resolution), else the gradients' (the exact linear decomposition is one per-feature array
+    shared by both sides)."""
+    if "exact_pairwise" in result:
+        return np.asarray(result["exact_pairwise"]["map_a"]), np.asarray(result["exact_pairwise"]["map_b"])
     if result["kind"] == "exact":
         per_feature = np.asarray(result["per_feature"])
         return per_feature, per_feature
@@ -224,3 +232,48 @@ def _square(values) -> np.ndarray:
         return v
     side = int(round(len(v) ** 0.5))
     return v.reshape(side, side) if side * side == len(v) else v[None, :]
+
+
+@dataclass(frozen=True)
+class PairwiseMaps:
+    """The exact decomposition of ``cos(e(x), e(y))`` over pairs of feature-map positions (Stylianou et al.,
+    2019) for a run whose embedding is a linear head over globally average-pooled conv features:
+    ``cos = Σ_p Σ_q pairs[p, q]`` (+ nothing: the head's bias is shared out over the positions). ``map_x`` and
+    ``map_y`` sum ``pairs`` over the other side; ``pairs[p]`` is the point-specific map of position p of x."""
+
+    pairs: torch.Tensor  # (Hx·Wx, Hy·Wy)
+    map_x: torch.Tensor  # (Hx, Wx)
+    map_y: torch.Tensor  # (Hy, Wy)
+    cosine: float
+
+
+def gap_pairwise_maps(model, x: torch.Tensor, y: torch.Tensor) -> PairwiseMaps:
+    """:class:`PairwiseMaps` of two inputs of an :class:`~metrix.models.EmbeddingModel` with the
+    ``convnet_gap`` backbone and a linear head (``ValueError`` for any other architecture: then use
+    :func:`integrated_gradients`).
+
+    With ``F_p`` the feature vector at position p of P, the unnormalised embedding is
+    ``z = W·(1/P Σ_p F_p) + b = Σ_p u_p`` with ``u_p = (W F_p + b)/P``, so
+    ``cos = z(x)·z(y)/(‖z(x)‖‖z(y)‖) = Σ_p Σ_q u_p(x)·u_q(y)/(‖z(x)‖‖z(y)‖)``, exactly.
+    """
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if getattr(model, "backbone_name", None) != "convnet_gap" or not isinstance(head, torch.nn.Linear):
+        raise ValueError("the exact pairwise decomposition needs the convnet_gap backbone with a linear head; "
+                         "use integrated gradients for this run")
+    if model.ball_curvature is not None:
+        raise ValueError("the exact pairwise decomposition is for runs on the sphere, not the Poincaré ball")
+    with torch.no_grad():
+        def positions(inp):
+            inp = torch.as_tensor(inp, dtype=torch.float32)[None]
+            if model.preprocess is not None:
+                inp = model.preprocess(inp)
+            fmap = backbone[0](inp)[0].double()  # (C, H, W): the feature map before the pooling
+            c, h, w = fmap.shape
+            u = (fmap.reshape(c, h * w).T @ head.weight.double().T + head.bias.double()) / (h * w)  # (P, D)
+            return u, (h, w)
+
+        ux, shape_x = positions(x)
+        uy, shape_y = positions(y)
+        zx, zy = ux.sum(0), uy.sum(0)
+        pairs = (ux @ uy.T) / (torch.linalg.vector_norm(zx) * torch.linalg.vector_norm(zy))
+    return PairwiseMaps(pairs, pairs.sum(1).reshape(shape_x), pairs.sum(0).reshape(shape_y), float(pairs.sum()))

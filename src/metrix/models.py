@@ -104,6 +104,35 @@ def convnet(input_shape, channels: int = 64, blocks: int = 4) -> nn.Module:
     return net
 
 
+class GlobalAveragePool(nn.Module):
+    """(B, C, H, W) → (B, C): the mean over positions. With a linear head after it, an embedding is a sum of
+    per-position terms, which makes a similarity decompose exactly over pairs of positions (metrix.explain)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+@register_backbone("convnet_gap")
+def convnet_gap(input_shape, channels: int = 64, blocks: int = 3, pools: int = 2) -> nn.Module:
+    """Conv blocks (3×3 conv → BatchNorm → ReLU; a 2×2 max-pool after the first ``pools`` of them) and global
+    average pooling: the last feature map keeps its positions (7×7 for 28×28 images), so
+    ``metrix explain`` can say exactly which parts of two images make them alike.
+
+    ``net[0]`` is the part before the pooling (it gives the feature map), ``net[1]`` the pooling.
+    """
+    c, h, w = _image_shape(input_shape)
+    layers: list[nn.Module] = [_ToImage((c, h, w))]
+    for i in range(int(blocks)):
+        layers += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()]
+        if i < int(pools) and min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = channels
+    net = nn.Sequential(nn.Sequential(*layers), GlobalAveragePool())
+    net.output_dim = c
+    return net
+
+
 class Standardize(nn.Module):
     """``(x − mean) / std`` with statistics stored as buffers (saved with the model)."""
 
