@@ -2,6 +2,7 @@
 pause, restarted each time: every acknowledged write is there afterwards, an unacknowledged batch is there whole
 or not at all, and the rebuilt index answers exactly as brute force over the store."""
 
+import http.client
 import json
 import os
 import random
@@ -87,7 +88,7 @@ class Writer(threading.Thread):
             status, _ = _call(self.url, "POST", path, self.token, body)
             assert status == 200
             acked.append(record)
-        except (urllib.error.URLError, ConnectionError, OSError, TimeoutError):
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError, TimeoutError):
             unknown.append(record)
             self.stop.set()  # the server is gone: wait for the next one
 
