@@ -133,3 +133,17 @@ def test_sigint_to_a_real_process_exits_130_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "resume with 'metrix fewshot train --resume" in lines[0], err
+
+
+def test_ctrl_c_between_a_checkpoint_rename_and_its_bookkeeping_still_names_the_checkpoint(tmp_path):
+    """The signal can land after the file is renamed into place but before the loop notes it: the message
+    reads the file on disk instead of saying there is nothing to resume."""
+    from metrix.checkpoints import LoopCheckpoint, interrupted
+
+    ckpt = LoopCheckpoint(tmp_path / "checkpoints", every=1)
+    ckpt.save(7, {"w": torch.zeros(2)}, {"history": []})
+    fresh = LoopCheckpoint(tmp_path / "checkpoints", every=1)  # a loop that has not noted the save yet
+    message = str(interrupted(tmp_path, fresh, "epoch", 10, "metrix selfsup train"))
+    assert "after epoch 7 of 10" in message and f"--resume {tmp_path}" in message
+    empty = LoopCheckpoint(tmp_path / "none", every=1)
+    assert "nothing to resume" in str(interrupted(tmp_path, empty, "epoch", 10, "metrix selfsup train"))

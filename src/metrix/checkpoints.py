@@ -147,6 +147,12 @@ def start_or_resume(command: str, out, default_name: str, settings: dict, resume
 
 def interrupted(run_dir, ckpt: LoopCheckpoint | None, unit: str, total: int | None, command: str) -> KeyboardInterrupt:
     """The ``KeyboardInterrupt`` a job raises on Ctrl-C: where the last checkpoint is and how to resume."""
+    if ckpt is not None and ckpt.saved is None and ckpt.path.is_file():
+        # Ctrl-C landed between a checkpoint's rename and the loop noting it: the file on disk is the truth
+        try:
+            ckpt.saved = int(load_tagged(ckpt.path, TAG, "training checkpoint")[1]["done"])
+        except (OSError, ValueError, KeyError):
+            pass
     if ckpt is None or ckpt.saved is None:
         return KeyboardInterrupt("interrupted before the first checkpoint: nothing to resume")
     of = "" if total is None else f" of {total}"

@@ -19,13 +19,13 @@ import torch
 
 from metrix.datasets import encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
-from metrix.io import atomic_write_bytes, load_json, reading, save_json
+from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_json
 from metrix import registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.models import EmbeddingModel, save_model
 from metrix.runs import Run, as_run, check_device, new_run_dir
-from metrix.training import Trainer
+from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
 # geometry -> (model options, the metric its embeddings are compared with)
@@ -298,10 +298,17 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
 
 
 def _how_to_resume(run_dir: Path | None, trainer: Trainer) -> str:
-    if trainer.saved_epoch is None:
+    saved = trainer.saved_epoch
+    if saved is None and run_dir is not None and (run_dir / CHECKPOINTS / LAST_FILE).is_file():
+        # Ctrl-C landed between a checkpoint's rename and the trainer noting it: the file on disk is the truth
+        try:
+            saved = int(load_tagged(run_dir / CHECKPOINTS / LAST_FILE, CHECKPOINT_TAG, "checkpoint")[1]["next_epoch"])
+        except (OSError, ValueError, KeyError):
+            saved = None
+    if saved is None:
         return "interrupted before the first checkpoint: nothing to resume" + (
             "" if run_dir is not None else " (checkpoints are off: --checkpoint-every 0)")
-    return (f"interrupted; {run_dir} holds a checkpoint after epoch {trainer.saved_epoch} of {trainer.epochs}: "
+    return (f"interrupted; {run_dir} holds a checkpoint after epoch {saved} of {trainer.epochs}: "
             f"resume with 'metrix train --resume {run_dir}'")
 
 
