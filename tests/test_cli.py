@@ -141,3 +141,18 @@ def test_out_is_the_run_folder_and_a_used_one_is_refused(tmp_path, monkeypatch):
         assert (tmp_path / expected / "model.safetensors").is_file()
     assert runner.invoke(app, args + ["--name", "mine"]).exit_code == 0
     assert (tmp_path / "runs" / "mine" / "config.json").is_file()
+
+
+def test_a_run_killed_before_its_settings_landed_can_be_started_again_into_the_same_folder(tmp_path):
+    """A kill in the first moments leaves the run folder with an empty checkpoints/ (or only a temporary file):
+    that run never started, so --out accepts the folder again; anything more is refused."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / ".train.json.abc123.tmp").write_bytes(b"{partial")
+    args = ["train", "--epochs", "1", "--no-progress", "--checkpoint-every", "0", "--out", str(run)]
+    assert runner.invoke(app, args).exit_code == 0 and (run / "model.safetensors").is_file()
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "train.json").write_text("{}")
+    refused = runner.invoke(app, args[:-1] + [str(other)])
+    assert refused.exit_code == 2 and "is not an empty folder" in refused.output

@@ -51,7 +51,7 @@ def test_sigkilled_training_resumes_bit_identical(tmp_path):
     last_epoch = 0
     while kills < KILLS:
         args = ("train", "--resume", str(run)) if (ckpt / "train.json").exists() else (
-            "train", "--config", "run.yaml", "--name", "crash")
+            "train", "--config", "run.yaml", "--out", str(run))  # a start killed before its settings: start again
         proc = subprocess.Popen(_metrix(*args), cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         mode = rng.choice(["time", "write", "write", "write", "after"])

@@ -119,11 +119,19 @@ def test_cli_explains_a_pair_a_search_and_a_linear_run(tmp_path):
         assert r.output.count(" vs digits#") == 2
     r = runner.invoke(app, ["explain", str(tmp_path / "run"), "--query", "digits#0", "--data", "digits", "-k", "2", "--json"])
     assert r.exit_code == 0 and [p["reference"].startswith("digits#") for p in json.loads(r.output)["pairs"]] == [True, True]
+    # from a saved index: its items record their source, so each hit is explained from its own input
+    assert runner.invoke(app, ["index", "build", str(tmp_path / "run"), "--data", "digits", "--out", str(tmp_path / "i.idx")]).exit_code == 0
+    r = runner.invoke(app, ["explain", str(tmp_path / "run"), "--query", "digits#0", "--index", str(tmp_path / "i.idx"),
+                            "-k", "2", "--json"])
+    from_index = [p["reference"] for p in json.loads(r.output)["pairs"]]
+    from_data = [p["reference"] for p in json.loads(runner.invoke(app, ["explain", str(tmp_path / "run"), "--query", "digits#0",
+                                                                       "--data", "digits", "-k", "2", "--json"]).output)["pairs"]]
+    assert from_index == from_data
     assert runner.invoke(app, ["fit-linear", "NCA", "--out", str(tmp_path / "nca"), "--param", "max_iter=20"]).exit_code == 0
     r = runner.invoke(app, ["explain", str(tmp_path / "nca"), "--query", "digits#0", "--reference", "digits#1", "--json"])
     pair = json.loads(r.output)["pairs"][0]
     assert pair["kind"] == "exact" and pair["sum_error"] < 1e-6 * pair["squared_distance"]
-    for args, says in ((["--reference", "digits#1", "--data", "digits"], "not both"), (["--reference", "digits#x"], "sample number"),
+    for args, says in ((["--reference", "digits#1", "--data", "digits"], "give one of --reference"), (["--reference", "digits#x"], "sample number"),
                        (["--reference", "nowhere.txt"], "DATA#i")):
         r = runner.invoke(app, ["explain", str(tmp_path / "run"), "--query", "digits#0", *args])
         assert r.exit_code == 2 and says in r.output, r.output

@@ -68,7 +68,7 @@ def new_run_dir(out, default_name: str) -> Path:
     Every training command's ``--out`` means this: the run folder."""
     if out is not None:
         run_dir = Path(out)
-        if run_dir.is_file() or (run_dir.is_dir() and any(run_dir.iterdir())):
+        if run_dir.is_file() or (run_dir.is_dir() and not _never_started(run_dir)):
             raise ValueError(f"--out {run_dir} is not an empty folder: give a new folder for the run "
                              f"(or continue an interrupted run with --resume {run_dir})")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,17 @@ def new_run_dir(out, default_name: str) -> Path:
             return candidate
         except FileExistsError:
             candidate, n = parent / f"{default_name}-{n}", n + 1
+
+
+def _never_started(folder: Path) -> bool:
+    """An empty folder, or one that a run killed in its first moments left: a ``checkpoints/`` holding nothing
+    but temporary files (its settings never landed), so the run can be started again into it."""
+    entries = list(folder.iterdir())
+    if not entries:
+        return True
+    if [e.name for e in entries] != ["checkpoints"] or not entries[0].is_dir():
+        return False
+    return all(f.name.startswith(".") and f.name.endswith(".tmp") for f in entries[0].iterdir())
 
 
 def model_file(path, made_by: str) -> Path:

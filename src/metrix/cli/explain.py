@@ -1,4 +1,4 @@
-"""metrix explain RUN --query A (--reference B | --data DATA -k K) [--out fig.png] [--json]."""
+"""metrix explain RUN --query A (--reference B | --data DATA -k K | --index INDEX -k K) [--out fig.png] [--json]."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import DEVICE, app, open_run
+from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, open_run
 
 
 @app.command("explain")
@@ -17,17 +17,19 @@ def explain(
     query: str = typer.Option(..., help="Input A: DATA#i (sample i of a dataset, e.g. digits#7), a .npy of one sample, or a text for a text run."),
     reference: Optional[str] = typer.Option(None, help="Input B, given the same ways: explain this one pair."),
     data: Optional[str] = typer.Option(None, help="Explain the query against its nearest samples of this dataset instead."),
-    k: int = typer.Option(3, "-k", "--k", min=1, max=20, help="Nearest samples to explain, with --data."),
+    index: Optional[Path] = typer.Option(None, help="Or against its nearest items of an index built by 'metrix index build'."),
+    k: int = typer.Option(3, "-k", "--k", min=1, max=20, help="Nearest samples to explain, with --data or --index."),
     steps: int = typer.Option(64, min=2, max=1024, help="Integrated-gradients steps (more: smaller completeness error)."),
     out: Optional[Path] = typer.Option(None, help="Write a figure (PNG): inputs, maps, distances; needs the plots extra."),
     as_json: bool = typer.Option(False, "--json", help="Print every number (attributions included) as JSON."),
+    allow_other_run: bool = ALLOW_OTHER_RUN,
     device: str = DEVICE,
 ) -> None:
     """Why two inputs are close: exact per-feature contributions for a linear metric, integrated gradients
     (both sides, completeness error stated) for deep and text runs."""
     from metrix.jobs.explain import explain as run_explain
 
-    result = run_explain(open_run(run, device), query, reference, data, k, steps, out)
+    result = run_explain(open_run(run, device), query, reference, data, k, steps, out, index, allow_other_run)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -39,16 +39,19 @@ def pick(spec: str, run: Run):
 
 
 def explain(run, query: str, reference: str | None = None, data: str | None = None, k: int = 3,
-            steps: int = 64, out=None) -> dict:
-    """Explain ``query`` against ``reference``, or against its ``k`` nearest samples of ``data`` (itself
-    excluded); writes a figure to ``out`` when given. Returns the explanations as JSON-able dicts."""
+            steps: int = 64, out=None, index=None, allow_other_run: bool = False) -> dict:
+    """Explain ``query`` against ``reference``, against its ``k`` nearest samples of ``data`` (itself
+    excluded), or against its ``k`` nearest items of a saved ``index`` (built by ``metrix index build``, whose
+    items record their source); writes a figure to ``out`` when given. Returns JSON-able dicts."""
     run = as_run(run)
     a, a_label = pick(query, run)
-    if (reference is None) == (data is None):
-        raise ValueError("give --reference (one pair) or --data (the query's nearest samples), not both")
+    if sum(x is not None for x in (reference, data, index)) != 1:
+        raise ValueError("give one of --reference (one pair), --data or --index (the query's nearest samples)")
     if reference is not None:
         b, b_label = pick(reference, run)
         pairs = [(b, b_label, reference)]
+    elif index is not None:
+        pairs = _index_neighbours(run, a, index, k, allow_other_run)
     else:
         if run.kind == "text":
             raise ValueError("--data takes image or feature datasets; for a text run give --reference")
@@ -71,6 +74,25 @@ def explain(run, query: str, reference: str | None = None, data: str | None = No
             raise ValueError("figures are for image and feature runs; use --json for a text run's token attributions")
         plot_pairs([(a, b, r, r["reference"]) for (b, _, _), r in zip(pairs, results)], out)
     return {"pairs": results}
+
+
+def _index_neighbours(run, a, index_path, k: int, allow_other_run: bool) -> list:
+    """The query's ``k`` nearest items of a saved index, read back from the sources the items record."""
+    from metrix.index import VectorIndex
+
+    index = VectorIndex.load(index_path)
+    run.check_built_here(index.provenance, "index", allow_other_run)
+    dist, ids = index.search(run.embed(np.asarray(a, dtype=np.float32)[None]).numpy(), min(int(k) + 1, len(index)))
+    pairs = []
+    for i, d in zip(ids[0].tolist(), dist[0].tolist()):
+        meta = index.metadata(i) or {}
+        if "source" not in meta:
+            raise ValueError(f"the items of {index_path} do not record their source: build it again with "
+                             "'metrix index build' to explain its results")
+        if float(d) > 1e-6 and len(pairs) < int(k):  # not the query itself
+            b, b_label = pick(meta["source"], run)
+            pairs.append((b, b_label, meta["source"]))
+    return pairs
 
 
 def _plain(label):

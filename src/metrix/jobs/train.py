@@ -389,7 +389,11 @@ def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", f
     emb = run.embed(x, progress="embedding").numpy()
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
     index.provenance = {"run": run.fingerprint}
-    metadata = None if y is None else [{"label": v.item() if hasattr(v, "item") else v} for v in y]
+    # each item says where it came from (DATA#i), so that `metrix explain --index` can show why it matched
+    metadata = [{"source": f"{data}#{i}"} for i in range(len(emb))]
+    if y is not None:
+        for m, v in zip(metadata, y):
+            m["label"] = v.item() if hasattr(v, "item") else v
     index.add(emb, metadata=metadata)
     if backend == "faiss":
         index.search(emb[:1], 1)  # build (and train) now so the saved file holds the structure
