@@ -62,6 +62,7 @@ def evaluate(name: str, run: Run, X: np.ndarray, gallery: np.ndarray, pairs: int
     _, nearest = knn(run.embed(X[queries]), emb_g, k=1, metric=run.metric)
     model = run.model
     out = {"ig_deletion": [], "random_deletion": [], "ig_insertion": [], "random_insertion": [], "completeness": []}
+    mean_curves = {"ig_deletion": 0.0, "random_deletion": 0.0, "ig_insertion": 0.0, "random_insertion": 0.0}
     start = time.perf_counter()
     for q, g in zip(queries, nearest[:, 0].tolist()):
         x = run.input_spec.check(X[q][None])[0]
@@ -72,15 +73,20 @@ def evaluate(name: str, run: Run, X: np.ndarray, gallery: np.ndarray, pairs: int
         dele, ins = curves(model, x, y, order)
         out["ig_deletion"].append(area(dele))
         out["ig_insertion"].append(area(ins))
+        mean_curves["ig_deletion"] = mean_curves["ig_deletion"] + dele / len(queries)
+        mean_curves["ig_insertion"] = mean_curves["ig_insertion"] + ins / len(queries)
         rd, ri = [], []
         for _ in range(5):
             dr, ir = curves(model, x, y, rng.permutation(order.size))
             rd.append(area(dr))
             ri.append(area(ir))
+            mean_curves["random_deletion"] = mean_curves["random_deletion"] + dr / (5 * len(queries))
+            mean_curves["random_insertion"] = mean_curves["random_insertion"] + ir / (5 * len(queries))
         out["random_deletion"].append(float(np.mean(rd)))
         out["random_insertion"].append(float(np.mean(ri)))
     summary = {k: float(np.mean(v)) for k, v in out.items()}
     summary["pairs"], summary["seconds"] = len(queries), time.perf_counter() - start
+    summary["curves"] = mean_curves
     print(f"{name:<14} pairs {len(queries):>3}   deletion AUC  IG {summary['ig_deletion']:.3f}  random "
           f"{summary['random_deletion']:.3f}   insertion AUC  IG {summary['ig_insertion']:.3f}  random "
           f"{summary['random_insertion']:.3f}   mean completeness error {100 * summary['completeness']:.2f}%", flush=True)
@@ -90,6 +96,7 @@ def evaluate(name: str, run: Run, X: np.ndarray, gallery: np.ndarray, pairs: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--figure", type=Path, default=None, help="write the mean curves here (PNG, needs matplotlib)")
     args = parser.parse_args()
     if not Path(os.environ.get("METRIX_DATA", "data"), "fashion_mnist").is_dir():
         raise SystemExit("set METRIX_DATA to a folder holding fashion_mnist/ and orl_faces/ (e.g. ../shared/data)")
@@ -103,13 +110,39 @@ def main() -> None:
     settings = {"fashion-mnist": (str(work / "fm.npz"), dict(backbone="convnet", epochs=2, embedding_dim=64)),
                 "orl faces": ("orl", dict(backbone="convnet", epochs=15, embedding_dim=64, classes_per_batch=10,
                                           samples_per_class=4, image_size=[56, 46]))}
+    results = {}
     for name, (data, kw) in settings.items():
         result = train(TrainConfig.from_sources(None, data=data, out=str(work / name.replace(" ", "-")), progress=False,
                                                 checkpoint_every=0, **kw), echo=lambda *a: None)
         run = Run.open(result["run_dir"])
         ds = load_dataset(data, image_size=None if "image_size" not in kw else tuple(kw["image_size"]))
         test, gallery = stratified_split(ds.y, 0.5, seed=1)
-        evaluate(name, run, ds.X[test], ds.X[gallery], args.pairs)
+        results[name] = evaluate(name, run, ds.X[test], ds.X[gallery], args.pairs)
+    if args.figure is not None:
+        figure(results, args.figure)
+
+
+def figure(results: dict, path: Path) -> None:
+    """Mean deletion and insertion curves per dataset: the gradients' order against random orders."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        c = r["curves"]
+        ax.plot(FRACTIONS, c["ig_deletion"], "C3-", label=f"deletion, IG (AUC {r['ig_deletion']:.2f})")
+        ax.plot(FRACTIONS, c["random_deletion"], "C3--", label=f"deletion, random ({r['random_deletion']:.2f})")
+        ax.plot(FRACTIONS, c["ig_insertion"], "C0-", label=f"insertion, IG ({r['ig_insertion']:.2f})")
+        ax.plot(FRACTIONS, c["random_insertion"], "C0--", label=f"insertion, random ({r['random_insertion']:.2f})")
+        ax.set_title(f"{name}: {r['pairs']} pairs", fontsize=9)
+        ax.set_xlabel("fraction of the query's pixels deleted / inserted", fontsize=8)
+        ax.set_ylabel("similarity (0: black image, 1: the query)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
