@@ -156,3 +156,34 @@ def test_a_run_killed_before_its_settings_landed_can_be_started_again_into_the_s
     (other / "checkpoints" / "train.json").write_text("{}")
     refused = runner.invoke(app, args[:-1] + [str(other)])
     assert refused.exit_code == 2 and "is not an empty folder" in refused.output
+
+
+def test_class_disjoint_split_trains_and_tests_on_different_classes(tmp_path):
+    """--split classes: no class on both sides (test or validation), retrieval among the unseen test classes
+    before and after, the protocol recorded in the run and used again by evaluate."""
+    from sklearn.datasets import load_digits
+
+    from metrix.datasets import class_split
+    from metrix.evaluation import retrieval_metrics
+
+    X, y = load_digits(return_X_y=True)
+    for seed in range(5):
+        train_idx, test_idx = class_split(y, 0.3, seed)
+        assert not set(y[train_idx]) & set(y[test_idx]) and len(set(y[test_idx])) == 3
+        assert len(train_idx) + len(test_idx) == len(y)
+    r = runner.invoke(app, ["train", "--split", "classes", "--epochs", "3", "--out", str(tmp_path / "run"),
+                            "--no-progress", "--checkpoint-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert "class-disjoint, 3 unseen test classes" in r.output
+    config = load_json(tmp_path / "run" / "config.json")
+    test_classes = config["split"]["test_classes"]
+    assert config["split"]["protocol"] == "classes" and len(test_classes) == 3
+    assert not set(test_classes) & set(config["classes"])  # the model never saw a test class
+    _, test_idx = class_split(y, 0.3, 0)
+    before = load_json(tmp_path / "run" / "metrics.json", checksum=False)["before"]
+    assert before["map_at_r"] == pytest.approx(retrieval_metrics(X[test_idx].astype(np.float32), y[test_idx])["map_at_r"])
+    again = json.loads(runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--json"]).output)
+    after = load_json(tmp_path / "run" / "metrics.json", checksum=False)["after"]
+    assert again["map_at_r"] == pytest.approx(after["map_at_r"], abs=1e-6)
+    bad = runner.invoke(app, ["train", "--split", "people"])
+    assert bad.exit_code == 2 and "--split must be 'samples' or 'classes'" in bad.output

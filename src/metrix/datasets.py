@@ -229,6 +229,19 @@ def stratified_split(y, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarr
     return np.sort(train), np.sort(test)
 
 
+def class_split(y, test_size: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a class-disjoint split: a seeded ``test_size`` fraction of the classes (at least 2, leaving at
+    least 2) goes wholly to the second part — the metric-learning protocol, where the test classes are never
+    seen in training."""
+    codes, classes = encode_labels(y)
+    if len(classes) < 4:
+        raise ValueError(f"a class-disjoint split needs at least 4 classes (2 on each side), got {len(classes)}")
+    n_test = min(max(2, int(round(test_size * len(classes)))), len(classes) - 2)
+    held = np.random.default_rng(seed).choice(len(classes), size=n_test, replace=False)
+    test = np.isin(codes, held)
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
 # --- public benchmark datasets (real download code; tests use local copies) ---------------------
 
 # Every download is checked against a pinned SHA-256 before it is used or written where a loader reads it.

@@ -26,6 +26,7 @@ def list_entries(kind: str = typer.Argument(..., help="losses, miners, backbones
 def train(
     data: Optional[str] = typer.Option(None, help="'digits' (bundled, default); fashion-mnist, mnist, omniglot or orl (optionally ':split', read from $METRIX_DATA/<folder>, default data/); an IDX image file; a folder of class sub-folders of images; an .npz with X and y; or a .csv with a label column."),
     test_data: Optional[str] = typer.Option(None, help="An official test set (e.g. fashion-mnist:test) instead of a random split of --data."),
+    split: Optional[str] = typer.Option(None, help="'samples' (default: test samples of the training classes) or 'classes' (the metric-learning protocol: test and validation classes are never trained on; retrieval among the unseen classes)."),
     loss: Optional[str] = typer.Option(None, help="Loss (default ntxent, supervised contrastive): " + ", ".join(registry_names("losses")) + ". 'metrix list losses' says what each takes."),
     triplets: Optional[str] = typer.Option(None, help="Triplet selection of --loss triplet: all, hard, semihard (default), easy, batch_hard."),
     margin: Optional[float] = typer.Option(None, help="The loss's margin parameter (its default if not given)."),
@@ -60,7 +61,7 @@ def train(
     from metrix.jobs.classical import parse_params
     from metrix.jobs.train import TrainConfig, resume_config, train as run_train
 
-    settings = dict(data=data, test_data=test_data, loss=loss, triplets=triplets, margin=margin, miner=miner,
+    settings = dict(data=data, test_data=test_data, split=split, loss=loss, triplets=triplets, margin=margin, miner=miner,
                     loss_params=parse_params(loss_param, "--loss-param") or None,
                     miner_params=parse_params(miner_param, "--miner-param") or None,
                     temperature=temperature, backbone=backbone, embedding_dim=embedding_dim, geometry=geometry,

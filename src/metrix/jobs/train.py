@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.datasets import encode_labels, load_dataset, load_inputs, stratified_split
+from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_json
 from metrix import registry
@@ -58,8 +58,9 @@ class TrainConfig:
     classes_per_batch: int = 10
     samples_per_class: int = 16
     patience: int | None = None
-    test_size: float = 0.3
+    test_size: float = 0.3  # of the samples, or with split="classes" of the classes
     val_size: float = 0.15  # of the training split, for per-epoch validation and the best epoch
+    split: str = "samples"  # "classes": test (and validation) classes are never trained on
     seed: int = 0
     out: str | None = None  # the run folder (default runs/<name>)
     name: str | None = None  # the run's name (default <data>-<loss>): names the default folder
@@ -103,6 +104,8 @@ class TrainConfig:
                 raise ValueError(f"loss {self.loss!r} does not take a miner's pairs; losses that do: "
                                  f"{', '.join(sorted(n for n, e in registry.losses().items() if e.takes_pairs))}")
             lookup("miners", self.miner).check_params(self.miner_params)
+        if self.split not in ("samples", "classes"):
+            raise ValueError(f"--split must be 'samples' or 'classes', got {self.split!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
             raise ValueError(f"test_size must be in (0, 1) and val_size in [0, 1) (settings of --config), got "
                              f"{self.test_size} and {self.val_size}")
@@ -232,21 +235,25 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
          f"train {len(X_train)} / test {len(X_test)} ({how})")
 
     # part of the training split monitors each epoch and picks the best epoch; the test split stays unseen
+    # (with split="classes", validation is on classes of its own too: what is monitored is transfer)
+    disjoint = cfg.split == "classes"
     fit_idx, val_idx = np.arange(len(X_train)), None
     if cfg.val_size > 0:
-        fit_idx, val_idx = stratified_split(y_train, cfg.val_size, cfg.seed)
-    codes, _ = encode_labels(y_train)
+        fit_idx, val_idx = (class_split if disjoint else stratified_split)(y_train, cfg.val_size, cfg.seed)
+    codes = np.zeros(len(y_train), dtype=np.int64)
+    codes[fit_idx], fit_classes = encode_labels(y_train[fit_idx])
     model_options, metric = GEOMETRIES[cfg.geometry]
     model = EmbeddingModel(
         cfg.backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
         backbone_kwargs={"hidden_dims": tuple(cfg.hidden_dims)} if cfg.backbone == "mlp" else {},
         input_mean=torch.from_numpy(X_train[fit_idx].mean(0)), input_std=torch.from_numpy(X_train[fit_idx].std(0)),
     )
-    loss = build_loss(cfg.loss, num_classes=len(classes), embedding_dim=cfg.embedding_dim, **_loss_kwargs(cfg))
+    loss = build_loss(cfg.loss, num_classes=len(fit_classes), embedding_dim=cfg.embedding_dim, **_loss_kwargs(cfg))
     miner = None if cfg.miner is None else lookup("miners", cfg.miner).factory(**cfg.miner_params)
     val = None
-    if val_idx is not None:
-        val = (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx])
+    if val_idx is not None:  # unseen validation classes retrieve among themselves
+        val = ((X_train[val_idx], y_train[val_idx]) if disjoint else
+               (X_train[val_idx], y_train[val_idx], X_train[fit_idx], y_train[fit_idx]))
     checkpoint_dir = None
     if cfg.checkpoint_every or resume is not None:
         if run_dir is None:
@@ -255,7 +262,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         checkpoint_dir = run_dir / CHECKPOINTS
     trainer = Trainer(
         model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
-        classes_per_batch=min(cfg.classes_per_batch, len(classes)), samples_per_class=cfg.samples_per_class,
+        classes_per_batch=min(cfg.classes_per_batch, len(fit_classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
         device=check_device(cfg.device),
@@ -271,15 +278,22 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
 
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731  raw-pixel baseline on flattened inputs
     label = (lambda what: what) if cfg.progress else (lambda what: None)  # noqa: E731
-    before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train, progress=label("raw pixels"))
-    emb_test, emb_train = model.embed(X_test), model.embed(X_train)
-    after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric, progress=label("learned"))
+    if disjoint:  # unseen classes: the test set retrieves among itself (self excluded)
+        before = retrieval_metrics(flat(X_test), y_test, progress=label("raw pixels"))
+        emb_test = model.embed(X_test)
+        after = retrieval_metrics(emb_test, y_test, metric=metric, progress=label("learned"))
+    else:
+        before = retrieval_metrics(flat(X_test), y_test, flat(X_train), y_train, progress=label("raw pixels"))
+        emb_test, emb_train = model.embed(X_test), model.embed(X_train)
+        after = retrieval_metrics(emb_test, y_test, emb_train, y_train, metric=metric, progress=label("learned"))
 
     if run_dir is None:
         run_dir = new_run_dir(cfg.out, cfg.name or f"{ds.name}-{cfg.loss}")
     save_model(model, run_dir, {
         "train": dataclasses.asdict(cfg), "classes": [c.item() if hasattr(c, "item") else c for c in classes],
-        "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data, "test_data": cfg.test_data},
+        "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data, "test_data": cfg.test_data,
+                  "protocol": cfg.split,
+                  "test_classes": sorted({c.item() if hasattr(c, "item") else c for c in y_test}, key=str)},
         "best_epoch": trainer.best_epoch,
     })
     save_json(run_dir / "metrics.json", {"before": before, "after": after}, checksum=False)
@@ -321,6 +335,11 @@ def _train_test(ds, cfg: TrainConfig):
             raise ValueError(f"--test-data {cfg.test_data!r} has samples of shape {test.X.shape[1:]}, "
                              f"--data {cfg.data!r} of shape {ds.X.shape[1:]}; they must match")
         return ds.X, ds.y, test.X, test.y, f"test set {cfg.test_data}"
+    if cfg.split == "classes":
+        train_idx, test_idx = class_split(ds.y, cfg.test_size, cfg.seed)
+        n_test = len(np.unique(ds.y[test_idx]))
+        return (ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx],
+                f"class-disjoint, {n_test} unseen test classes, seed {cfg.seed}")
     train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
     return (ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx],
             f"stratified, seed {cfg.seed}")
@@ -332,9 +351,15 @@ def _eval_split(config: dict, data: str | None, split: str, label_column: str):
     if split == "auto":
         split = "test" if spec == config["split"]["data"] else "all"
     if split == "test" and test_data:  # the run's official test set queries its training data
-        ds, test = load_dataset(spec, label_column), load_dataset(test_data, label_column)
+        test = load_dataset(test_data, label_column)
+        if config["split"].get("protocol") == "classes":  # ... or, with unseen classes, itself
+            return (test.X, test.y, None, None), split
+        ds = load_dataset(spec, label_column)
         return (test.X, test.y, ds.X, ds.y), split
     ds = load_dataset(spec, label_column)
+    if split == "test" and config["split"].get("protocol") == "classes":  # unseen classes, among themselves
+        _, test_idx = class_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
+        return (ds.X[test_idx], ds.y[test_idx], None, None), split
     if split == "test":
         train_idx, test_idx = stratified_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
         return (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
