@@ -187,3 +187,31 @@ def test_class_disjoint_split_trains_and_tests_on_different_classes(tmp_path):
     assert again["map_at_r"] == pytest.approx(after["map_at_r"], abs=1e-6)
     bad = runner.invoke(app, ["train", "--split", "people"])
     assert bad.exit_code == 2 and "--split must be 'samples' or 'classes'" in bad.output
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "convnet_gap"])
+def test_export_torchscript_matches_the_run_without_metrix(tmp_path, backbone):
+    """The exported file holds standardisation, network and normalisation: plain torch (no metrix import) gives
+    the run's embeddings."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from metrix.runs import Run
+
+    args = ["train", "--epochs", "1", "--backbone", backbone, "--out", str(tmp_path / "run"), "--no-progress",
+            "--checkpoint-every", "0"]
+    assert runner.invoke(app, args).exit_code == 0
+    r = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0 and "matches the run" in r.output, r.output
+    x = load_digits().data[:20].astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, torch; m = torch.jit.load(sys.argv[1]); "
+            "np.save(sys.argv[3], m(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy()); "
+            "assert 'metrix' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "x.npy"), str(tmp_path / "e.npy")],
+                   check=True, timeout=120)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), Run.open(tmp_path / "run").embed(x).numpy(), atol=1e-5, rtol=0)
+    bad = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx"), "--format", "onnx"])
+    assert bad.exit_code == 2 and "--format must be one of torchscript" in bad.output

@@ -31,6 +31,7 @@ ERROR_CASES = [
     (["recommend", "train", "--resume", MISSING], "no checkpoints to resume"),
     (["selfsup", "train", "--resume", MISSING], "no checkpoints to resume"),
     (["explain", MISSING, "--query", "digits#0", "--reference", "digits#1"], "no such file"),
+    (["export", MISSING, "--out", "m.pt"], "no such file"),
     (["serve", MISSING, "--store", "/nonexistent/store-parent/store"], "no such file"),
     (["serve", "keys", "create", "--store", "s", "--scope", "root"], "scopes of read, write, admin"),
     (["serve", "keys", "revoke", "abc", "--store", "/nonexistent/x"], "no store at /nonexistent/x"),

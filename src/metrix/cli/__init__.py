@@ -8,7 +8,7 @@ from typing import List, Optional
 from metrix.cli.common import app
 
 # importing a command module registers its commands; this order is the order of `metrix --help`
-from metrix.cli import train, search, classical, verification, recommend, fewshot, selfsup, text, serve, explain  # noqa: E402,F401,I001
+from metrix.cli import train, search, classical, verification, recommend, fewshot, selfsup, text, serve, explain, export  # noqa: E402,F401,I001
 
 
 def main(argv: Optional[List[str]] = None) -> None:
