@@ -190,9 +190,9 @@ def test_class_disjoint_split_trains_and_tests_on_different_classes(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "convnet_gap"])
-def test_export_torchscript_matches_the_run_without_metrix(tmp_path, backbone):
-    """The exported file holds standardisation, network and normalisation: plain torch (no metrix import) gives
-    the run's embeddings."""
+def test_export_matches_the_run_without_metrix(tmp_path, backbone):
+    """The exported file holds standardisation, network and normalisation: plain torch (no metrix import), or
+    ONNX Runtime, gives the run's embeddings."""
     import subprocess
     import sys
 
@@ -213,5 +213,12 @@ def test_export_torchscript_matches_the_run_without_metrix(tmp_path, backbone):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tmp_path / "x.npy"), str(tmp_path / "e.npy")],
                    check=True, timeout=120)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), Run.open(tmp_path / "run").embed(x).numpy(), atol=1e-5, rtol=0)
-    bad = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx"), "--format", "onnx"])
-    assert bad.exit_code == 2 and "--format must be one of torchscript" in bad.output
+    bad = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.x"), "--format", "tflite"])
+    assert bad.exit_code == 2 and "--format must be one of torchscript, onnx" in bad.output
+    # ONNX, run by ONNX Runtime (any batch size), gives the same embeddings
+    ort = pytest.importorskip("onnxruntime")
+    r = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx"), "--format", "onnx"])
+    assert r.exit_code == 0 and "(onnx)" in r.output, r.output
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"inputs": x})[0], Run.open(tmp_path / "run").embed(x).numpy(),
+                               atol=1e-5, rtol=0)

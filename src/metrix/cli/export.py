@@ -1,4 +1,4 @@
-"""metrix export RUN --out model.pt [--format torchscript]."""
+"""metrix export RUN --out model.pt [--format torchscript|onnx]."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from metrix.cli.common import app, open_run
 def export(
     run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by 'metrix train'."),
     out: Path = typer.Option(..., help="The model file to write."),
-    fmt: str = typer.Option("torchscript", "--format", help="torchscript (load with torch.jit.load; no metrix needed)."),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript (torch.jit.load) or onnx (ONNX Runtime; needs the onnx extra); no metrix needed to use either."),
 ) -> None:
     """Export a trained model with its input standardisation and final normalisation inside."""
     from metrix.jobs.export import export as run_export

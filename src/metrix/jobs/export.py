@@ -1,4 +1,4 @@
-"""What ``metrix export`` does: a trained deep run as a self-contained TorchScript model."""
+"""What ``metrix export`` does: a trained deep run as a self-contained TorchScript or ONNX model."""
 
 from __future__ import annotations
 
@@ -6,19 +6,20 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metrix.io import atomic_write_bytes
 from metrix.runs import Run, as_run
 
-FORMATS = ("torchscript",)
+FORMATS = ("torchscript", "onnx")
 
 
 def export(run: Run | str | Path, out, fmt: str = "torchscript") -> dict:
-    """Write ``run``'s model to ``out`` as TorchScript: raw inputs in, embeddings out, with the run's input
-    standardisation and its final normalisation (unit sphere or Poincaré ball) inside, so a consumer needs no
-    metrix. The exported model's output is checked against the run's on a batch of zeros and random inputs
-    before the file is written."""
+    """Write ``run``'s model to ``out`` as TorchScript or ONNX (any batch size): raw inputs in, embeddings
+    out, with the run's input standardisation and its final normalisation (unit sphere or Poincaré ball) inside,
+    so a consumer needs no metrix. The exported model's output (for ONNX: ONNX Runtime's) is checked against the
+    run's on a batch of zeros and random inputs before the file is written."""
     run = as_run(run)
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -27,16 +28,35 @@ def export(run: Run | str | Path, out, fmt: str = "torchscript") -> dict:
     model = run.model.cpu().eval()
     g = torch.Generator().manual_seed(0)
     example = torch.randn(4, *run.input_spec.shape, generator=g)
+    probe = torch.cat([torch.zeros(1, *run.input_spec.shape), torch.randn(7, *run.input_spec.shape, generator=g)])
     with torch.no_grad(), warnings.catch_warnings():
         # the input-shape check in forward is a constant for the traced model (its inputs are fixed-shape)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, example, check_trace=False)
-        probe = torch.cat([torch.zeros(1, *run.input_spec.shape), torch.randn(7, *run.input_spec.shape, generator=g)])
-        gap = float((traced(probe) - model(probe)).abs().max())
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data, exported = (_onnx if fmt == "onnx" else _torchscript)(model, example, probe)
+        gap = float(np.abs(exported - model(probe).numpy()).max())
     if not gap <= 1e-5:
-        raise ValueError(f"the traced model differs from the run by {gap:.2e}; this architecture does not trace")
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
-    path = atomic_write_bytes(out, buf.getvalue())
+        raise ValueError(f"the exported model differs from the run by {gap:.2e}; this architecture does not export")
+    path = atomic_write_bytes(out, data)
     return {"out": Path(path), "format": fmt, "input_shape": list(run.input_spec.shape),
             "embedding_dim": run.embedding_dim, "metric": run.metric, "max_difference": gap}
+
+
+def _torchscript(model, example, probe) -> tuple[bytes, np.ndarray]:
+    traced = torch.jit.trace(model, example, check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    return buf.getvalue(), traced(probe).numpy()
+
+
+def _onnx(model, example, probe) -> tuple[bytes, np.ndarray]:
+    """ONNX (opset of the TorchScript-based exporter, batch size free), run back through ONNX Runtime."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'metrix[onnx]'") from exc
+    buf = io.BytesIO()
+    torch.onnx.export(model, (example,), buf, input_names=["inputs"], output_names=["embeddings"],
+                      dynamic_axes={"inputs": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False)
+    session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    return buf.getvalue(), session.run(None, {"inputs": probe.numpy()})[0]
