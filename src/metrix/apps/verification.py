@@ -190,20 +190,29 @@ class Gallery:
                 raise KeyError(f"identity {identity!r} is not enrolled")
             return self._index.get(self._ids_of[str(identity)])
 
+    def unseen(self, identity: str, samples) -> np.ndarray:
+        """The rows of ``samples`` that :meth:`enroll` would add to ``identity``: each distinct row once, in
+        order, without those the identity already holds."""
+        identity = str(identity)
+        with self._lock:
+            x = self._check(samples)
+            _, first = np.unique(x, axis=0, return_index=True)
+            x = x[np.sort(first)]
+            if identity in self._ids_of:
+                seen = {row.tobytes() for row in self.samples(identity)}
+                x = x[[row.tobytes() not in seen for row in x]]
+            return x
+
     def enroll(self, identity: str, samples, replace: bool = False) -> int:
         """Add embeddings of ``identity`` (appended to earlier ones unless ``replace``). A sample identical to
         one the identity already holds (or repeated in ``samples``) is skipped, so enrolling the same images
         twice does not weigh them double. Returns the number of samples added."""
         identity = str(identity)
         with self._lock:
-            x = self._check(samples)
-            _, first = np.unique(x, axis=0, return_index=True)
-            x = x[np.sort(first)]
             if replace and identity in self._ids_of:
+                self._check(samples)  # bad samples fail before the identity is removed
                 self.remove(identity)
-            if identity in self._ids_of:
-                seen = {row.tobytes() for row in self.samples(identity)}
-                x = x[[row.tobytes() not in seen for row in x]]
+            x = self.unseen(identity, samples)
             if len(x):
                 if self._index is None:
                     self._index = VectorIndex(x.shape[1], metric=self.metric)

@@ -81,9 +81,10 @@ class _Collection:
         """The collection's search micro-batcher (started at its first search), or None without batching."""
         if settings is None or self.index is None:
             return None
-        with self.write_lock:
-            if self._searcher is None:
-                self._searcher = MicroBatcher(self._search_batch, *settings)
+        if self._searcher is None:  # the lock only for the first search: searches never wait for a write
+            with self.write_lock:
+                if self._searcher is None:
+                    self._searcher = MicroBatcher(self._search_batch, *settings)
         return self._searcher
 
     def _search_batch(self, payloads: list) -> list:
@@ -529,11 +530,7 @@ class Service:
             raise ValueError(f"give 1 to {self.limits.max_batch} samples")
         x = self._vectors(samples, coll.info.dim, "sample")
         with coll.write_lock:
-            _, first = np.unique(x, axis=0, return_index=True)
-            x = x[np.sort(first)]
-            if identity in coll.gallery.identities:
-                held = {row.tobytes() for row in coll.gallery.samples(identity)}
-                x = x[[row.tobytes() not in held for row in x]]
+            x = coll.gallery.unseen(identity, x)  # the gallery's own rule, applied before the store records them
             if len(x):
                 ids = [uuid.uuid4().hex for _ in range(len(x))]
                 new, _ = self.store.upsert(name, ids, x, [{}] * len(x), [identity] * len(x),
