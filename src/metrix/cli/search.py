@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, open_run
+from metrix.cli.common import ALLOW_OTHER_RUN, DEVICE, app, command_group, echo_rows, open_run
 from metrix.neighbors import KNN_METRICS as INDEX_METRICS
 
 
@@ -51,11 +50,11 @@ def index_search(
     from metrix.jobs.train import search_index
 
     results = search_index(index, open_run(run, device), query, k, label_column, limit, allow_other_run)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        head = f"query {r['query']}" + ("" if r["label"] is None else f" (label {r['label']})")
-        typer.echo(head)
-        for rank, n in enumerate(r["neighbours"], start=1):
-            typer.echo(f"  {rank:>3}  id {n['id']:>8}  label {str(n['label']):>10}  distance {n['distance']:.4f}")
+    echo_rows(results, as_json, _hits)
+
+
+def _hits(r: dict) -> str:
+    """A query's line and one line per neighbour."""
+    head = f"query {r['query']}" + ("" if r["label"] is None else f" (label {r['label']})")
+    return "\n".join([head] + [f"  {rank:>3}  id {n['id']:>8}  label {str(n['label']):>10}  distance {n['distance']:.4f}"
+                                for rank, n in enumerate(r["neighbours"], start=1)])

@@ -89,13 +89,13 @@ def gallery_identify(
     from metrix.jobs.verification import identify
 
     results = identify(gallery, open_run(run, device), data, k, label_column, limit, allow_other_run)
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        truth = f" (label {r['label']})" if "label" in r else ""
-        cands = ", ".join(f"{c['identity']} {c['distance']:.3f}" for c in r["candidates"])
-        typer.echo(f"sample {r['sample']:>5}{truth}: {r['identity'] or 'unknown'}   [{cands}]")
+    echo_rows(results, as_json, _identified)
+
+
+def _identified(r: dict) -> str:
+    truth = f" (label {r['label']})" if "label" in r else ""
+    cands = ", ".join(f"{c['identity']} {c['distance']:.3f}" for c in r["candidates"])
+    return f"sample {r['sample']:>5}{truth}: {r['identity'] or 'unknown'}   [{cands}]"
 
 
 @app.command("ood")
