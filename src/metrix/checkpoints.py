@@ -29,6 +29,13 @@ from metrix.io import (CorruptFileError, flatten_state, load_json, load_tagged, 
 CHECKPOINTS, LAST_FILE, SETTINGS_FILE, TAG = "checkpoints", "last.safetensors", "settings.json", "metrix_loop_checkpoint"
 
 
+def check_every(every) -> int:
+    """``every`` as an int if it is at least 1, else the error naming ``--checkpoint-every``."""
+    if int(every) < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {every}")
+    return int(every)
+
+
 class LoopCheckpoint:
     """The ``last.safetensors`` of a loop in ``folder``, written every ``every`` units of progress.
 
@@ -39,9 +46,7 @@ class LoopCheckpoint:
     """
 
     def __init__(self, folder, every: int = 1):
-        if int(every) < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1, got {every}")
-        self.folder, self.every = Path(folder), int(every)
+        self.folder, self.every = Path(folder), check_every(every)
         self.path = self.folder / LAST_FILE
         self.saved: int | None = None  # progress of the last checkpoint written or resumed from
 
@@ -135,7 +140,9 @@ def load_settings(run_dir, command: str) -> dict:
 
 def start_or_resume(command: str, out, default_name: str, settings: dict, resume=None) -> tuple[Path, dict, bool]:
     """``(run_dir, settings, resuming)``: a new run folder (``out``, or ``runs/<default_name>``) with ``settings``
-    stored for a later ``--resume``, or the interrupted run ``resume`` with the settings it was started with."""
+    stored for a later ``--resume``, or the interrupted run ``resume`` with the settings it was started with.
+    Settings are checked (``checkpoint_every``) before any folder is made."""
+    check_every(settings.get("checkpoint_every", 1))
     if resume is not None:
         run_dir = Path(resume)
         stored = load_settings(run_dir, command)

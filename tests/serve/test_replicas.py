@@ -135,6 +135,8 @@ def test_two_replicas_on_postgresql_share_writes_within_a_measured_lag(postgres_
                 assert time.perf_counter() - acked < 10, f"x{i} never reached the other replica"
         counts = [_call(p, "GET", "/v1/collections/c/count", token)["count"] for p in ports]
         assert counts == [30, 30]
+        actions = [e["action"] for e in _call(ports[1], "GET", "/v1/audit?limit=100", token)["entries"]]
+        assert actions.count("upsert") == 30 and actions[-1] == "create_collection"  # newest first, from either replica
         print(f"\nPostgreSQL replicas: visibility lag over 30 writes: median {1000 * statistics.median(lags):.1f} ms, "
               f"max {1000 * max(lags):.1f} ms (feed polled every 20 ms)")
         assert max(lags) < 2.0

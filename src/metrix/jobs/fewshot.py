@@ -32,7 +32,6 @@ def train(data: str = "omniglot-background", out=None, root="data/omniglot", dow
     settings = dict(data=data, root=str(root), download=download, rotations=rotations, episodes=int(episodes),
                     n_way=int(n_way), k_shot=int(k_shot), n_query=int(n_query), lr=float(lr), seed=int(seed),
                     checkpoint_every=int(checkpoint_every))
-    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
     run_dir, s, resuming = start_or_resume(COMMAND, out, "protonet", settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")

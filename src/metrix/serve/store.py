@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS changes (
     version {serial},
     collection TEXT NOT NULL,
@@ -309,24 +308,10 @@ class SQLStore:
             key_id, action, detail = audit
             db.execute("INSERT INTO audit VALUES (?, ?, ?, ?)", (time.time(), key_id, action, json.dumps(detail)))
 
-    def audit(self, key_id: str | None, action: str, detail: dict) -> None:
-        with self._tx() as db:
-            self._log(db, (key_id, action, detail))
-
     def audit_log(self, limit: int = 100) -> list[dict]:
-        rows = self._db().execute("SELECT at, key_id, action, detail FROM audit ORDER BY rowid DESC LIMIT ?",
+        rows = self._db().execute("SELECT at, key_id, action, detail FROM audit ORDER BY at DESC LIMIT ?",
                                   (int(limit),)).fetchall()
         return [{"at": r[0], "key_id": r[1], "action": r[2], "detail": json.loads(r[3])} for r in rows]
-
-    # --------------------------------------------------------------- settings
-    def setting(self, name: str) -> str | None:
-        r = self._db().execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
-        return None if r is None else r[0]
-
-    def set_setting(self, name: str, value: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                       (name, value))
 
 
 class SQLiteStore(SQLStore):
