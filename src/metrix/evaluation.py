@@ -60,11 +60,20 @@ def _prepare(query, query_labels, reference, reference_labels):
     return q, q_lab, r, r_lab, same
 
 
-def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_options):
-    """Yield ``(start, indices)`` chunks of the k nearest references (−1 = not found)."""
-    if approximate is None:
+def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_options, rows):
+    """Yield ``(start, indices)`` chunks of the k nearest references (−1 = not found) of the queries
+    ``rows = (first, last)``."""
+    first, last = rows
+    if approximate is None and (first, last) == (0, q.shape[0]):
         for start, _, idx in iter_knn(q, None if same else r, k, metric, same, max_memory_mb):
             yield start, idx
+        return
+    if approximate is None:  # a shard of the queries against the whole reference
+        part = q[first:last]
+        for start, _, idx in iter_knn(part, r, min(k + int(same), r.shape[0]), metric, False, max_memory_mb):
+            if same:
+                idx = _drop_own(idx, first + start)
+            yield first + start, idx
         return
     from metrix.index import VectorIndex
 
@@ -72,14 +81,19 @@ def _neighbours(q, r, same, k, metric, max_memory_mb, approximate, approximate_o
                         **(approximate_options or {}))
     index.add(r.numpy())  # ids are row positions
     chunk = 4096
-    for start in range(0, q.shape[0], chunk):
-        qc = q[start : start + chunk].numpy()
+    for start in range(first, last, chunk):
+        qc = q[start : min(start + chunk, last)].numpy()
         _, ids = index.search(qc, min(k + int(same), len(index)))
-        if same:  # drop each query's own row; if the index missed it, drop the last neighbour instead
-            own = ids == np.arange(start, start + len(qc))[:, None]
-            own[~own.any(axis=1), -1] = True
-            ids = ids[~own].reshape(len(qc), -1)
-        yield start, torch.from_numpy(ids)
+        ids = torch.from_numpy(ids)
+        yield start, _drop_own(ids, start) if same else ids
+
+
+def _drop_own(idx: torch.Tensor, start: int) -> torch.Tensor:
+    """Each row's own index (row i is query ``start + i``) removed from its k + 1 neighbours; where the
+    search did not return it (a tie at distance 0), the last neighbour goes instead."""
+    own = idx == torch.arange(start, start + idx.shape[0])[:, None]
+    own[~own.any(dim=1), -1] = True
+    return idx[~own].reshape(idx.shape[0], -1)
 
 
 def retrieval_metrics(
@@ -93,6 +107,7 @@ def retrieval_metrics(
     approximate: str | None = None,
     approximate_options: dict | None = None,
     progress: str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``query`` against ``reference`` (or itself, self excluded).
 
@@ -108,6 +123,9 @@ def retrieval_metrics(
         approximate index instead of exact search (needs the ``faiss`` extra); ``approximate_options``
         are passed to :class:`metrix.index.VectorIndex` (``nprobe``, ``ef_search``)
     progress : a label for a progress bar over the queries, shown when stderr is a terminal (None: none)
+    rows : ``(start, stop)``: score only these queries (a shard; the reference stays whole). The result then
+        holds each metric's *sum* over the shard's answerable queries and their count ``num_queries``:
+        shards add up, and :func:`finish_sums` turns the total into means (:mod:`metrix.distributed`)
 
     Returns
     -------
@@ -134,6 +152,9 @@ def retrieval_metrics(
         raise ValueError("no query has a same-label item in the reference set; retrieval metrics are undefined")
     n_avail = r.shape[0] - int(same)
     k_max = min(max(ks[-1], int(relevant.max())), n_avail)
+    first, last = (0, q.shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= first <= last <= q.shape[0]:
+        raise ValueError(f"rows must lie within the {q.shape[0]} queries, got {rows}")
 
     sums = {"r_precision": 0.0, "map_at_r": 0.0}
     precision_ks = sorted(set(ks) | {1})  # precision_at_1 is always reported
@@ -141,8 +162,9 @@ def retrieval_metrics(
         sums[f"recall_at_{k}"] = 0.0
     for k in precision_ks:
         sums[f"precision_at_{k}"] = 0.0
-    bar = progress_bar(len(q), progress, "query")
-    for start, idx in _neighbours(q, r, same, k_max, metric, max_memory_mb, approximate, approximate_options):
+    bar = progress_bar(last - first, progress, "query")
+    for start, idx in _neighbours(q, r, same, k_max, metric, max_memory_mb, approximate, approximate_options,
+                                  (first, last)):
         bar.update(idx.shape[0])
         stop = start + idx.shape[0]
         keep = answerable[start:stop]
@@ -161,8 +183,14 @@ def retrieval_metrics(
         precision_at_i = torch.cumsum(hits_r, dim=1) / rank
         sums["map_at_r"] += float(((precision_at_i * hits_r).sum(1) / R).sum())
     bar.close()
-    n = int(answerable.sum())
-    out = {key: value / n for key, value in sums.items()}
+    sums["num_queries"] = int(answerable[first:last].sum())
+    return sums if rows is not None else finish_sums(sums)
+
+
+def finish_sums(sums: dict) -> dict[str, float]:
+    """Means from the per-query sums of :func:`retrieval_metrics` with ``rows`` (added over shards)."""
+    n = int(sums["num_queries"])
+    out = {key: value / n for key, value in sums.items() if key != "num_queries"}
     out["num_queries"] = n
     return out
 

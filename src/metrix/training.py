@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrix.evaluation import encode_label_tensors, retrieval_metrics
+from metrix import distributed
+from metrix.evaluation import encode_label_tensors
 from metrix.io import (CorruptFileError, flatten_state, load_tagged, reading, remove_orphan_temps, save_tagged,
                        unflatten_state)
 from metrix.models import MODEL_TAG
-from metrix.sampling import ClassBalancedBatchSampler
 
 LAST_FILE, BEST_FILE, CHECKPOINT_TAG = "last.safetensors", "best.safetensors", "metrix_checkpoint"
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -84,6 +84,12 @@ class Trainer:
     callbacks : ``callable(trainer, epoch, row)`` run after each epoch (after checkpointing)
     miner : ``miner(embeddings, labels) -> Pairs`` (:mod:`metrix.mining`); its pairs go to the loss as
         ``pairs=``, and its state (random generator, annealing step) is checkpointed
+
+    Inside a torch.distributed process group of W ranks (``torchrun``; :mod:`metrix.distributed`) each rank
+    gets its share of global P×K batches of ``W × classes_per_batch`` classes, the loss and the miner see the
+    global batch, DDP sums the gradients so that each step is the one-process step on the global batch,
+    validation is sharded over the ranks, and only rank 0 writes checkpoints and shows progress. A resume
+    needs the world size the run was started with.
     """
 
     def __init__(
@@ -173,20 +179,22 @@ class Trainer:
             raise ValueError("training needs at least 2 classes")
         if val is not None and len(val) not in (2, 4):
             raise ValueError("val must be (x, y) or (query_x, query_y, reference_x, reference_y)")
-        sampler = ClassBalancedBatchSampler(
+        sampler = distributed.DistributedClassBalancedBatchSampler(
             codes.numpy(), self.classes_per_batch, self.samples_per_class, seed=self.seed, replacement=True
         )
         start_epoch = 0
         torch.manual_seed(self.seed)
         if resume:
             start_epoch = self._load_last()
-        elif self.checkpoint_dir is not None:
+        elif self.checkpoint_dir is not None and self._writes:
             remove_orphan_temps(self.checkpoint_dir)
+        # model and loss in one DDP module (proxies stay in sync); the loss and the miner see the global batch
+        step = distributed.wrap_model(distributed.TrainStep(self.model, self.loss, self.miner), self.device)
         bar = tqdm(total=(self.epochs - start_epoch) * len(sampler), desc="training", unit="batch",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self._writes), dynamic_ncols=True)
         for epoch in range(start_epoch, self.epochs):
             sampler.set_epoch(epoch)
-            row = self._train_epoch(x, codes, sampler, epoch, bar)
+            row = self._train_epoch(step, x, codes, sampler, epoch, bar)
             if val is not None:
                 row.update(self.evaluate(*val))
                 if self.monitor in row:
@@ -206,20 +214,22 @@ class Trainer:
             self.model.load_state_dict(self._best_state)
         return self.history
 
-    def _train_epoch(self, x, codes, sampler, epoch, bar) -> dict:
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes files and shows progress (rank 0 of a process group, or the only one)."""
+        return distributed.get_rank() == 0
+
+    def _train_epoch(self, step, x, codes, sampler, epoch, bar) -> dict:
         self.model.train()
         self.loss.train()
         total, n_seen, started = 0.0, 0, time.perf_counter()
+        global_batch = sampler.classes_per_batch * sampler.samples_per_class
         for batch in sampler:
             idx = torch.as_tensor(batch)
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
-            emb = self.model(xb)
-            if self.miner is None:
-                value = optimizer_step(self.loss(emb, yb), self.optimizer, f"epoch {epoch + 1}")
-            else:
-                value = optimizer_step(self.loss(emb, yb, pairs=self.miner(emb, yb)), self.optimizer, f"epoch {epoch + 1}")
-            total += value * len(batch)
-            n_seen += len(batch)
+            value = optimizer_step(step(xb, yb), self.optimizer, f"epoch {epoch + 1}")  # the global batch's loss
+            total += value * global_batch
+            n_seen += global_batch
             bar.update(1)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
@@ -229,10 +239,11 @@ class Trainer:
                 "samples_per_s": n_seen / elapsed, "seconds": elapsed}
 
     def evaluate(self, xq, yq, xr=None, yr=None) -> dict:
-        """Retrieval metrics of the current model (query vs reference, or query vs itself)."""
-        eq = self.model.embed(xq)
-        er = None if xr is None else self.model.embed(xr)
-        return retrieval_metrics(eq, yq, er, yr, metric=self.metric)
+        """Retrieval metrics of the current model (query vs reference, or query vs itself); in a process
+        group each rank embeds and searches its share, and every rank gets the metrics of all queries."""
+        eq = distributed.embed_sharded(self.model, xq)
+        er = None if xr is None else distributed.embed_sharded(self.model, xr)
+        return distributed.sharded_retrieval_metrics(eq, yq, er, yr, metric=self.metric)
 
     # ------------------------------------------------------- best / early stop
     def _track_best(self, epoch, row) -> bool:
@@ -243,7 +254,7 @@ class Trainer:
         if better:
             self.best_value, self.best_epoch, self._bad_epochs = value, epoch + 1, 0
             self._best_state = copy.deepcopy(self.model.state_dict())
-            if self.checkpoint_dir is not None:
+            if self.checkpoint_dir is not None and self._writes:
                 self._save_best()
         else:
             self._bad_epochs += 1
@@ -258,14 +269,19 @@ class Trainer:
     # ------------------------------------------------------------- resuming
     def _save_last(self, next_epoch: int):
         """One file holds everything a resume needs (weights, optimiser, scheduler, RNG, history), so a kill
-        at any moment leaves either the previous checkpoint or this one, never a mix of two epochs."""
+        at any moment leaves either the previous checkpoint or this one, never a mix of two epochs.
+        In a process group every rank's random state is kept (rank 0 writes)."""
+        rng = torch.stack(distributed.all_gather_object(torch.get_rng_state()))
+        self.saved_epoch = next_epoch
+        if not self._writes:
+            return
         state = {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "best_state": self._best_state,
-            "rng": torch.get_rng_state(),
+            "rng": rng,  # (world size, state): one row per rank
             "miner": None if self.miner is None else self.miner.state_dict(),
         }
         tensors, tree = flatten_state(state, "s")
@@ -273,12 +289,12 @@ class Trainer:
             "tree": tree, "next_epoch": next_epoch, "history": self.history, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "bad_epochs": self._bad_epochs, "epochs": self.epochs,
         })
-        self.saved_epoch = next_epoch
 
     def _load_last(self) -> int:
         if self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        remove_orphan_temps(self.checkpoint_dir)
+        if self._writes:
+            remove_orphan_temps(self.checkpoint_dir)
         path = self.checkpoint_dir / LAST_FILE
         if not path.exists():
             return 0  # nothing to resume: a fresh start
@@ -294,7 +310,11 @@ class Trainer:
             if self.scheduler is not None and state["scheduler"] is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             self._best_state = state["best_state"]
-            torch.set_rng_state(state["rng"])
+            rng = state["rng"] if state["rng"].dim() == 2 else state["rng"][None]  # older files: one process
+            if rng.shape[0] != distributed.get_world_size():
+                raise CorruptFileError(f"{path} was written by {rng.shape[0]} process(es); resume with as many "
+                                       f"(--nproc {rng.shape[0]}), not {distributed.get_world_size()}")
+            torch.set_rng_state(rng[distributed.get_rank()])
             if self.miner is not None and state.get("miner") is not None:
                 self.miner.load_state_dict(state["miner"])
             self.history = list(meta["history"])

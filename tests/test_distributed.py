@@ -1,0 +1,248 @@
+"""Distributed training on real processes (torch.distributed, gloo on CPU, world sizes 2 and 3).
+
+Each world runs once (spawning costs seconds); its workers evaluate every case and write what they saw, and
+the test compares it with one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metrix import distributed
+from metrix.evaluation import retrieval_metrics
+from metrix.losses import LOSSES, build_loss
+from metrix.memory import CrossBatchMemory
+from metrix.mining import MINERS
+from metrix.registry import losses as loss_entries
+
+# uneven per-rank batches; each global batch has 4 classes, every class at least 3 samples
+SIZES = {2: (7, 5), 3: (4, 6, 5)}
+DIM, CLASSES = 8, 4
+TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
+
+
+def _cases() -> list[tuple[str, dict, str | None]]:
+    cases = [(name, {}, None) for name in LOSSES if name != "triplet"]
+    cases += [("triplet", {"triplets": t, "margin": 0.3}, None) for t in TRIPLET_SELECTIONS]
+    takes_pairs = sorted(n for n, e in loss_entries().items() if e.takes_pairs)
+    for miner in MINERS:  # every miner, with a pair loss and a triplet loss
+        cases += [("contrastive", {}, miner), ("triplet", {"triplets": "all", "margin": 5.0 if miner == "easy" else 0.3}, miner)]
+    assert "contrastive" in takes_pairs and "triplet" in takes_pairs
+    return cases
+
+
+CASES = _cases()
+
+
+def _global_batch(world: int, case: int):
+    g = torch.Generator().manual_seed(1000 * world + case)
+    n = sum(SIZES[world])
+    labels = torch.arange(n) % CLASSES
+    labels = labels[torch.randperm(n, generator=g)]
+    emb = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    return emb, labels
+
+
+def _build(name, params, miner):
+    torch.manual_seed(7)  # proxies start equal on every rank and in the reference
+    loss = build_loss(name, num_classes=CLASSES, embedding_dim=DIM, **params).double()
+    return loss, None if miner is None else MINERS[miner]()
+
+
+def _slice(world: int, rank: int) -> slice:
+    start = sum(SIZES[world][:rank])
+    return slice(start, start + SIZES[world][rank])
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+# ------------------------------------------------------------------ workers (run in spawned processes)
+def _loss_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    results = []
+    for case, (name, params, miner) in enumerate(CASES):
+        emb, labels = _global_batch(world, case)
+        loss, mine = _build(name, params, miner)
+        local = emb[_slice(world, rank)].clone().requires_grad_(True)
+        value = distributed.GlobalBatchLoss(loss, mine)(local, labels[_slice(world, rank)])
+        value.backward()
+        results.append({"value": value.detach(), "grad": local.grad,
+                        "params": [p.grad.clone() if p.grad is not None else None for p in loss.parameters()]})
+    # sharded evaluation
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(103, 6, generator=g), torch.randint(0, 5, (103,), generator=g)
+    results.append({"self": distributed.sharded_retrieval_metrics(x, y),
+                    "ref": distributed.sharded_retrieval_metrics(x[:40], y[:40], x[40:], y[40:])})
+    torch.save(results, Path(out) / f"losses{rank}.pt")
+    distributed.shutdown()
+
+
+def _model(seed: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, DIM)).double()
+
+
+def _inputs(world: int):
+    g = torch.Generator().manual_seed(11)
+    n = sum(SIZES[world])
+    return torch.randn(n, 10, generator=g, dtype=torch.float64), torch.arange(n) % CLASSES
+
+
+def _step_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One optimiser step of a model and a proxy loss under DDP; then five steps of a cross-batch memory."""
+    _init(rank, world, store)
+    x, y = _inputs(world)
+    saved = {}
+    for name in ("multi_similarity", "proxy_anchor"):
+        model = _model()
+        loss, _ = _build(name, {}, None)
+        step = distributed.wrap_model(distributed.TrainStep(model, loss))
+        opt = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
+        opt.zero_grad()
+        step(x[_slice(world, rank)], y[_slice(world, rank)]).backward()
+        opt.step()
+        saved[name] = [p.detach().clone() for p in list(model.parameters()) + list(loss.parameters())]
+    xbm = CrossBatchMemory(build_loss("contrastive"), DIM, memory_size=20).double()
+    model = _model()
+    step = distributed.wrap_model(distributed.TrainStep(model, xbm))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(5):
+        opt.zero_grad()
+        xi = x.roll(i, 0)
+        step(xi[_slice(world, rank)], y.roll(i, 0)[_slice(world, rank)]).backward()
+        opt.step()
+    saved["xbm"] = [t.clone() for t in xbm.contents()]
+    torch.save(saved, Path(out) / f"step{rank}.pt")
+    distributed.shutdown()
+
+
+def _spawn(worker, world: int, tmp_path: Path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+
+
+# ------------------------------------------------------------------ tests
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    scale = max(float(b.abs().max()), 1e-300) if b.numel() else 1.0
+    return float((a - b).abs().max()) <= rel * scale if b.numel() else True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_batch_losses_equal_one_process(world, tmp_path):
+    """Every loss and miner: the value on every rank and the gradient w.r.t. every rank's embeddings equal one
+    process on the concatenated batch (float64, relative 1e-9); the loss's own parameters' gradients, summed
+    over the ranks (what DDP does), equal the one-process gradient."""
+    _spawn(_loss_worker, world, tmp_path)
+    per_rank = [torch.load(tmp_path / f"losses{r}.pt") for r in range(world)]
+    failures = []
+    for case, (name, params, miner) in enumerate(CASES):
+        emb, labels = _global_batch(world, case)
+        loss, mine = _build(name, params, miner)
+        ref_emb = emb.clone().requires_grad_(True)
+        value = loss(ref_emb, labels) if mine is None else loss(ref_emb, labels, pairs=mine(ref_emb, labels))
+        value.backward()
+        label = f"{name} {params} miner={miner}"
+        inert = float(value.detach()) == 0.0 and float(ref_emb.grad.abs().max()) == 0.0
+        if inert and params.get("triplets") != "easy":  # easy triplets have zero loss by definition
+            failures.append(f"{label}: the case tests nothing (zero loss)")
+        for r, got in enumerate(per_rank):
+            if not _close(got[case]["value"], value.detach(), 1e-9):
+                failures.append(f"{label}: rank {r} value {float(got[case]['value'])} != {float(value)}")
+        grads = torch.cat([got[case]["grad"] for got in per_rank])
+        if not _close(grads, ref_emb.grad, 1e-9):
+            failures.append(f"{label}: embedding gradient differs by {float((grads - ref_emb.grad).abs().max()):.3g}")
+        for i, p in enumerate(loss.parameters()):
+            summed = sum(got[case]["params"][i] for got in per_rank)
+            if not _close(summed, p.grad, 1e-9):
+                failures.append(f"{label}: parameter {i} gradient differs")
+    assert not failures, "\n".join(failures)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(103, 6, generator=g), torch.randint(0, 5, (103,), generator=g)
+    expected = {"self": retrieval_metrics(x, y), "ref": retrieval_metrics(x[:40], y[:40], x[40:], y[40:])}
+    for got in per_rank:
+        for key in ("self", "ref"):
+            assert got[-1][key].keys() == expected[key].keys()
+            for metric, v in expected[key].items():
+                assert got[-1][key][metric] == pytest.approx(v, rel=1e-12), (key, metric)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_step_equals_one_process_step(world, tmp_path):
+    """A full optimiser step under DDP (model + proxies) equals the one-process step on the global batch;
+    a cross-batch memory holds the same content on every rank after 5 steps, and the one-process content."""
+    _spawn(_step_worker, world, tmp_path)
+    per_rank = [torch.load(tmp_path / f"step{r}.pt") for r in range(world)]
+    x, y = _inputs(world)
+    for name in ("multi_similarity", "proxy_anchor"):
+        model = _model()
+        loss, _ = _build(name, {}, None)
+        params = list(model.parameters()) + list(loss.parameters())
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=0.5)
+        loss(model(x), y).backward()
+        opt.step()
+        assert all(not torch.equal(a, p.detach()) for a, p in zip(before, params))  # every tensor moved
+        for got in per_rank:
+            for mine, ref in zip(got[name], params):
+                assert _close(mine, ref.detach(), 1e-6)
+    first = per_rank[0]["xbm"]
+    for got in per_rank[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got["xbm"], first))
+    xbm = CrossBatchMemory(build_loss("contrastive"), DIM, memory_size=20).double()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(5):
+        opt.zero_grad()
+        xbm(model(x.roll(i, 0)), y.roll(i, 0)).backward()
+        opt.step()
+    assert len(xbm) == 20
+    for mine, ref in zip(first, xbm.contents()):
+        assert _close(mine.double(), ref.double(), 1e-6)
+
+
+def test_one_process_is_the_plain_loss():
+    """Without a process group (and at world size 1) the wrapper is the loss itself: no gather, no scaling."""
+    emb, labels = _global_batch(2, 0)
+    loss = build_loss("multi_similarity")
+    assert torch.equal(distributed.GlobalBatchLoss(loss)(emb, labels), loss(emb, labels))
+    assert distributed.all_gather(emb) is emb and distributed.get_world_size() == 1
+
+
+def test_distributed_sampler_shares_the_global_batch():
+    labels = np.repeat(np.arange(12), 7)
+    single = distributed.DistributedClassBalancedBatchSampler(labels, 6, 4, seed=3, rank=0, world_size=1)
+    ranks = [distributed.DistributedClassBalancedBatchSampler(labels, 2, 4, seed=3, rank=r, world_size=3)
+             for r in range(3)]
+    for s in [single, *ranks]:
+        s.set_epoch(2)
+    assert len({len(s) for s in ranks}) == 1 and len(ranks[0]) == len(single)
+    seen = []
+    for batch, *shares in zip(single, *ranks):
+        assert [i for share in shares for i in share] == batch  # rank order concatenates to the global batch
+        assert all(len(share) == 8 for share in shares)
+        seen += batch
+    assert len(set(seen)) >= 0.9 * len(labels)  # about every sample once per epoch
+    with pytest.raises(ValueError, match="rank must be"):
+        distributed.DistributedClassBalancedBatchSampler(labels, 2, 4, rank=3, world_size=3)
+
+
+def test_distributed_episode_sampler_is_disjoint():
+    from metrix.apps.fewshot import EpisodeSampler
+
+    labels = np.repeat(np.arange(10), 6)
+    make = lambda: EpisodeSampler(labels, n_way=3, k_shot=1, n_query=2, episodes=7, seed=1)  # noqa: E731
+    shares = [list(distributed.DistributedEpisodeSampler(make(), rank=r, world_size=2)) for r in range(2)]
+    everything = list(make())
+    assert [len(s) for s in shares] == [3, 3]
+    assert [e[0].tolist() for e in shares[0]] == [everything[i][0].tolist() for i in (0, 2, 4)]
+    assert [e[0].tolist() for e in shares[1]] == [everything[i][0].tolist() for i in (1, 3, 5)]
