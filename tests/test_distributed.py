@@ -26,6 +26,7 @@ from metrix.registry import losses as loss_entries
 SIZES = {2: (7, 5), 3: (4, 6, 5)}
 DIM, CLASSES = 8, 4
 TRIPLET_SELECTIONS = ("all", "hard", "semihard", "easy", "batch_hard")
+STEP_CASES = ("multi_similarity", "proxy_anchor", "batchnorm")  # a pair loss, a proxy loss, a BatchNorm model
 
 
 def _cases() -> list[tuple[str, dict, str | None]]:
@@ -87,9 +88,10 @@ def _loss_worker(rank: int, world: int, store: str, out: str) -> None:
     distributed.shutdown()
 
 
-def _model(seed: int = 3) -> torch.nn.Module:
+def _model(seed: int = 3, batchnorm: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, DIM)).double()
+    norm = [torch.nn.BatchNorm1d(16)] if batchnorm else []
+    return torch.nn.Sequential(torch.nn.Linear(10, 16), *norm, torch.nn.Tanh(), torch.nn.Linear(16, DIM)).double()
 
 
 def _inputs(world: int):
@@ -103,15 +105,17 @@ def _step_worker(rank: int, world: int, store: str, out: str) -> None:
     _init(rank, world, store)
     x, y = _inputs(world)
     saved = {}
-    for name in ("multi_similarity", "proxy_anchor"):
-        model = _model()
-        loss, _ = _build(name, {}, None)
-        step = distributed.wrap_model(distributed.TrainStep(model, loss))
-        opt = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
-        opt.zero_grad()
-        step(x[_slice(world, rank)], y[_slice(world, rank)]).backward()
-        opt.step()
-        saved[name] = [p.detach().clone() for p in list(model.parameters()) + list(loss.parameters())]
+    for name in STEP_CASES:
+        model = _model(batchnorm=name == "batchnorm")
+        loss, _ = _build("multi_similarity" if name == "batchnorm" else name, {}, None)
+        with distributed.global_batchnorm(model):
+            step = distributed.wrap_model(distributed.TrainStep(model, loss))
+            opt = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
+            opt.zero_grad()
+            step(x[_slice(world, rank)], y[_slice(world, rank)]).backward()
+            opt.step()
+        assert all(type(m) is not distributed.GlobalBatchNorm for m in model.modules())
+        saved[name] = [t.detach().clone() for t in [*model.parameters(), *loss.parameters(), *model.buffers()]]
     xbm = CrossBatchMemory(build_loss("contrastive"), DIM, memory_size=20).double()
     model = _model()
     step = distributed.wrap_model(distributed.TrainStep(model, xbm))
@@ -123,6 +127,52 @@ def _step_worker(rank: int, world: int, store: str, out: str) -> None:
         opt.step()
     saved["xbm"] = [t.clone() for t in xbm.contents()]
     torch.save(saved, Path(out) / f"step{rank}.pt")
+    distributed.shutdown()
+
+
+def _trainer(checkpoint_dir, classes_per_batch: int, epochs: int = 3, callbacks=()):
+    from metrix.losses import MultiSimilarityLoss
+    from metrix.models import EmbeddingModel
+    from metrix.training import Trainer
+
+    torch.manual_seed(0)
+    model = EmbeddingModel("mlp", 8, input_shape=(10,), backbone_kwargs={"hidden_dims": (32,)})  # has BatchNorm
+    return Trainer(model, MultiSimilarityLoss(), epochs=epochs, classes_per_batch=classes_per_batch,
+                   samples_per_class=4, checkpoint_dir=checkpoint_dir, progress=False, seed=0, callbacks=callbacks)
+
+
+def _train_data():
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(120) % 6
+    x = torch.randn(6, 10, generator=g)[y] + 0.8 * torch.randn(120, 10, generator=g)
+    return x.numpy(), y.numpy()
+
+
+class _Stop:
+    def __init__(self, after: int):
+        self.after = after
+
+    def __call__(self, trainer, epoch, row):
+        if epoch + 1 == self.after:
+            raise KeyboardInterrupt
+
+
+def _trainer_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Trainer.fit on W ranks: uninterrupted; interrupted after epoch 1 then resumed; a validation split."""
+    _init(rank, world, store)
+    x, y = _train_data()
+    val = (x[:30], y[:30])
+    full = _trainer(Path(out) / "full", 6 // world)  # the global batch: all 6 classes
+    history = full.fit(x, y, val=val)
+    cut = _trainer(Path(out) / "cut", full.classes_per_batch, callbacks=[_Stop(1)])
+    try:
+        cut.fit(x, y, val=val)
+    except KeyboardInterrupt:
+        pass
+    resumed = _trainer(Path(out) / "cut", full.classes_per_batch)
+    resumed.fit(x, y, val=val, resume=True)
+    torch.save({"full": full.model.state_dict(), "resumed": resumed.model.state_dict(), "history": history,
+                "files": sorted(p.name for p in (Path(out) / "full").iterdir())}, Path(out) / f"trainer{rank}.pt")
     distributed.shutdown()
 
 
@@ -178,23 +228,26 @@ def test_global_batch_losses_equal_one_process(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ddp_step_equals_one_process_step(world, tmp_path):
-    """A full optimiser step under DDP (model + proxies) equals the one-process step on the global batch;
+    """A full optimiser step under DDP (model + proxies; BatchNorm statistics of the global batch, running
+    statistics included) equals the one-process step on the global batch;
     a cross-batch memory holds the same content on every rank after 5 steps, and the one-process content."""
     _spawn(_step_worker, world, tmp_path)
     per_rank = [torch.load(tmp_path / f"step{r}.pt") for r in range(world)]
     x, y = _inputs(world)
-    for name in ("multi_similarity", "proxy_anchor"):
-        model = _model()
-        loss, _ = _build(name, {}, None)
+    for name in STEP_CASES:
+        model = _model(batchnorm=name == "batchnorm")
+        loss, _ = _build("multi_similarity" if name == "batchnorm" else name, {}, None)
         params = list(model.parameters()) + list(loss.parameters())
-        before = [p.detach().clone() for p in params]
+        before = [p.detach().clone() for p in [*params, *model.buffers()]]
         opt = torch.optim.SGD(params, lr=0.5)
         loss(model(x), y).backward()
         opt.step()
-        assert all(not torch.equal(a, p.detach()) for a, p in zip(before, params))  # every tensor moved
+        after = [*params, *model.buffers()]
+        assert all(not torch.equal(a, p.detach()) for a, p in zip(before, after))  # every tensor moved
+        assert len(got := per_rank[0][name]) == len(after)
         for got in per_rank:
-            for mine, ref in zip(got[name], params):
-                assert _close(mine, ref.detach(), 1e-6)
+            for mine, ref in zip(got[name], after):
+                assert _close(mine.double(), ref.detach().double(), 1e-6), name
     first = per_rank[0]["xbm"]
     for got in per_rank[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got["xbm"], first))
@@ -246,3 +299,31 @@ def test_distributed_episode_sampler_is_disjoint():
     assert [len(s) for s in shares] == [3, 3]
     assert [e[0].tolist() for e in shares[0]] == [everything[i][0].tolist() for i in (0, 2, 4)]
     assert [e[0].tolist() for e in shares[1]] == [everything[i][0].tolist() for i in (1, 3, 5)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_trainer_under_ddp(world, tmp_path):
+    """Trainer.fit on W processes: the same training as one process on the global batches (weights to
+    float32 rounding, validation metrics alike), identical weights on every rank, rank-0 checkpoints, and an
+    interrupted run resumed on as many processes ends bit-identical to the uninterrupted one."""
+    x, y = _train_data()
+    _spawn(_trainer_worker, world, tmp_path)
+    per_rank = [torch.load(tmp_path / f"trainer{r}.pt", weights_only=False) for r in range(world)]
+    one = _trainer(tmp_path / "one", 6)  # the global batch of the W processes
+    one_history = one.fit(x, y, val=(x[:30], y[:30]))
+    for got in per_rank:
+        for key, value in per_rank[0]["full"].items():
+            assert torch.equal(got["full"][key], value), key  # every rank holds the same model
+            assert torch.equal(got["resumed"][key], value), key  # resume is bit-exact
+    for key, value in one.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(per_rank[0]["full"][key], value, rtol=1e-4, atol=1e-5), key
+    for mine, ref in zip(per_rank[0]["history"], one_history):
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        assert mine["map_at_r"] == pytest.approx(ref["map_at_r"], abs=0.02)
+    assert per_rank[0]["files"] == ["best.safetensors", "last.safetensors"]
+    # a different world size cannot continue the run bit-exactly, and says so
+    from metrix.io import CorruptFileError
+
+    with pytest.raises(CorruptFileError, match=f"written by {world} process"):
+        _trainer(tmp_path / "cut", 6 // world).fit(x, y, resume=True)

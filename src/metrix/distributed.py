@@ -42,6 +42,7 @@ Example (one process: the same code path as W ranks)
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
@@ -94,18 +95,59 @@ def init_from_env(device: str = "cpu") -> torch.device:
     return where
 
 
-def shutdown() -> None:
-    """Leave the process group (after a barrier, so no rank tears it down under another)."""
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA ``device`` inside a process group, else ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group; after a barrier, so that no rank tears it down under another (skipped after
+    an error: the other ranks may never arrive)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _GATHER_GROUP.clear()
+
+
+def launch(nproc: int, args: list[str], module: str = "metrix") -> int:
+    """Run ``python -m module *args`` on ``nproc`` processes of this machine with torchrun's launcher
+    (standalone rendezvous on a free local port); returns the exit code (that of the first rank to fail).
+
+    A failed rank has said what went wrong itself; this only passes its exit code on.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if int(nproc) < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # it would repeat the rank's error
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores (torchrun would pick 1 and warn about it)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(nproc)))
+    parsed = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={int(nproc)}", "--module", module, *args])
+    try:
+        run(parsed)
+    except ChildFailedError as exc:
+        first = min(exc.failures.values(), key=lambda f: f.timestamp)
+        return int(first.exitcode) if first.exitcode > 0 else 128 - int(first.exitcode)  # −N: killed by signal N
+    return 0
 
 
 def _group():
     if not _GATHER_GROUP:
         _GATHER_GROUP.append(dist.new_group(backend=dist.get_backend()))
     return _GATHER_GROUP[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for with one process)."""
+    if is_distributed():
+        dist.barrier(group=_group())
 
 
 def broadcast_object(value, src: int = 0):
@@ -130,12 +172,36 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``t`` over the ranks (a copy; ``t`` itself with one process)."""
     if not is_distributed():
         return t
-    out = t.clone()
-    dist.all_reduce(out, group=_group())
-    return out
+    return sum_over_ranks(t)
 
 
 # ------------------------------------------------------------------ gathering
+def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The element-wise sum of ``t`` over the ranks, added in rank order (a new tensor).
+
+    A ring all-reduce adds each element in an order set by where it falls in the buffer; with three or more
+    ranks floating-point addition then depends on the buffer's layout (DDP re-buckets gradients after its
+    first step), and a resumed run would drift from an uninterrupted one in the last bits. Two ranks add
+    commutatively, so they keep the all-reduce; more gather and add in rank order.
+    """
+    group = group if group is not None else _group()
+    world = dist.get_world_size(group)
+    if world <= 2:
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return _rank_order_sum(parts)
+
+
 def _sizes(n: int, device) -> list[int]:
     size = torch.tensor([n], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
@@ -164,8 +230,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=_group())
+        grad = sum_over_ranks(grad)
         start = sum(ctx.sizes[: ctx.me])
         return grad[start : start + ctx.sizes[ctx.me]], None, None
 
@@ -232,12 +297,94 @@ class GlobalBatchLoss(nn.Module):
         return _ShareGradient.apply(value, 1.0 / get_world_size())
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: the sum over the ranks, on every rank. Backward: the same sum of the gradient (every rank's
+    result depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor):
+        return sum_over_ranks(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return sum_over_ranks(grad)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, on any backend (PyTorch's
+    ``SyncBatchNorm`` needs a GPU). Outside a process group, or in eval mode, it is plain BatchNorm.
+
+    The statistics come in two differentiable all-reduces (the mean, then the squared deviations from it:
+    no cancellation), so the forward pass and its gradient are those of BatchNorm on the concatenated batch.
+    """
+
+    def _check_input_dim(self, x):  # any of 1-d, 2-d and 3-d: it replaces all three
+        if x.dim() < 2:
+            raise ValueError(f"expected a batch with a channel dimension, got shape {tuple(x.shape)}")
+
+    @classmethod
+    def sharing(cls, bn: nn.modules.batchnorm._BatchNorm) -> "GlobalBatchNorm":
+        """A GlobalBatchNorm holding ``bn``'s very parameters and buffers (same tensors, same state-dict keys)."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        for name, p in bn.named_parameters(recurse=False):
+            setattr(new, name, p)
+        for name, b in bn.named_buffers(recurse=False):
+            new.register_buffer(name, b)
+        return new.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = float(all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64,
+                                                  device=x.device)))
+        mean = _AllReduceSum.apply(x.sum(dims)) / count
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1.0, 1.0)), alpha=m)
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+
+
+@contextmanager
+def global_batchnorm(model: nn.Module):
+    """Within the block, in a process group, every BatchNorm1d/2d/3d of ``model`` is a
+    :class:`GlobalBatchNorm` sharing its parameters and buffers (so optimisers, checkpoints and state dicts
+    see no difference); afterwards the original modules are back, holding what training wrote. Other
+    normalisation layers (and anything outside a process group) are left alone."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) in plain] if is_distributed() else []
+    for parent, name, child in found:
+        setattr(parent, name, GlobalBatchNorm.sharing(child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in found:
+            child.train(getattr(parent, name).training)
+            setattr(parent, name, child)
+
+
 # ------------------------------------------------------------------ DDP
 def _sum_hook(process_group, bucket):
-    """DDP communication hook: the bucket's gradients summed over the ranks (DDP's default averages)."""
+    """DDP communication hook: the bucket's gradients summed over the ranks (DDP's default averages), in
+    rank order from three ranks on (see :func:`sum_over_ranks`)."""
     group = process_group if process_group is not None else dist.group.WORLD
-    future = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return future.then(lambda fut: fut.value()[0])
+    buffer = bucket.buffer()
+    world = dist.get_world_size(group)
+    if world <= 2:
+        future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+        return future.then(lambda fut: fut.value()[0])
+    parts = [torch.empty_like(buffer) for _ in range(world)]
+    future = dist.all_gather(parts, buffer, group=group, async_op=True).get_future()
+    return future.then(lambda fut: _rank_order_sum(parts))
 
 
 class TrainStep(nn.Module):
@@ -259,7 +406,7 @@ def wrap_model(module: nn.Module, device: torch.device | None = None) -> nn.Modu
         return module
     device = device or next(module.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
 
@@ -282,7 +429,7 @@ def sharded_retrieval_metrics(query, query_labels, reference=None, reference_lab
         return retrieval_metrics(query, query_labels, reference, reference_labels, **kwargs)
     rows = shard(range(len(query)), get_rank(), get_world_size())
     sums = retrieval_metrics(query, query_labels, reference, reference_labels, rows=(rows.start, rows.stop), **kwargs)
-    keys = sorted(sums)
+    keys = list(sums)  # the same order on every rank
     total = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64))
     return finish_sums({k: (int(v) if k == "num_queries" else float(v)) for k, v in zip(keys, total.tolist())})
 
@@ -295,14 +442,27 @@ def shard(items, part: int, parts: int):
     return items[bounds[part] : bounds[part + 1]]
 
 
-class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
-    """P×K batches for W ranks: the global batch has ``classes_per_batch × world_size`` classes.
+def global_batch_shape(classes_per_batch: int, samples_per_class: int, n_classes: int, world_size: int) -> tuple[int, int]:
+    """The P×K of the global batch when each of W ranks takes a P×K share: ``(W·P, K)``, or, with fewer
+    than W·P classes, every class with K scaled so that the global batch still holds about W·P·K samples.
 
-    Every rank draws the same seeded global batch (:class:`~metrix.sampling.ClassBalancedBatchSampler` with
-    ``W·P`` classes) and takes its contiguous share, so the ranks' batches are disjoint, their concatenation
-    in rank order is the global batch, and every sample is used about once per epoch. Call :meth:`set_epoch`
-    each epoch. ``rank`` and ``world_size`` default to the process group's. With fewer classes than ``W·P``
-    the global batch takes every class (shares then differ by at most one sample).
+    >>> global_batch_shape(10, 16, 100, 2), global_batch_shape(10, 16, 10, 2)
+    ((20, 16), (10, 32))
+    """
+    p, k, w = int(classes_per_batch), int(samples_per_class), int(world_size)
+    if p * w <= n_classes or p > n_classes:
+        return p * w, k
+    return n_classes, max(k, round(p * k * w / n_classes))
+
+
+class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
+    """P×K batches for W ranks: each rank's share is a P×K batch, the global batch W times that.
+
+    Every rank draws the same seeded global batch (:class:`~metrix.sampling.ClassBalancedBatchSampler` of
+    :func:`global_batch_shape`: ``W·P`` classes, or every class with more samples each) and takes its
+    contiguous share, so the ranks' batches are disjoint, their concatenation in rank order is the global
+    batch, and every sample is used about once per epoch. Call :meth:`set_epoch` each epoch. ``rank`` and
+    ``world_size`` default to the process group's. Shares differ by at most one sample.
 
     Example
     -------
@@ -320,8 +480,8 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
         n_classes = len(np.unique(np.asarray(labels)))
-        total = min(int(classes_per_batch) * self.world_size, max(n_classes, int(classes_per_batch)))
-        super().__init__(labels, total, samples_per_class, seed=seed, replacement=replacement)
+        p, k = global_batch_shape(classes_per_batch, samples_per_class, n_classes, self.world_size)
+        super().__init__(labels, p, k, seed=seed, replacement=replacement)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in super().__iter__():

@@ -188,6 +188,13 @@ class Trainer:
             start_epoch = self._load_last()
         elif self.checkpoint_dir is not None and self._writes:
             remove_orphan_temps(self.checkpoint_dir)
+        with distributed.global_batchnorm(self.model):  # batch statistics of the global batch
+            history = self._fit(x, codes, sampler, val, start_epoch)
+        if self.restore_best and self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        return history
+
+    def _fit(self, x, codes, sampler, val, start_epoch) -> list[dict]:
         # model and loss in one DDP module (proxies stay in sync); the loss and the miner see the global batch
         step = distributed.wrap_model(distributed.TrainStep(self.model, self.loss, self.miner), self.device)
         bar = tqdm(total=(self.epochs - start_epoch) * len(sampler), desc="training", unit="batch",
@@ -210,8 +217,6 @@ class Trainer:
             if stop:
                 break
         bar.close()
-        if self.restore_best and self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
         return self.history
 
     @property
@@ -273,8 +278,11 @@ class Trainer:
         In a process group every rank's random state is kept (rank 0 writes)."""
         rng = torch.stack(distributed.all_gather_object(torch.get_rng_state()))
         self.saved_epoch = next_epoch
-        if not self._writes:
-            return
+        if self._writes:
+            self._write_last(next_epoch, rng)
+        distributed.barrier()  # the checkpoint exists for every rank once it is on disk (a resume may read it next)
+
+    def _write_last(self, next_epoch: int, rng: torch.Tensor) -> None:
         state = {
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
@@ -314,7 +322,7 @@ class Trainer:
             if rng.shape[0] != distributed.get_world_size():
                 raise CorruptFileError(f"{path} was written by {rng.shape[0]} process(es); resume with as many "
                                        f"(--nproc {rng.shape[0]}), not {distributed.get_world_size()}")
-            torch.set_rng_state(rng[distributed.get_rank()])
+            torch.set_rng_state(rng[distributed.get_rank()].clone())  # its own storage: a row view crashes torch
             if self.miner is not None and state.get("miner") is not None:
                 self.miner.load_state_dict(state["miner"])
             self.history = list(meta["history"])

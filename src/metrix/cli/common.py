@@ -33,6 +33,9 @@ def _error_boundary(command):
         except (*USER_ERRORS, KeyboardInterrupt) as exc:
             if _DEBUG["on"]:
                 raise
+            if os.environ.get("RANK", "0") != "0" and "LOCAL_WORLD_SIZE" in os.environ:
+                # a torchrun worker: rank 0 says it, once for all ranks
+                raise typer.Exit(code=130 if isinstance(exc, KeyboardInterrupt) else 2) from None
             typer.secho(f"error: {_one_line(exc) if str(exc) else 'interrupted'}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=130 if isinstance(exc, KeyboardInterrupt) else 2) from None
     return run

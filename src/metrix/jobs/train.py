@@ -20,7 +20,7 @@ import torch
 from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_json
-from metrix import registry
+from metrix import distributed, registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.models import EmbeddingModel, save_model
@@ -221,7 +221,14 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     With ``cfg.checkpoint_every`` (the default) the run folder is created at the start and gets resumable
     checkpoints in ``checkpoints/``; ``resume`` (a run folder) continues such a run to the same final weights.
     Ctrl-C raises ``KeyboardInterrupt`` with a message that says how to resume.
+
+    Inside a torch.distributed process group (``metrix train --nproc N``, torchrun) every rank trains its
+    share (:class:`~metrix.training.Trainer`); rank 0 alone reports, writes the run and scores the test set,
+    and the other ranks return ``{"run_dir": ..., "before": None, "after": None, ...}``.
     """
+    writes = distributed.get_rank() == 0
+    if not writes:
+        echo = _quiet
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run_dir = None
@@ -257,24 +264,30 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     checkpoint_dir = None
     if cfg.checkpoint_every or resume is not None:
         if run_dir is None:
-            run_dir = new_run_dir(cfg.out, cfg.name or f"{ds.name}-{cfg.loss}")
-            save_json(run_dir / CHECKPOINTS / SETTINGS_FILE, dataclasses.asdict(cfg))
+            if writes:
+                run_dir = new_run_dir(cfg.out, cfg.name or f"{ds.name}-{cfg.loss}")
+                save_json(run_dir / CHECKPOINTS / SETTINGS_FILE, dataclasses.asdict(cfg))
+            run_dir = Path(distributed.broadcast_object(str(run_dir)))  # the folder rank 0 chose
         checkpoint_dir = run_dir / CHECKPOINTS
     trainer = Trainer(
         model, loss, epochs=cfg.epochs, lr=cfg.lr, loss_lr=cfg.loss_lr, weight_decay=cfg.weight_decay,
         classes_per_batch=min(cfg.classes_per_batch, len(fit_classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
-        device=check_device(cfg.device),
+        device=distributed.rank_device(check_device(cfg.device)),
     )
+    world = distributed.get_world_size()
+    p, k = distributed.global_batch_shape(trainer.classes_per_batch, cfg.samples_per_class, len(fit_classes), world)
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
-         f"{trainer.classes_per_batch}×{cfg.samples_per_class} batches")
+         f"{p}×{k} batches" + (f" over {world} processes" if world > 1 else ""))
     try:
         history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val, resume=resume is not None)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_how_to_resume(run_dir, trainer)) from None
     if trainer.best_epoch is not None:
         echo(f"best validation {trainer.monitor} {trainer.best_value:.4f} at epoch {trainer.best_epoch}")
+    if not writes:
+        return {"run_dir": run_dir, "before": None, "after": None, "seconds": time.perf_counter() - started}
 
     flat = lambda a: a.reshape(len(a), -1)  # noqa: E731  raw-pixel baseline on flattened inputs
     label = (lambda what: what) if cfg.progress else (lambda what: None)  # noqa: E731
@@ -294,7 +307,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         "split": {"test_size": cfg.test_size, "seed": cfg.seed, "data": cfg.data, "test_data": cfg.test_data,
                   "protocol": cfg.split,
                   "test_classes": sorted({c.item() if hasattr(c, "item") else c for c in y_test}, key=str)},
-        "best_epoch": trainer.best_epoch,
+        "best_epoch": trainer.best_epoch, "world_size": world,
     })
     save_json(run_dir / "metrics.json", {"before": before, "after": after}, checksum=False)
     _write_history(run_dir / "history.csv", history)
@@ -311,6 +324,10 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     return {"run_dir": run_dir, "before": before, "after": after, "seconds": seconds}
 
 
+def _quiet(*args, **kwargs) -> None:
+    """The report of a rank other than 0: rank 0 speaks for all."""
+
+
 def _how_to_resume(run_dir: Path | None, trainer: Trainer) -> str:
     saved = trainer.saved_epoch
     if saved is None and run_dir is not None and (run_dir / CHECKPOINTS / LAST_FILE).is_file():
@@ -322,8 +339,9 @@ def _how_to_resume(run_dir: Path | None, trainer: Trainer) -> str:
     if saved is None:
         return "interrupted before the first checkpoint: nothing to resume" + (
             "" if run_dir is not None else " (checkpoints are off: --checkpoint-every 0)")
+    world = distributed.get_world_size()
     return (f"interrupted; {run_dir} holds a checkpoint after epoch {saved} of {trainer.epochs}: "
-            f"resume with 'metrix train --resume {run_dir}'")
+            f"resume with 'metrix train --resume {run_dir}{f' --nproc {world}' if world > 1 else ''}'")
 
 
 def _train_test(ds, cfg: TrainConfig):
