@@ -79,6 +79,7 @@ def _loss_worker(rank: int, world: int, store: str, out: str) -> None:
         value.backward()
         results.append({"value": value.detach(), "grad": local.grad,
                         "params": [p.grad.clone() if p.grad is not None else None for p in loss.parameters()]})
+    results.append(_batchnorm2d(world, slice_=_slice(world, rank)))
     # sharded evaluation
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(103, 6, generator=g), torch.randint(0, 5, (103,), generator=g)
@@ -86,6 +87,27 @@ def _loss_worker(rank: int, world: int, store: str, out: str) -> None:
                     "ref": distributed.sharded_retrieval_metrics(x[:40], y[:40], x[40:], y[40:])})
     torch.save(results, Path(out) / f"losses{rank}.pt")
     distributed.shutdown()
+
+
+def _batchnorm2d(world: int, slice_: slice | None = None) -> dict:
+    """BatchNorm2d in training mode on (a rank's share of) a fixed batch, the objective a fixed random weighting
+    of its output (each rank's share sums to the global objective): output, input gradient, parameter
+    gradients and running statistics. ``slice_=None``: one process on the whole batch."""
+    g = torch.Generator().manual_seed(9)
+    n = sum(SIZES[world])
+    x, weights = torch.randn(n, 3, 4, 5, generator=g, dtype=torch.float64) * 3 + 1, torch.randn(n, 3, 4, 5, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).double()
+    net = torch.nn.Sequential(bn)  # global_batchnorm swaps the layers inside a model
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    rows = slice(0, n) if slice_ is None else slice_
+    xs = x[rows].clone().requires_grad_(True)
+    with distributed.global_batchnorm(net):
+        out = net(xs)
+    (out * weights[rows]).sum().backward()
+    return {"out": out.detach(), "grad": xs.grad, "weight": bn.weight.grad, "bias": bn.bias.grad,
+            "running": torch.cat([bn.running_mean, bn.running_var])}
 
 
 def _model(seed: int = 3, batchnorm: bool = False) -> torch.nn.Module:
@@ -216,6 +238,14 @@ def test_global_batch_losses_equal_one_process(world, tmp_path):
             if not _close(summed, p.grad, 1e-9):
                 failures.append(f"{label}: parameter {i} gradient differs")
     assert not failures, "\n".join(failures)
+    # BatchNorm2d with the global batch's statistics: the one-process output and gradients
+    one = _batchnorm2d(world)
+    for key in ("out", "grad"):
+        assert _close(torch.cat([got[-2][key] for got in per_rank]), one[key], 1e-9), key
+    for key in ("weight", "bias"):  # each rank holds its share; DDP sums them
+        assert _close(sum(got[-2][key] for got in per_rank), one[key], 1e-9), key
+    for got in per_rank:
+        assert _close(got[-2]["running"], one["running"], 1e-9)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(103, 6, generator=g), torch.randint(0, 5, (103,), generator=g)
     expected = {"self": retrieval_metrics(x, y), "ref": retrieval_metrics(x[:40], y[:40], x[40:], y[40:])}

@@ -121,12 +121,15 @@ def launch(nproc: int, args: list[str], module: str = "metrix") -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     if int(nproc) < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # it would repeat the rank's error
+    for name in list(logging.root.manager.loggerDict):  # the launcher would repeat what the ranks said
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores (torchrun would pick 1 and warn about it)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(nproc)))
     parsed = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={int(nproc)}", "--module", module, *args])
@@ -135,6 +138,8 @@ def launch(nproc: int, args: list[str], module: str = "metrix") -> int:
     except ChildFailedError as exc:
         first = min(exc.failures.values(), key=lambda f: f.timestamp)
         return int(first.exitcode) if first.exitcode > 0 else 128 - int(first.exitcode)  # −N: killed by signal N
+    except SignalException as exc:  # Ctrl-C or a kill reached the launcher; the ranks got it too and said so
+        return 128 + int(exc.sigval)
     return 0
 
 
@@ -297,25 +302,67 @@ class GlobalBatchLoss(nn.Module):
         return _ShareGradient.apply(value, 1.0 / get_world_size())
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Forward: the sum over the ranks, on every rank. Backward: the same sum of the gradient (every rank's
-    result depends on every rank's input)."""
+def _global_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-channel mean and (biased) variance of the global batch, and its size: each rank's mean and sum of
+    squared deviations, combined in rank order by Chan et al.'s pairwise rule (no cancellation), in float64."""
+    n = x.numel() // x.shape[1]
+    var, mean = torch.var_mean(x, dims, correction=0)
+    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=x.device), mean.double(), var.double() * n])
+    parts = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(parts, local, group=_group())
+    channels = x.shape[1]
+    count, mean, m2 = parts[0][0], parts[0][1 : 1 + channels], parts[0][1 + channels :]
+    for part in parts[1:]:
+        n_b, mean_b, m2_b = part[0], part[1 : 1 + channels], part[1 + channels :]
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    return mean.to(x.dtype), (m2 / count).to(x.dtype), float(count)
+
+
+class _GlobalBatchNormFunction(torch.autograd.Function):
+    """BatchNorm's training forward and backward with the statistics of the global batch: one small gather in
+    the forward pass, one all-reduce of two per-channel sums in the backward pass. The element-wise work is
+    the native kernels' (BatchNorm in eval mode, given the global statistics), plus one per-channel affine
+    pass in the backward for the terms through the statistics."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor):
-        return sum_over_ranks(t)
+    def forward(ctx, x, weight, bias, eps: float):
+        dims = [0, *range(2, x.dim())]
+        mean, var, count = _global_moments(x, dims)
+        out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.count, ctx.eps = count, eps
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var, torch.tensor(count)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return sum_over_ranks(grad)
+    def backward(ctx, dy, _mean, _var, _count):
+        x, weight, mean, var = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        w = weight if weight is not None else torch.ones_like(mean)
+        # with fixed statistics: dx0 = dy·w·invstd, and this rank's Σdy·x̂ and Σdy (the affine gradients)
+        dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.contiguous(), x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+        total = sum_over_ranks(torch.cat([sum_dy, sum_dy_xhat])) / ctx.count
+        mean_dy, mean_dy_xhat = total.split(mean.shape[0])
+        # the statistics' terms: − w·invstd·(mean(dy) + x̂·mean(dy·x̂)), an affine map of x per channel
+        invstd = torch.rsqrt(var + ctx.eps)
+        slope = -w * invstd * invstd * mean_dy_xhat
+        offset = -w * invstd * mean_dy - slope * mean
+        dx = dx.addcmul_(x, slope.view(shape)).add_(offset.view(shape))
+        # this rank's share of the affine parameters' gradients: DDP sums the shares
+        return dx, None if weight is None else sum_dy_xhat, None if weight is None else sum_dy, None
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch, on any backend (PyTorch's
     ``SyncBatchNorm`` needs a GPU). Outside a process group, or in eval mode, it is plain BatchNorm.
 
-    The statistics come in two differentiable all-reduces (the mean, then the squared deviations from it:
-    no cancellation), so the forward pass and its gradient are those of BatchNorm on the concatenated batch.
+    The forward pass and its gradient are those of BatchNorm on the concatenated batch (the statistics
+    through the global mean and variance included); the running statistics follow the global batch too.
     """
 
     def _check_input_dim(self, x):  # any of 1-d, 2-d and 3-d: it replaces all three
@@ -336,26 +383,20 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and is_distributed()):
             return super().forward(x)
         self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        count = float(all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64,
-                                                  device=x.device)))
-        mean = _AllReduceSum.apply(x.sum(dims)) / count
-        centred = x - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        out, mean, var, count = _GlobalBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1.0, 1.0)), alpha=m)
-        out = centred * torch.rsqrt(var + self.eps).view(shape)
-        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+                n = float(count)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * (n / max(n - 1.0, 1.0)), alpha=m)
+        return out
 
 
 @contextmanager
 def global_batchnorm(model: nn.Module):
-    """Within the block, in a process group, every BatchNorm1d/2d/3d of ``model`` is a
+    """Within the block, in a process group, every BatchNorm1d/2d/3d inside ``model`` is a
     :class:`GlobalBatchNorm` sharing its parameters and buffers (so optimisers, checkpoints and state dicts
     see no difference); afterwards the original modules are back, holding what training wrote. Other
     normalisation layers (and anything outside a process group) are left alone."""
