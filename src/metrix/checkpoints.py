@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metrix import distributed
 from metrix.runs import new_run_dir
 from metrix.io import (CorruptFileError, flatten_state, load_json, load_tagged, reading, remove_orphan_temps,
                        save_json, save_tagged, unflatten_state)
@@ -55,15 +56,19 @@ class LoopCheckpoint:
         return done % self.every == 0 or done == total
 
     def save(self, done: int, state: dict, meta: dict | None = None) -> None:
-        """Save ``state`` (nested dicts, lists and tensors: state_dicts, generator states) after ``done`` units."""
-        tensors, tree = flatten_state(state, "s")
-        save_tagged(self.path, tensors, TAG, {"tree": tree, "done": int(done), "meta": meta or {}})
+        """Save ``state`` (nested dicts, lists and tensors: state_dicts, generator states) after ``done`` units.
+        In a process group rank 0 writes, and every rank goes on once the file is on disk."""
+        if distributed.get_rank() == 0:
+            tensors, tree = flatten_state(state, "s")
+            save_tagged(self.path, tensors, TAG, {"tree": tree, "done": int(done), "meta": meta or {}})
+        distributed.barrier()
         self.saved = int(done)
 
     def load(self) -> tuple[int, dict, dict] | None:
         """``(done, state, meta)`` of the last checkpoint, or None when there is none yet."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temps(self.folder)
+        if distributed.get_rank() == 0:
+            remove_orphan_temps(self.folder)
         if not self.path.exists():
             return None
         tensors, info = load_tagged(self.path, TAG, "training checkpoint")
@@ -78,21 +83,29 @@ class LoopCheckpoint:
 
 def restore(ckpt: LoopCheckpoint | None, objects: dict) -> tuple[int, dict, dict] | None:
     """Load ``ckpt``'s last checkpoint into ``objects`` (name → anything with ``load_state_dict``; None entries
-    are skipped) and the global torch generator; returns ``(done, state, meta)``, or None without one."""
+    are skipped) and the global torch generator (this rank's, in a process group of as many ranks as wrote
+    it); returns ``(done, state, meta)``, or None without one."""
     saved = None if ckpt is None else ckpt.load()
     if saved is not None:
         _, state, _ = saved
+        rng = state["rng"] if state["rng"].dim() == 2 else state["rng"][None]  # older files: one process
+        world = distributed.get_world_size()
+        if rng.shape[0] != world:
+            raise CorruptFileError(f"{ckpt.path} was written by {rng.shape[0]} process(es); resume with as many "
+                                   f"(--nproc {rng.shape[0]}), not {world}")
         for name, obj in objects.items():
             if obj is not None:
                 obj.load_state_dict(state[name])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(rng[distributed.get_rank()].clone())  # its own storage: a row view crashes torch
     return saved
 
 
 def capture(ckpt: LoopCheckpoint, done: int, objects: dict, meta: dict, **more) -> None:
-    """Save ``objects``' state_dicts, the global torch generator and ``more`` (tensors, generator states)."""
+    """Save ``objects``' state_dicts, the global torch generator (every rank's) and ``more`` (tensors,
+    generator states)."""
+    rng = torch.stack(distributed.all_gather_object(torch.get_rng_state()))  # (world size, state)
     state = {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
-    ckpt.save(done, {**state, "rng": torch.get_rng_state(), **more}, meta)
+    ckpt.save(done, {**state, "rng": rng, **more}, meta)
 
 
 def numpy_rng_state(rng: np.random.Generator) -> dict:
@@ -147,9 +160,11 @@ def start_or_resume(command: str, out, default_name: str, settings: dict, resume
         run_dir = Path(resume)
         stored = load_settings(run_dir, command)
         return run_dir, {k: v for k, v in stored.items() if k != "command"}, True
-    run_dir = new_run_dir(out, default_name)
-    save_settings(run_dir, {"command": command, **settings})
-    return run_dir, settings, False
+    run_dir = None
+    if distributed.get_rank() == 0:  # in a process group rank 0 makes the folder, and every rank uses it
+        run_dir = new_run_dir(out, default_name)
+        save_settings(run_dir, {"command": command, **settings})
+    return Path(distributed.broadcast_object(str(run_dir))), settings, False
 
 
 def interrupted(run_dir, ckpt: LoopCheckpoint | None, unit: str, total: int | None, command: str) -> KeyboardInterrupt:
@@ -163,6 +178,7 @@ def interrupted(run_dir, ckpt: LoopCheckpoint | None, unit: str, total: int | No
     if ckpt is None or ckpt.saved is None:
         return KeyboardInterrupt("interrupted before the first checkpoint: nothing to resume")
     of = "" if total is None else f" of {total}"
+    world = distributed.get_world_size()
     return KeyboardInterrupt(f"interrupted; {run_dir} holds a checkpoint after {unit} {ckpt.saved}{of}: "
-                             f"resume with '{command} --resume {run_dir}'")
+                             f"resume with '{command} --resume {run_dir}{f' --nproc {world}' if world > 1 else ''}'")
 

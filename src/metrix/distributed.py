@@ -294,12 +294,40 @@ class GlobalBatchLoss(nn.Module):
         super().__init__()
         self.loss, self.miner = loss, miner
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None = None,
+                ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``ref_embeddings``/``ref_labels`` (e.g. MoCo's keys) are gathered as well and passed on."""
         emb, lab = all_gather(embeddings), all_gather(labels)
-        value = self.loss(emb, lab) if self.miner is None else self.loss(emb, lab, pairs=self.miner(emb, lab))
-        if not is_distributed():
-            return value
-        return _ShareGradient.apply(value, 1.0 / get_world_size())
+        if ref_embeddings is not None:
+            if self.miner is not None:
+                raise ValueError("a miner selects pairs within one batch: give no ref_embeddings with a miner")
+            value = self.loss(emb, lab, all_gather(ref_embeddings), all_gather(ref_labels))
+        else:
+            value = self.loss(emb, lab) if self.miner is None else self.loss(emb, lab, pairs=self.miner(emb, lab))
+        return share_of(value)
+
+
+def share_of(value: torch.Tensor) -> torch.Tensor:
+    """A loss every rank computed alike on the global batch, as this rank's share: the same value, ``1/W`` of
+    the gradient (the module's rule). ``value`` itself with one process."""
+    if not is_distributed():
+        return value
+    return _ShareGradient.apply(value, 1.0 / get_world_size())
+
+
+def sum_gradients(parameters) -> None:
+    """Sum the gradients of ``parameters`` over the ranks, in place (in rank order from three ranks on), for
+    loops that do not run their model through :func:`wrap_model`: with :func:`share_of` losses the result is
+    the one-process gradient on the global batch. Nothing to do with one process."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        total = sum_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(total[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def _global_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -43,12 +43,16 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 SCHEDULERS = ("cosine", "none")
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: str = "") -> float:
-    """Backward pass and one optimiser step; a non-finite loss stops training instead of poisoning the weights."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: str = "",
+                   sync: Callable[[], None] | None = None) -> float:
+    """Backward pass and one optimiser step; a non-finite loss stops training instead of poisoning the weights.
+    ``sync`` runs between the two (e.g. :func:`metrix.distributed.sum_gradients`)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss became {float(loss)}{' at ' + where if where else ''}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sync is not None:
+        sync()
     optimizer.step()
     return float(loss.detach())
 

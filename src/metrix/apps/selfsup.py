@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metrix import distributed
 from metrix._validation import check_positive
 from metrix.apps.augment import ImageAugment
 from metrix.losses import NTXentLoss
@@ -138,6 +139,11 @@ class ContrastiveLearner:
             queue = self.queue_ = CrossBatchMemory(ntxent, model.embedding_dim, self.queue_size).to(device)
         history, start, step, done = [], time.perf_counter(), 0, 0
         moco = self.method == "moco"
+        # in a process group: every rank augments the whole global batch (the generators stay in step with one
+        # process) and embeds its share; the loss sees the global batch, the gradients are summed over ranks
+        share = distributed.shard(range(batch_size), distributed.get_rank(), distributed.get_world_size())
+        objective = distributed.GlobalBatchLoss(queue if moco else ntxent)
+        sync = lambda: distributed.sum_gradients(model.parameters())  # noqa: E731
         objects = {"model": model, "optimizer": opt, "scheduler": sched, "keys": keys if moco else None,
                    "queue": queue if moco else None}
         saved = restore(checkpoint, objects) if resume else None
@@ -147,21 +153,33 @@ class ContrastiveLearner:
             set_numpy_rng_state(rng, meta["order_rng"])
             history, step = list(meta["history"]), done * steps_per_epoch
         model.train()
+        with distributed.global_batchnorm(model), distributed.global_batchnorm(keys if moco else nn.Identity()):
+            self._epochs(X, epochs, batch_size, done, rng, share, objective, keys if moco else None, opt, sched,
+                         sync, history, step, log_every, echo, start, checkpoint, objects)
+        model.eval()
+        return history
+
+    def _epochs(self, X, epochs, batch_size, done, rng, share, objective, keys, opt, sched, sync, history, step,
+                log_every, echo, start, checkpoint, objects):
+        model, device = self.model, next(self.model.parameters()).device
+        steps_per_epoch = len(X) // batch_size
         for epoch in range(done + 1, int(epochs) + 1):
             order = rng.permutation(len(X))
             for s in range(steps_per_epoch):
                 x = torch.from_numpy(X[order[s * batch_size : (s + 1) * batch_size]]).to(device)
                 v1, v2 = self.augment(x), self.augment(x)
+                v1, v2 = v1[share.start : share.stop], v2[share.start : share.stop]
+                own = torch.arange(share.start, share.stop, device=device)
                 if self.method == "simclr":
                     z = model(torch.cat([v1, v2]))
-                    loss = ntxent(z, torch.arange(batch_size, device=device).repeat(2))
+                    loss = objective(z, own.repeat(2))
                 else:
                     # ids never reused: the queue never holds a positive
-                    ids = torch.arange(step * batch_size, (step + 1) * batch_size, device=device)
-                    loss = queue(model(v1), ids, keys(v2), ids)
-                history.append(optimizer_step(loss, opt, f"step {step}"))
+                    ids = step * batch_size + own
+                    loss = objective(model(v1), ids, keys(v2), ids)
+                history.append(optimizer_step(loss, opt, f"step {step}", sync))
                 sched.step()
-                if self.method == "moco":
+                if keys is not None:
                     keys.update(model)
                 step += 1
                 if log_every and step % log_every == 0:
@@ -169,8 +187,6 @@ class ContrastiveLearner:
             if checkpoint is not None and checkpoint.due(epoch, int(epochs)):
                 capture(checkpoint, epoch, objects, {"history": history, "order_rng": numpy_rng_state(rng)},
                         augment=self.augment.generator.get_state())
-        model.eval()
-        return history
 
     def features(self, X, batch_size: int = 1024, progress: str | None = None) -> np.ndarray:
         """Frozen backbone features (the representation evaluated downstream)."""

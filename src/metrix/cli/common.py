@@ -103,6 +103,58 @@ def refuse_flags_with_resume(ctx: typer.Context, keep: tuple[str, ...] = ("resum
         raise ValueError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
 
 
+def nproc_option(unit: str):
+    """``--nproc N`` of a training command that can run on several processes."""
+    return typer.Option(None, "--nproc", help=(
+        f"Train on N processes of this machine (torch.distributed through torchrun's launcher: gloo on CPU, nccl "
+        f"on GPU). Each process takes its share of every {unit}; the losses compare the whole global {unit}, and "
+        "each step equals one process's on it. A resume needs the same N. Several machines: see the README "
+        "(torchrun -m metrix ...)."))
+
+
+def run_on_processes(nproc: int | None, device: str, work) -> None:
+    """Run ``work()`` here; with ``--nproc N`` (N > 1) relaunch this command on N processes with torchrun's
+    launcher (each process then joins the process group and runs ``work()``; rank 0 reports)."""
+    from metrix import distributed
+
+    if nproc not in (None, 1) and not distributed.launched_by_torchrun():
+        code = distributed.launch(nproc, _without_nproc(sys.argv[1:]))  # the settings were checked here, once
+        if code:
+            raise typer.Exit(code=code)
+        return
+    if not distributed.launched_by_torchrun():
+        work()
+        return
+    distributed.init_from_env(device)
+    try:
+        work()
+    except BaseException:
+        distributed.shutdown(barrier=False)
+        raise
+    distributed.shutdown()
+
+
+def rank_echo(message: str = "") -> None:
+    """``typer.echo`` on rank 0 only (every rank says the same)."""
+    from metrix import distributed
+
+    if distributed.get_rank() == 0:
+        typer.echo(message)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line given to each process: this one without ``--nproc N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 ALLOW_OTHER_RUN = typer.Option(False, "--allow-other-run", help="Use it with a run other than the one that built it (refused by default: embeddings of different runs are not comparable).")
 DEVICE = typer.Option("cpu", help="Where the model runs: cpu, cuda, cuda:N or mps.")
 

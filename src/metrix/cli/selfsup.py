@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
+from metrix.cli.common import (app, checkpoint_option, command_group, nproc_option, rank_echo, refuse_flags_with_resume,
+                               resume_option, run_on_processes)
 
 
 selfsup_app = command_group(help="Self-supervised contrastive learning (SimCLR, MoCo v2) without labels, judged by kNN and a linear probe.")
@@ -36,14 +37,19 @@ def selfsup_train(
     seed: int = typer.Option(0, help="Seed of initialisation, batch order and augmentations."),
     checkpoint_every: int = checkpoint_option(1, "epochs"),
     resume: Optional[Path] = resume_option("metrix selfsup train"),
+    nproc: Optional[int] = nproc_option("batch (--batch-size images in all)"),
 ) -> None:
     """Train an encoder on the training images with labels hidden; the labels are used only by 'selfsup eval'."""
     from metrix.jobs import selfsup as job
 
-    refuse_flags_with_resume(ctx)
-    saved = job.train(method, data, root, out, download, epochs, batch_size, train_size, lr, temperature, queue_size,
-                      momentum, flip, seed, checkpoint_every, resume, echo=typer.echo)
-    typer.echo(f"saved {saved}")
+    refuse_flags_with_resume(ctx, keep=("resume", "nproc"))
+
+    def work():
+        saved = job.train(method, data, root, out, download, epochs, batch_size, train_size, lr, temperature,
+                          queue_size, momentum, flip, seed, checkpoint_every, resume, echo=rank_echo)
+        rank_echo(f"saved {saved}")
+
+    run_on_processes(nproc, "cpu", work)
 
 
 @selfsup_app.command("eval")

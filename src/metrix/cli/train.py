@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from metrix.cli.common import DEVICE, app, open_run, registry_names
+from metrix.cli.common import DEVICE, app, nproc_option, open_run, registry_names, run_on_processes
 
 
 @app.command("list")
@@ -52,7 +51,7 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, help="Write a resumable checkpoint every N epochs into <run>/checkpoints/ (default 1; 0: none). Ctrl-C then says how to resume."),
     device: Optional[str] = typer.Option(None, help="Where the model trains: cpu (default), cuda, cuda:N or mps."),
     resume: Optional[Path] = typer.Option(None, help="Continue an interrupted run (a run folder started with --checkpoint-every) from its last checkpoint, with its own settings; it ends with the weights an uninterrupted run would have."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N processes of this machine (torch.distributed through torchrun's launcher: gloo on CPU, nccl on GPU). Each process takes its share of every batch: the global batch has N × --classes-per-batch classes, and the losses compare the whole global batch. A resume needs the same N. Several machines: see the README (torchrun -m metrix train)."),
+    nproc: Optional[int] = nproc_option("batch (of N × --classes-per-batch classes)"),
 ) -> None:
     """Train an embedding on labelled data and report retrieval before/after.
 
@@ -60,7 +59,6 @@ def train(
     trained with supervised NT-Xent; the test split queries the train split. Writes
     the run folder (--out, default runs/<name>/) with model.safetensors, config.json, metrics.json, history.csv (and plots).
     """
-    from metrix import distributed
     from metrix.jobs.classical import parse_params
     from metrix.jobs.train import TrainConfig, resume_config, train as run_train
 
@@ -81,34 +79,7 @@ def train(
             cfg.progress = progress
     else:
         cfg = TrainConfig.from_sources(str(config) if config else None, progress=progress, **settings)
-    if nproc is not None and nproc != 1 and not distributed.launched_by_torchrun():
-        code = distributed.launch(nproc, _without_nproc(sys.argv[1:]))  # settings were checked above, once
-        if code:
-            raise typer.Exit(code=code)
-        return
-    if not distributed.launched_by_torchrun():
-        run_train(cfg, echo=typer.echo, resume=resume)
-        return
-    distributed.init_from_env(cfg.device)
-    try:
-        run_train(cfg, echo=typer.echo, resume=resume)
-    except BaseException:
-        distributed.shutdown(barrier=False)
-        raise
-    distributed.shutdown()
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line given to each process: this one without ``--nproc N``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
+    run_on_processes(nproc, cfg.device, lambda: run_train(cfg, echo=typer.echo, resume=resume))
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metrix import distributed
 from metrix.apps.augment import ImageAugment
 from metrix.apps.selfsup import ContrastiveLearner, evaluate_features, random_encoder_features
 from metrix.datasets import load_digits_dataset, load_fashion_mnist, stratified_split
@@ -41,7 +42,12 @@ def train(method: str = "simclr", data: str = "fashion-mnist", root="data/fashio
     run_dir, s, resuming = start_or_resume(COMMAND, out, method, settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")
-    X, *_ = images(s["data"], s["root"], s["download"])
+    X = None
+    if distributed.get_rank() == 0:  # one process downloads; the others read what it fetched
+        X, *_ = images(s["data"], s["root"], s["download"])
+    distributed.barrier()
+    if X is None:
+        X, *_ = images(s["data"], s["root"], False)
     X = X[: s["train_size"]] if s["train_size"] else X
     flip = s["flip"] if s["flip"] is not None else (0.0 if s["data"] == "digits" else 0.5)
     learner = ContrastiveLearner(s["method"], input_shape=X.shape[1:], temperature=s["temperature"],
@@ -54,7 +60,8 @@ def train(method: str = "simclr", data: str = "fashion-mnist", root="data/fashio
                     echo=echo, checkpoint=ckpt, resume=resuming)
     except KeyboardInterrupt:
         raise interrupted(run_dir, ckpt, "epoch", s["epochs"], COMMAND) from None
-    learner.save(run_dir)
+    if distributed.get_rank() == 0:
+        learner.save(run_dir)
     return run_dir
 
 
