@@ -415,3 +415,57 @@ def test_selfsup_on_two_processes(tmp_path):
     for key, value in per_rank[0]["trained"]["model"].items():
         assert torch.equal(per_rank[1]["trained"]["model"][key], value), key  # the ranks stay in step
         assert torch.equal(per_rank[0]["resumed"]["model"][key], value), key  # resume is bit-exact
+
+
+def _tiny_text_encoder(folder: str):
+    from metrix.apps.text import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained(folder)
+
+
+def _text_fits(folder: str) -> dict:
+    """One step of each objective (16 items, one batch) from the same start; the loss and the gradient."""
+    from metrix.apps.text import fit_labelled, fit_pairs
+
+    words = ["red", "green", "blue", "cat", "dog", "big", "small", "the"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, 4)) for _ in range(16)]
+    second = [" ".join(rng.choice(words, 4)) for _ in range(16)]
+    labels = np.arange(16) % 4
+    scores = rng.random(16) * 5
+    out = {}
+    for name, fit in (("supcon", lambda e: fit_labelled(e, texts, labels, "supcon", batch_size=16, samples_per_class=4)),
+                      ("infonce", lambda e: fit_pairs(e, texts, second, loss="infonce", batch_size=16)),
+                      ("ranknet", lambda e: fit_pairs(e, texts, second, scores, loss="ranknet", batch_size=16))):
+        torch.manual_seed(0)
+        encoder = _tiny_text_encoder(folder)
+        history = fit(encoder)
+        out[name] = {"loss": history[0], "steps": len(history),
+                     "grads": [p.grad.clone() for p in encoder.parameters() if p.grad is not None]}
+    return out
+
+
+def _text_worker(rank: int, world: int, store: str, out: str, folder: str) -> None:
+    _init(rank, world, store)
+    torch.save(_text_fits(folder), Path(out) / f"text{rank}.pt")
+    distributed.shutdown()
+
+
+def test_text_fine_tuning_on_two_processes(tmp_path):
+    """Text fine-tuning on 2 processes (8 texts or pairs each): the first step's loss and the summed gradient
+    equal one process's on the 16-item batch, for a labelled loss and for in-batch-negative and pairwise ones."""
+    pytest.importorskip("transformers")
+    from tests.apps.test_text import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "tiny-bert")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_text_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(folder)), nprocs=2, join=True)
+    one = _text_fits(str(folder))
+    for r in range(2):
+        got = torch.load(tmp_path / f"text{r}.pt", weights_only=False)
+        for name, ref in one.items():
+            assert got[name]["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
+            scale = max(float(g.abs().max()) for g in ref["grads"])
+            assert len(got[name]["grads"]) == len(ref["grads"]) and scale > 0
+            for mine, g in zip(got[name]["grads"], ref["grads"]):
+                assert torch.allclose(mine, g, rtol=1e-4, atol=1e-5 * scale), name

@@ -504,6 +504,12 @@ def sharded_retrieval_metrics(query, query_labels, reference=None, reference_lab
 
 
 # ------------------------------------------------------------------ samplers
+def my_share(batch):
+    """This rank's contiguous share of a global batch (a list, array or range of indices); all of it with one
+    process. Every rank plans the same global batches; the shares concatenate to them in rank order."""
+    return shard(batch, get_rank(), get_world_size())
+
+
 def shard(items, part: int, parts: int):
     """Part ``part`` of ``parts`` contiguous, near-equal pieces of ``items`` (a list or a range; sizes
     differ by at most 1)."""

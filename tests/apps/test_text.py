@@ -40,8 +40,11 @@ def _has_packaged_model() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def make_tiny_model(folder):
     """A randomly initialised 2-layer BERT and a word-level vocabulary, saved as a local HF model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + COLOURS + ANIMALS + FILLER

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metrix import distributed
 from metrix._validation import check_positive, progress_bar
 from metrix.io import (CorruptFileError, file_digest, load_json, load_tensors, reading, remove_orphan_temps,
                        save_json, save_tensors)
@@ -243,8 +244,9 @@ def _optimise(encoder: SentenceEncoder, batches: Callable[[int], Iterable], step
         done, history = saved[0], list(saved[2]["history"])
     encoder.train()
     start = time.perf_counter()
+    sync = lambda: distributed.sum_gradients(encoder.parameters())  # noqa: E731  (nothing with one process)
     for batch in [b for epoch_batches in plan for b in epoch_batches][done:]:
-        history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}"))
+        history.append(optimizer_step(step_loss(batch), opt, f"step {len(history)}", sync))
         sched.step()
         if checkpoint is not None and checkpoint.due(len(history), total):
             capture(checkpoint, len(history), objects, {"history": history})
@@ -298,8 +300,11 @@ def fit_labelled(encoder: SentenceEncoder, texts, labels, loss: str = "supcon", 
         sampler.set_epoch(epoch)
         return list(sampler)
 
-    def step_loss(idx):
-        return criterion(encoder([texts[i] for i in idx]), lab[idx])
+    objective = distributed.GlobalBatchLoss(criterion)
+
+    def step_loss(idx):  # this process embeds its share of the batch; the loss sees the whole batch
+        own = distributed.my_share(idx)
+        return objective(encoder([texts[i] for i in own]), lab[own])
 
     return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo, **resumable)
 
@@ -338,15 +343,17 @@ def fit_pairs(encoder: SentenceEncoder, first, second, scores=None, loss: str = 
         order = rng.permutation(keep)
         return [order[i : i + int(batch_size)] for i in range(0, len(order) - int(batch_size) + 1, int(batch_size))]
 
-    def step_loss(idx):
-        a = encoder([first[i] for i in idx])
-        b = encoder([second[i] for i in idx])
+    def step_loss(idx):  # this process embeds its share of the pairs; the loss sees (and negatives come from) all
+        own = distributed.my_share(idx)
+        a = encoder([first[i] for i in own])
+        b = encoder([second[i] for i in own])
         if loss == "infonce":
-            return info_nce_loss(a, b, temperature=temperature)
-        cos = F.cosine_similarity(a, b, dim=1)[None]
+            return distributed.share_of(info_nce_loss(distributed.all_gather(a), distributed.all_gather(b),
+                                                      temperature=temperature))
+        cos = distributed.all_gather(F.cosine_similarity(a, b, dim=1))[None]
         if loss == "ranknet":
-            return ranknet_loss(scale * cos, gold[idx][None].to(cos.dtype))
-        return pointwise_loss(cos, target[idx][None].to(cos.dtype))
+            return distributed.share_of(ranknet_loss(scale * cos, gold[idx][None].to(cos.dtype)))
+        return distributed.share_of(pointwise_loss(cos, target[idx][None].to(cos.dtype)))
 
     return _optimise(encoder, batches, step_loss, epochs, lr, warmup, weight_decay, log_every, echo, **resumable)
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from metrix.cli.common import app, checkpoint_option, command_group, refuse_flags_with_resume, resume_option
+from metrix.cli.common import (app, checkpoint_option, command_group, nproc_option, rank_echo, refuse_flags_with_resume,
+                               resume_option, run_on_processes)
 
 
 text_app = command_group(help="Sentence embeddings: fine-tune a pretrained encoder with metric-learning losses (needs the text extra).")
@@ -34,17 +35,24 @@ def text_train(
     out: Optional[Path] = typer.Option(None, help="The run folder to write (new or empty; default runs/text-<task>, numbered if taken)."),
     checkpoint_every: int = checkpoint_option(50, "steps"),
     resume: Optional[Path] = resume_option("metrix text train"),
+    nproc: Optional[int] = nproc_option("batch (--batch-size texts in all; in-batch negatives come from all of it)"),
 ) -> None:
     """Fine-tune on the task's training split, then print the held-out score before and after."""
     from metrix.jobs import text as job
 
-    refuse_flags_with_resume(ctx)
-    r = job.train(task, model, out, root, download, loss, epochs, batch_size, lr, max_length, seed, checkpoint_every,
-                  resume, echo=typer.echo)
-    typer.echo(f"training CPU time {r['cpu_seconds']:.0f} s; saved {r['out']}")
-    for key, value in r["before"].items():
-        if isinstance(value, float):
-            typer.echo(f"{key:<16}{value:.4f} -> {r['after'][key]:.4f}")
+    refuse_flags_with_resume(ctx, keep=("resume", "nproc"))
+
+    def work():
+        r = job.train(task, model, out, root, download, loss, epochs, batch_size, lr, max_length, seed,
+                      checkpoint_every, resume, echo=rank_echo)
+        if r["after"] is None:  # a process other than rank 0: it reports nothing
+            return
+        typer.echo(f"training CPU time {r['cpu_seconds']:.0f} s; saved {r['out']}")
+        for key, value in r["before"].items():
+            if isinstance(value, float):
+                typer.echo(f"{key:<16}{value:.4f} -> {r['after'][key]:.4f}")
+
+    run_on_processes(nproc, "cpu", work)
 
 
 @text_app.command("eval")

