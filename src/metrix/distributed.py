@@ -143,10 +143,15 @@ def launch(nproc: int, args: list[str], module: str = "metrix") -> int:
     return 0
 
 
-def _group():
+def _group(t: torch.Tensor | None = None):
+    """metrix's own process groups, so that its collectives never interleave with DDP's: one of the default
+    backend for tensors on the device, and a gloo one for CPU tensors and Python objects (nccl takes only
+    CUDA tensors). With gloo as the default backend they are one group."""
     if not _GATHER_GROUP:
-        _GATHER_GROUP.append(dist.new_group(backend=dist.get_backend()))
-    return _GATHER_GROUP[0]
+        backend = dist.get_backend()
+        _GATHER_GROUP.append(dist.new_group(backend=backend))
+        _GATHER_GROUP.append(_GATHER_GROUP[0] if backend == "gloo" else dist.new_group(backend="gloo"))
+    return _GATHER_GROUP[0] if t is not None and t.device.type != "cpu" else _GATHER_GROUP[1]
 
 
 def barrier() -> None:
@@ -196,7 +201,7 @@ def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
     first step), and a resumed run would drift from an uninterrupted one in the last bits. Two ranks add
     commutatively, so they keep the all-reduce; more gather and add in rank order.
     """
-    group = group if group is not None else _group()
+    group = group if group is not None else _group(t)
     world = dist.get_world_size(group)
     if world <= 2:
         out = t.contiguous().clone()
@@ -210,7 +215,7 @@ def sum_over_ranks(t: torch.Tensor, group=None) -> torch.Tensor:
 def _sizes(n: int, device) -> list[int]:
     size = torch.tensor([n], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
-    dist.all_gather(sizes, size, group=_group())
+    dist.all_gather(sizes, size, group=_group(size))
     return [int(s) for s in sizes]
 
 
@@ -220,7 +225,7 @@ def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     padded = t.new_zeros((largest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=_group())
+    dist.all_gather(parts, padded.contiguous(), group=_group(padded))
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
@@ -337,7 +342,7 @@ def _global_moments(x: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, tor
     var, mean = torch.var_mean(x, dims, correction=0)
     local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=x.device), mean.double(), var.double() * n])
     parts = [torch.empty_like(local) for _ in range(get_world_size())]
-    dist.all_gather(parts, local, group=_group())
+    dist.all_gather(parts, local, group=_group(local))
     channels = x.shape[1]
     count, mean, m2 = parts[0][0], parts[0][1 : 1 + channels], parts[0][1 + channels :]
     for part in parts[1:]:
