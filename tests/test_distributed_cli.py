@@ -19,7 +19,7 @@ def _metrix(*args, cwd, timeout=300):
 def test_two_processes_train_like_one_with_twice_the_batch(tmp_path):
     """Digits has 10 classes, so two processes of 10×16 make a global batch of 10×32: one process with
     --samples-per-class 32 sees the same batches, and the two runs end with the same MAP@R (within 0.005)."""
-    common = ["--epochs", "6", "--no-progress"]
+    common = ["--epochs", "3", "--no-progress"]
     two = _metrix("train", "--nproc", "2", "--out", "two", *common, cwd=tmp_path)
     assert two.returncode == 0, two.stderr
     assert "10×32 batches over 2 processes" in two.stdout and two.stdout.count("done in") == 1
