@@ -463,14 +463,20 @@ def _sum_hook(process_group, bucket):
 
 class TrainStep(nn.Module):
     """The model and the global-batch loss as one module, so that DDP synchronises the loss's parameters
-    (proxies) with the model's. ``step(x, labels)`` returns the loss."""
+    (proxies) with the model's. ``step(x, labels)`` returns the loss. ``autocast``: a dtype (bfloat16,
+    float16) the model's forward pass runs in (mixed precision); the loss always sees float32 embeddings."""
 
-    def __init__(self, model: nn.Module, loss: nn.Module, miner: Callable | None = None):
+    def __init__(self, model: nn.Module, loss: nn.Module, miner: Callable | None = None,
+                 autocast: torch.dtype | None = None):
         super().__init__()
-        self.model, self.objective = model, GlobalBatchLoss(loss, miner)
+        self.model, self.objective, self.autocast = model, GlobalBatchLoss(loss, miner), autocast
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.objective(self.model(x), labels)
+        if self.autocast is None:
+            return self.objective(self.model(x), labels)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            emb = self.model(x)
+        return self.objective(emb.float(), labels)
 
 
 def wrap_model(module: nn.Module, device: torch.device | None = None) -> nn.Module:

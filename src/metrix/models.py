@@ -133,6 +133,33 @@ def convnet_gap(input_shape, channels: int = 64, blocks: int = 3, pools: int = 2
     return net
 
 
+def _lite(variant: str):
+    def factory(input_shape, pretrained: bool = True, image_size: int | None = None) -> nn.Module:
+        from metrix.vision import EfficientNetLiteFeatures
+
+        return EfficientNetLiteFeatures(variant, input_shape, pretrained, image_size)
+
+    factory.__doc__ = (f"EfficientNet-{variant.title()} with ImageNet weights from the packaged file (extra vision): "
+                       "images in [0, 1], grey or RGB, any size (resized to image_size, default the native one).")
+    return factory
+
+
+for _variant in ("lite0", "lite1", "lite2"):
+    register_backbone(f"efficientnet_{_variant}")(_lite(_variant))
+
+
+@register_backbone("hf_vision")
+def hf_vision(input_shape, path: str = "", pretrained: bool = True) -> nn.Module:
+    """A Hugging Face vision encoder (ViT, DINOv2, CLIP vision) from a local folder: --backbone hf:/path."""
+    from metrix.vision import HFVisionFeatures
+
+    return HFVisionFeatures(path, input_shape, pretrained)
+
+
+PRETRAINED_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "hf_vision")
+"""Backbones that bring their own input normalisation (inputs: images in [0, 1]) and pretrained weights."""
+
+
 class Standardize(nn.Module):
     """``(x − mean) / std`` with statistics stored as buffers (saved with the model)."""
 
@@ -317,6 +344,8 @@ def build_model(config: dict) -> EmbeddingModel:
     if config.get("standardize"):
         placeholder = {"input_mean": torch.zeros(shape), "input_std": torch.ones(shape)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("backbone_kwargs", {}).items()}
+    if config["backbone"] in PRETRAINED_BACKBONES:
+        kwargs["pretrained"] = False  # the run's own weights replace them: no package weights to read
     return EmbeddingModel(
         config["backbone"], config["embedding_dim"], config.get("normalize", True), shape, kwargs, **placeholder,
         head_hidden_dim=config.get("head_hidden_dim"), ball_curvature=config.get("ball_curvature"),

@@ -40,6 +40,7 @@ from metrix.models import MODEL_TAG
 
 LAST_FILE, BEST_FILE, CHECKPOINT_TAG = "last.safetensors", "best.safetensors", "metrix_checkpoint"
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULERS = ("cosine", "none")
 
 
@@ -55,6 +56,11 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: 
         sync()
     optimizer.step()
     return float(loss.detach())
+
+
+def _generator_state(augment) -> torch.Tensor | None:
+    generator = getattr(augment, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
 
 
 def _model_config(model: nn.Module) -> dict | None:
@@ -88,6 +94,14 @@ class Trainer:
     callbacks : ``callable(trainer, epoch, row)`` run after each epoch (after checkpointing)
     miner : ``miner(embeddings, labels) -> Pairs`` (:mod:`metrix.mining`); its pairs go to the loss as
         ``pairs=``, and its state (random generator, annealing step) is checkpointed
+    freeze_backbone : train the head only (``model.backbone`` gets no gradient and keeps its BatchNorm
+        statistics: eval mode); with ``unfreeze_after=N`` the backbone trains too from epoch N + 1
+    backbone_lr_scale : the backbone's learning rate relative to ``lr`` (fine-tuning a pretrained network
+        usually wants it lower than the new head's)
+    precision : ``"fp32"``, ``"bf16"`` (CPU or GPU) or ``"fp16"`` (GPU, with loss scaling): the dtype of the
+        model's forward pass (mixed precision); weights, optimiser and loss stay float32
+    augment : ``callable(batch) -> batch`` applied to each training batch (e.g.
+        :class:`metrix.apps.augment.ImageAugment`); a ``generator`` attribute is checkpointed
 
     Inside a torch.distributed process group of W ranks (``torchrun``; :mod:`metrix.distributed`) each rank
     gets its share of global P×K batches of ``W × classes_per_batch`` classes, the loss and the miner see the
@@ -121,6 +135,11 @@ class Trainer:
         device: str | torch.device = "cpu",
         callbacks: Sequence[Callable] = (),
         miner: Callable | None = None,
+        freeze_backbone: bool = False,
+        unfreeze_after: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        precision: str = "fp32",
+        augment: Callable | None = None,
     ):
         if int(epochs) < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -142,6 +161,20 @@ class Trainer:
         self.checkpoint_every = int(checkpoint_every)
         self.restore_best, self.seed, self.metric = restore_best, int(seed), metric
         self.progress, self.callbacks, self.miner = progress, list(callbacks), miner
+        self.freeze_backbone, self.unfreeze_after = bool(freeze_backbone), unfreeze_after
+        if unfreeze_after is not None and (not self.freeze_backbone or int(unfreeze_after) < 1):
+            raise ValueError(f"unfreeze_after (--unfreeze-after) needs freeze_backbone and >= 1 epoch, got {unfreeze_after}")
+        if not float(backbone_lr_scale) > 0:
+            raise ValueError(f"backbone_lr_scale (--backbone-lr-scale) must be > 0, got {backbone_lr_scale}")
+        self.backbone_lr_scale = float(backbone_lr_scale)
+        if (self.freeze_backbone or self.backbone_lr_scale != 1.0) and not isinstance(getattr(model, "backbone", None), nn.Module):
+            raise ValueError("freeze_backbone and backbone_lr_scale need a model with a .backbone (an EmbeddingModel)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (loss scaling); on CPU use bf16")
+        self.precision, self.augment = precision, augment
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.optimizer = self._build_optimizer(optimizer)
         self.scheduler = self._build_scheduler(scheduler)
         self.history: list[dict] = []
@@ -153,7 +186,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _build_optimizer(self, optimizer):
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr}]
+        split = self.freeze_backbone or self.backbone_lr_scale != 1.0
+        backbone = list(self.model.backbone.parameters()) if split else []
+        mine = {id(p) for p in backbone}
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad and id(p) not in mine],
+                   "lr": self.lr}]
+        if backbone:  # frozen ones too: they get gradients once unfrozen (until then Adam skips them)
+            groups.append({"params": backbone, "lr": self.lr * self.backbone_lr_scale})
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             groups.append({"params": loss_params, "lr": self.loss_lr})
@@ -192,19 +231,38 @@ class Trainer:
             start_epoch = self._load_last()
         elif self.checkpoint_dir is not None and self._writes:
             remove_orphan_temps(self.checkpoint_dir)
-        with distributed.global_batchnorm(self.model):  # batch statistics of the global batch
-            history = self._fit(x, codes, sampler, val, start_epoch)
+        trainable = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            with distributed.global_batchnorm(self.model):  # batch statistics of the global batch
+                history = self._fit(x, codes, sampler, val, start_epoch)
+        finally:  # a frozen backbone is handed back as it came
+            for p, flag in trainable:
+                p.requires_grad_(flag)
         if self.restore_best and self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         return history
 
+    def frozen(self, epoch: int) -> bool:
+        """Whether the backbone is frozen in ``epoch`` (0-based)."""
+        return self.freeze_backbone and (self.unfreeze_after is None or epoch < int(self.unfreeze_after))
+
+    def _step_module(self, frozen: bool):
+        for p in self.model.backbone.parameters() if self.freeze_backbone else ():
+            p.requires_grad_(not frozen)
+        # model and loss in one DDP module (proxies stay in sync); the loss and the miner see the global batch.
+        # DDP tracks the parameters that need gradients when it is built: rebuilt when the backbone unfreezes
+        step = distributed.TrainStep(self.model, self.loss, self.miner, PRECISIONS[self.precision])
+        return distributed.wrap_model(step, self.device)
+
     def _fit(self, x, codes, sampler, val, start_epoch) -> list[dict]:
-        # model and loss in one DDP module (proxies stay in sync); the loss and the miner see the global batch
-        step = distributed.wrap_model(distributed.TrainStep(self.model, self.loss, self.miner), self.device)
+        step, step_frozen = None, None
         bar = tqdm(total=(self.epochs - start_epoch) * len(sampler), desc="training", unit="batch",
                    disable=not (self.progress and self._writes), dynamic_ncols=True)
         for epoch in range(start_epoch, self.epochs):
             sampler.set_epoch(epoch)
+            if step is None or self.frozen(epoch) != step_frozen:
+                step_frozen = self.frozen(epoch)
+                step = self._step_module(step_frozen)
             row = self._train_epoch(step, x, codes, sampler, epoch, bar)
             if val is not None:
                 row.update(self.evaluate(*val))
@@ -223,6 +281,17 @@ class Trainer:
         bar.close()
         return self.history
 
+    def _step(self, loss: torch.Tensor, epoch: int) -> float:
+        if self.scaler is None:
+            return optimizer_step(loss, self.optimizer, f"epoch {epoch + 1}")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
     @property
     def _writes(self) -> bool:
         """Whether this process writes files and shows progress (rank 0 of a process group, or the only one)."""
@@ -231,12 +300,16 @@ class Trainer:
     def _train_epoch(self, step, x, codes, sampler, epoch, bar) -> dict:
         self.model.train()
         self.loss.train()
+        if self.frozen(epoch):
+            self.model.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics (and drops no units)
         total, n_seen, started = 0.0, 0, time.perf_counter()
         global_batch = sampler.classes_per_batch * sampler.samples_per_class
         for batch in sampler:
             idx = torch.as_tensor(batch)
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
-            value = optimizer_step(step(xb, yb), self.optimizer, f"epoch {epoch + 1}")  # the global batch's loss
+            if self.augment is not None:
+                xb = self.augment(xb)
+            value = self._step(step(xb, yb), epoch)  # the global batch's loss
             total += value * global_batch
             n_seen += global_batch
             bar.update(1)
@@ -295,6 +368,8 @@ class Trainer:
             "best_state": self._best_state,
             "rng": rng,  # (world size, state): one row per rank
             "miner": None if self.miner is None else self.miner.state_dict(),
+            "augment": _generator_state(self.augment),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
         tensors, tree = flatten_state(state, "s")
         save_tagged(self.checkpoint_dir / LAST_FILE, tensors, CHECKPOINT_TAG, {
@@ -329,6 +404,10 @@ class Trainer:
             torch.set_rng_state(rng[distributed.get_rank()].clone())  # its own storage: a row view crashes torch
             if self.miner is not None and state.get("miner") is not None:
                 self.miner.load_state_dict(state["miner"])
+            if state.get("augment") is not None and _generator_state(self.augment) is not None:
+                self.augment.generator.set_state(state["augment"])
+            if self.scaler is not None and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
             self.history = list(meta["history"])
             self.best_value, self.best_epoch = meta["best_value"], meta["best_epoch"]
             self._bad_epochs = int(meta["bad_epochs"])

@@ -23,7 +23,8 @@ from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_
 from metrix import distributed, registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
-from metrix.models import EmbeddingModel, save_model
+from metrix.apps.augment import ImageAugment
+from metrix.models import PRETRAINED_BACKBONES, EmbeddingModel, save_model
 from metrix.runs import Run, as_run, check_device, new_run_dir
 from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer
 
@@ -47,8 +48,14 @@ class TrainConfig:
     loss_params: dict = field(default_factory=dict)  # any other parameter of the loss (--loss-param key=value)
     miner: str | None = None  # a pair miner for losses that take one (`metrix list miners`)
     miner_params: dict = field(default_factory=dict)
-    backbone: str = "mlp"
+    backbone: str = "mlp"  # a registry name (`metrix list backbones`) or hf:/path/to/local/model
+    backbone_params: dict = field(default_factory=dict)  # any parameter of the backbone (--backbone-param key=value)
     hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+    freeze_backbone: bool = False  # train the head only (a linear probe of the backbone's features)
+    unfreeze_after: int | None = None  # with freeze_backbone: the backbone trains too after this many epochs
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to --lr
+    precision: str = "fp32"  # fp32, bf16 (CPU or GPU) or fp16 (GPU): the forward pass's dtype
+    augment: bool = False  # random crops, flips, rotations, colour jitter, blur and noise on training images
     embedding_dim: int = 64
     geometry: str = "sphere"  # "sphere": unit vectors, Euclidean distance; "poincare": the Poincaré ball
     epochs: int = 40
@@ -104,6 +111,17 @@ class TrainConfig:
                 raise ValueError(f"loss {self.loss!r} does not take a miner's pairs; losses that do: "
                                  f"{', '.join(sorted(n for n, e in registry.losses().items() if e.takes_pairs))}")
             lookup("miners", self.miner).check_params(self.miner_params)
+        if self.backbone.startswith("hf:"):
+            if "path" in self.backbone_params:
+                raise ValueError("give the model folder once: --backbone hf:/path, not also --backbone-param path=")
+        else:
+            lookup("backbones", self.backbone).check_params(self.backbone_params)
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.unfreeze_after is not None and (not self.freeze_backbone or int(self.unfreeze_after) < 1):
+            raise ValueError(f"--unfreeze-after needs --freeze-backbone and >= 1 epoch, got {self.unfreeze_after}")
+        if not float(self.backbone_lr_scale) > 0:
+            raise ValueError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
         if self.split not in ("samples", "classes"):
             raise ValueError(f"--split must be 'samples' or 'classes', got {self.split!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
@@ -132,6 +150,14 @@ def _loss_kwargs(cfg: TrainConfig) -> dict:
     if cfg.geometry == "poincare":
         kw["metric"] = "poincare"
     return kw
+
+
+def _backbone(cfg: TrainConfig) -> tuple[str, dict]:
+    """The registry backbone and its options: ``hf:/path`` is ``hf_vision`` with that path."""
+    if cfg.backbone.startswith("hf:"):
+        return "hf_vision", {"path": cfg.backbone[3:], **cfg.backbone_params}
+    kwargs = {"hidden_dims": tuple(cfg.hidden_dims)} if cfg.backbone == "mlp" else {}
+    return cfg.backbone, {**kwargs, **cfg.backbone_params}
 
 
 def _summary(m: dict) -> dict:
@@ -250,11 +276,23 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     codes = np.zeros(len(y_train), dtype=np.int64)
     codes[fit_idx], fit_classes = encode_labels(y_train[fit_idx])
     model_options, metric = GEOMETRIES[cfg.geometry]
-    model = EmbeddingModel(
-        cfg.backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
-        backbone_kwargs={"hidden_dims": tuple(cfg.hidden_dims)} if cfg.backbone == "mlp" else {},
-        input_mean=torch.from_numpy(X_train[fit_idx].mean(0)), input_std=torch.from_numpy(X_train[fit_idx].std(0)),
-    )
+    backbone, backbone_kwargs = _backbone(cfg)
+    standardize = {} if backbone in PRETRAINED_BACKBONES else {  # pretrained ones normalise images their own way
+        "input_mean": torch.from_numpy(X_train[fit_idx].mean(0)), "input_std": torch.from_numpy(X_train[fit_idx].std(0))}
+    if backbone in PRETRAINED_BACKBONES:
+        from metrix.vision import image_input
+
+        image_input(ds.X.shape[1:])  # images, or the error that says so
+    if backbone in PRETRAINED_BACKBONES and (float(X_train.min()) < 0 or float(X_train.max()) > 1):
+        raise ValueError(f"--backbone {cfg.backbone} takes images in [0, 1]; --data {cfg.data} has values in "
+                         f"[{float(X_train.min()):g}, {float(X_train.max()):g}]")
+    model = EmbeddingModel(backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
+                           backbone_kwargs=backbone_kwargs, **standardize)
+    augment = None
+    if cfg.augment:
+        if len(ds.X.shape) not in (3, 4):
+            raise ValueError(f"--augment works on images; --data {cfg.data} has samples of shape {tuple(ds.X.shape[1:])}")
+        augment = ImageAugment(seed=cfg.seed)
     loss = build_loss(cfg.loss, num_classes=len(fit_classes), embedding_dim=cfg.embedding_dim, **_loss_kwargs(cfg))
     miner = None if cfg.miner is None else lookup("miners", cfg.miner).factory(**cfg.miner_params)
     val = None
@@ -274,6 +312,8 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         classes_per_batch=min(cfg.classes_per_batch, len(fit_classes)), samples_per_class=cfg.samples_per_class,
         patience=cfg.patience, seed=cfg.seed, progress=cfg.progress, metric=metric,
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
+        freeze_backbone=cfg.freeze_backbone, unfreeze_after=cfg.unfreeze_after,
+        backbone_lr_scale=cfg.backbone_lr_scale, precision=cfg.precision, augment=augment,
         device=distributed.rank_device(check_device(cfg.device)),
     )
     world = distributed.get_world_size()
