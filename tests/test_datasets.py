@@ -372,3 +372,24 @@ def test_one_label_encoder_shares_codes_across_arrays():
     assert c.dtype == np.int64 and c.tolist() == [1, 0, 0] and classes.tolist() == [7, 2**40]
     with pytest.raises(ValueError, match="1-D"):
         label_codes(np.zeros((2, 2)))
+
+
+def test_nested_image_folders_are_classes_by_their_leaf_folder(tmp_path):
+    """Omniglot's alphabet/character/image tree: every folder that holds images is a class, named by its path."""
+    from PIL import Image
+
+    from metrix.datasets import load_dataset
+
+    rng = np.random.default_rng(0)
+    for alphabet, characters in (("Latin", ("c01", "c02")), ("Greek", ("c01",))):
+        for character in characters:
+            folder = tmp_path / "tree" / alphabet / character
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (6, 5), dtype=np.uint8)).save(folder / f"{i}.png")
+    ds = load_dataset(str(tmp_path / "tree"))
+    assert ds.X.shape == (9, 1, 6, 5)
+    assert sorted(set(ds.y.tolist())) == ["Greek/c01", "Latin/c01", "Latin/c02"]  # same character names stay apart
+    Image.fromarray(np.zeros((6, 5), dtype=np.uint8)).save(tmp_path / "tree" / "stray.png")
+    with pytest.raises(ValueError, match="holds images directly"):
+        load_dataset(str(tmp_path / "tree"))

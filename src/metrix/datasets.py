@@ -61,20 +61,37 @@ def load_digits_dataset() -> Dataset:
     return Dataset(d.data.astype(np.float32), d.target.astype(np.int64), "digits", {"image_shape": [8, 8]})
 
 
+def image_classes(root: Path) -> list[tuple[str, list[Path]]]:
+    """``(label, image files)`` for every folder under ``root`` that holds images, in sorted order: the label is
+    the folder's path below ``root`` (``cat`` for ``root/cat/``; ``Latin/character01`` in Omniglot's
+    alphabet/character/image tree). Symbolic links are not followed out of ``root``."""
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs.sort()
+        here = Path(folder)
+        images = sorted(here / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        if images and here != root:
+            found.append((here.relative_to(root).as_posix(), images))
+        elif images:
+            raise ValueError(f"{root} holds images directly; put each class in a sub-folder ({root}/<class>/<image>)")
+    return sorted(found)
+
+
 def load_image_folder(path, image_size: tuple[int, int] | None = None) -> Dataset:
-    """Grey images from ``path/<class>/<image>``; all are resized to ``image_size`` (H, W),
-    by default the size of the first image."""
+    """Grey images from ``path/<class>/<image>``, or any deeper tree whose leaf folders are the classes
+    (``path/<alphabet>/<character>/<image>``: label ``alphabet/character``); all are resized to
+    ``image_size`` (H, W), by default the size of the first image."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    classes = image_classes(root)
+    if not classes:
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+        raise ValueError(f"no images with suffix {sorted(IMAGE_SUFFIXES)} under {root}")
     images, labels = [], []
-    for class_dir in class_dirs:
-        for file in sorted(class_dir.iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+    for label, files in classes:
+        for file in files:
             try:
                 with Image.open(file) as im:
                     im = im.convert("L")
@@ -85,9 +102,7 @@ def load_image_folder(path, image_size: tuple[int, int] | None = None) -> Datase
                     images.append(np.asarray(im, dtype=np.float32) / 255.0)
             except (UnidentifiedImageError, OSError) as exc:
                 raise ValueError(f"cannot read image {file}: {exc}") from exc
-            labels.append(class_dir.name)
-    if not images:
-        raise ValueError(f"no images with suffix {sorted(IMAGE_SUFFIXES)} under {root}")
+            labels.append(label)
     X = np.stack(images)[:, None]  # (n, 1, H, W)
     return Dataset(X, np.asarray(labels), root.name, {"image_shape": list(image_size)})
 
