@@ -15,6 +15,7 @@ torch.Size([5, 64])
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from metrix._validation import progress_bar
+from metrix.io import CorruptFileError, reading
 from metrix.models import EmbeddingModel, load_model, run_fingerprint
 
 MODEL_FILE = "model.safetensors"
@@ -158,6 +160,8 @@ class Run:
         """Load a run folder (or the one run inside ``path``) once, verified, onto ``device``: a deep run of
         ``metrix train`` (or ``selfsup``), a linear one of ``metrix fit-linear`` or a text encoder of
         ``metrix text train``."""
+        if Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
+            return OnnxRun.open_file(Path(path))
         folder = resolve_run_dir(path)
         if (folder / "metrix_text.json").is_file():
             return TextRun.open_folder(folder, device)
@@ -261,6 +265,59 @@ class TextRun(Run):
         if not inputs:
             raise ValueError("inputs are empty: give at least one text")
         return torch.from_numpy(self.encoder.encode(list(inputs), batch_size, progress=progress))
+
+
+class OnnxRun(Run):
+    """A model written by ``metrix export --format onnx``, run by ONNX Runtime (extra onnx): what a service
+    needs without PyTorch's model code. Its shapes, metric and the fingerprint of the run it was exported
+    from come from the file's metadata (the export checked that its embeddings equal that run's to 1e-5, so
+    indexes and galleries of that run accept it)."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, session, meta: dict):
+        self.path, self.model, self.config, self.session = Path(path), None, {"onnx": meta}, session
+        self.fingerprint = str(meta["run_fingerprint"])
+        self.geometry, self.metric = str(meta["geometry"]), str(meta["metric"])
+        self.input_spec = InputSpec(tuple(int(s) for s in meta["input_shape"]), True)
+        self._dim = int(meta["embedding_dim"])
+
+    @classmethod
+    def open_file(cls, path: Path) -> "OnnxRun":
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ImportError("serving an ONNX model needs onnxruntime: pip install 'metrix[onnx]'") from exc
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for damaged files
+            raise CorruptFileError(f"cannot read {path} as an ONNX model: {' '.join(str(exc).split())[:300]}") from exc
+        raw = session.get_modelmeta().custom_metadata_map.get("metrix")
+        if raw is None:
+            raise ValueError(f"{path} was not written by 'metrix export --format onnx' (no metrix metadata in it); "
+                             "export the run again")
+        with reading(path, "ONNX model metadata"):
+            meta = json.loads(raw)
+            for key in ("input_shape", "embedding_dim", "metric", "geometry", "run_fingerprint"):
+                if key not in meta:
+                    raise CorruptFileError(f"{path}: the metrix metadata lacks {key!r}")
+        return cls(path, session, meta)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self._dim
+
+    def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x = self.input_spec.check(inputs).numpy()
+        bar = progress_bar(len(x), progress, "sample")
+        parts = []
+        for i in range(0, len(x), int(batch_size)):  # InferenceSession.run is safe from many threads
+            parts.append(torch.from_numpy(self.session.run(None, {"inputs": x[i : i + int(batch_size)]})[0]))
+            bar.update(parts[-1].shape[0])
+        bar.close()
+        return torch.cat(parts).float()
 
 
 def as_run(run) -> Run:

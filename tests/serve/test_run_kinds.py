@@ -66,3 +66,30 @@ def test_a_text_run_embeds_texts_through_the_api(tmp_path, tiny_model_dir):  # n
     assert torch.is_tensor(run.embed(["red cat"]))
     with pytest.raises(ValueError, match="embeds texts"):
         run.embed(np.zeros((2, 3)))
+
+
+def test_an_onnx_export_is_served_through_onnx_runtime(tmp_path, digits, digits_run):
+    """metrix export --format onnx writes the run's shapes, metric and fingerprint into the file: Run.open reads
+    it back as an ONNX Runtime model, embeds like the run (1e-5), and the API serves it."""
+    pytest.importorskip("onnxruntime")
+    from fastapi.testclient import TestClient
+
+    from metrix.io import CorruptFileError
+    from metrix.jobs.export import export
+    from metrix.runs import Run
+    from metrix.serve.app import create_app
+
+    X, _ = digits
+    source = Run.open(digits_run)
+    export(source, tmp_path / "m.onnx", "onnx")
+    run = Run.open(tmp_path / "m.onnx")
+    assert (run.kind, run.metric, run.embedding_dim, run.input_spec.shape) == ("onnx", source.metric, 64, (64,))
+    assert run.fingerprint == source.fingerprint  # indexes and galleries of the run accept it
+    np.testing.assert_allclose(run.embed(X[:50], batch_size=16).numpy(), source.embed(X[:50]).numpy(), atol=1e-5, rtol=0)
+    client = TestClient(create_app(_service(run, tmp_path), insecure_no_auth=True), raise_server_exceptions=False)
+    r = client.post("/v1/embed", json={"inputs": [{"input": X[i].tolist()} for i in range(3)]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["embeddings"], source.embed(X[:3]).numpy(), atol=1e-5, rtol=0)
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(CorruptFileError, match="cannot read"):
+        Run.open(tmp_path / "bad.onnx")

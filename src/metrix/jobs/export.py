@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,12 @@ def export(run: Run | str | Path, out, fmt: str = "torchscript") -> dict:
         # the input-shape check in forward is a constant for the traced model (its inputs are fixed-shape)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        data, exported = (_onnx if fmt == "onnx" else _torchscript)(model, example, probe)
+        if fmt == "onnx":  # what Run.open needs to serve the file: shapes, metric, the run it came from
+            data, exported = _onnx(model, example, probe, {
+                "input_shape": list(run.input_spec.shape), "embedding_dim": run.embedding_dim,
+                "metric": run.metric, "geometry": run.geometry, "run_fingerprint": run.fingerprint})
+        else:
+            data, exported = _torchscript(model, example, probe)
         gap = float(np.abs(exported - model(probe).numpy()).max())
     if not gap <= 1e-5:
         raise ValueError(f"the exported model differs from the run by {gap:.2e}; this architecture does not export")
@@ -49,14 +55,23 @@ def _torchscript(model, example, probe) -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), traced(probe).numpy()
 
 
-def _onnx(model, example, probe) -> tuple[bytes, np.ndarray]:
-    """ONNX (opset of the TorchScript-based exporter, batch size free), run back through ONNX Runtime."""
+ONNX_METADATA_KEY = "metrix"
+
+
+def _onnx(model, example, probe, meta: dict) -> tuple[bytes, np.ndarray]:
+    """ONNX (opset of the TorchScript-based exporter, batch size free) with ``meta`` as JSON in the model's
+    metadata (:class:`metrix.runs.OnnxRun` reads it), run back through ONNX Runtime."""
     try:
+        import onnx
         import onnxruntime
     except ImportError as exc:
         raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'metrix[onnx]'") from exc
     buf = io.BytesIO()
     torch.onnx.export(model, (example,), buf, input_names=["inputs"], output_names=["embeddings"],
                       dynamic_axes={"inputs": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False)
-    session = onnxruntime.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    return buf.getvalue(), session.run(None, {"inputs": probe.numpy()})[0]
+    proto = onnx.load_from_string(buf.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(meta)
+    data = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, session.run(None, {"inputs": probe.numpy()})[0]
