@@ -24,7 +24,7 @@ def list_entries(kind: str = typer.Argument(..., help="losses, miners, backbones
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="'digits' (bundled, default); fashion-mnist, mnist, omniglot or orl (optionally ':split', read from $METRIX_DATA/<folder>, default data/); an IDX image file; a folder of class sub-folders of images; an .npz with X and y; or a .csv with a label column."),
+    data: Optional[str] = typer.Option(None, help="'digits' (bundled, default); fashion-mnist, mnist, omniglot or orl (optionally ':split', read from $METRIX_DATA/<folder>, default data/); an IDX image file; a folder of class sub-folders of images (or a deeper tree: each folder holding images is a class, e.g. alphabet/character); an .npz with X and y; or a .csv with a label column."),
     test_data: Optional[str] = typer.Option(None, help="An official test set (e.g. fashion-mnist:test) instead of a random split of --data."),
     split: Optional[str] = typer.Option(None, help="'samples' (default: test samples of the training classes) or 'classes' (the metric-learning protocol: test and validation classes are never trained on; retrieval among the unseen classes)."),
     loss: Optional[str] = typer.Option(None, help="Loss (default ntxent, supervised contrastive): " + ", ".join(registry_names("losses")) + ". 'metrix list losses' says what each takes."),
