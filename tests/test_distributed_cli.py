@@ -16,6 +16,7 @@ def _metrix(*args, cwd, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # three end-to-end runs (20 s): .ci/run runs it after the default suite
 def test_two_processes_train_like_one_with_twice_the_batch(tmp_path):
     """Digits has 10 classes, so two processes of 10×16 make a global batch of 10×32: one process with
     --samples-per-class 32 sees the same batches, and the two runs end with the same MAP@R (within 0.005)."""

@@ -138,3 +138,20 @@ def test_embed_never_switches_a_model_in_eval_mode():
     model.train()
     model.embed(x)
     assert model.training
+
+
+def test_a_missing_vision_package_says_how_to_install_it(monkeypatch):
+    import importlib
+
+    from metrix import vision
+
+    real = importlib.import_module
+
+    def missing(name, *args, **kwargs):
+        if name.startswith("efficientnet"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(vision.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r"pip install 'metrix\[vision\]'"):
+        EmbeddingModel("efficientnet_lite0", 8, input_shape=(1, 16, 16))
