@@ -10,7 +10,8 @@ Three parts, each printed as a table (mean ± std over seeds; CPU seconds of tra
    miner, P×K batches, Adam, :class:`metrix.training.Trainer`); pytorch-metric-learning's recipe with the same
    network, initial weights, loss, miner, batch shape, optimiser and epochs (``MPerClassSampler``,
    ``MultiSimilarityLoss``, ``MultiSimilarityMiner``, a plain loop) — measured in the same run.
-2. **transfer** — EfficientNet-Lite0 on Fashion-MNIST 0–4 → 5–9 at 64×64: the ImageNet features as they are;
+2. **transfer** — EfficientNet-Lite0 on Fashion-MNIST 0–4 → 5–9 (or ``--transfer-data omniglot``) at 64×64:
+   the ImageNet features as they are;
    the pretrained network frozen with a trained head (linear probe); fine-tuned (backbone at 0.1 × lr); the
    same network from scratch. Same images, epochs and batches for the trained ones.
 3. **throughput** — EfficientNet-Lite0 fine-tuning (forward + backward + Adam) in images/s at 224×224 and
@@ -166,10 +167,17 @@ def part_retrieval(args):
 
 
 def part_transfer(args):
-    fm = load_dataset("fashion-mnist:train")
-    seen = fm.y < 5
-    Xtr, ytr = _subsample(fm.X[seen], fm.y[seen], args.transfer_per_class, 0)
-    Xte, yte = _subsample(fm.X[~seen], fm.y[~seen], args.transfer_test_per_class, 1)
+    if args.transfer_data == "omniglot":
+        bg, ev = load_dataset("omniglot:background"), load_dataset("omniglot:evaluation")
+        Xtr, ytr = _subsample(bg.X, bg.y, args.transfer_per_class, 0)
+        Xte, yte = _subsample(ev.X, ev.y, args.transfer_test_per_class, 1)
+        where = "Omniglot background → evaluation"
+    else:
+        fm = load_dataset("fashion-mnist:train")
+        seen = fm.y < 5
+        Xtr, ytr = _subsample(fm.X[seen], fm.y[seen], args.transfer_per_class, 0)
+        Xte, yte = _subsample(fm.X[~seen], fm.y[~seen], args.transfer_test_per_class, 1)
+        where = "Fashion-MNIST 0–4 → 5–9"
     size = {"image_size": args.transfer_size}
     variants = {
         "ImageNet features (no training)": None,
@@ -192,7 +200,7 @@ def part_transfer(args):
             model, cpu = _timed(lambda: train_metrix(Xtr, ytr, seed, args.transfer_epochs, model=model, **v))
             results.setdefault(name, []).append(scores(model.embed(Xte).numpy(), yte, False))
             times.setdefault(name, []).append(cpu)
-    print(f"\n## transfer: EfficientNet-Lite0 at {args.transfer_size}×{args.transfer_size}, Fashion-MNIST 0–4 → 5–9 "
+    print(f"\n## transfer: EfficientNet-Lite0 at {args.transfer_size}×{args.transfer_size}, {where} "
           f"({len(ytr)} training images, {len(yte)} test images, {args.transfer_epochs} epochs, {args.seeds} seeds)")
     print("| variant | MAP@R | P@1 | train CPU s |\n|---|---|---|---|")
     for name, runs in results.items():
@@ -237,6 +245,7 @@ def main():
     parser.add_argument("--epochs-faces", type=int, default=15, help="ORL (300 training images)")
     parser.add_argument("--fashion-per-class", type=int, default=1200)
     parser.add_argument("--fashion-test-per-class", type=int, default=600)
+    parser.add_argument("--transfer-data", default="fashion-mnist", choices=("fashion-mnist", "omniglot"))
     parser.add_argument("--transfer-size", type=int, default=64)
     parser.add_argument("--transfer-epochs", type=int, default=3)
     parser.add_argument("--transfer-per-class", type=int, default=400)
