@@ -107,7 +107,7 @@ def nproc_option(unit: str):
     """``--nproc N`` of a training command that can run on several processes."""
     return typer.Option(None, "--nproc", help=(
         f"Train on N processes of this machine (torch.distributed through torchrun's launcher: gloo on CPU, nccl "
-        f"on GPU). Each process takes its share of every {unit}; the losses compare the whole global {unit}, and "
+        f"on GPU). Each process takes its share of every {unit}; the losses compare the whole global batch, and "
         "each step equals one process's on it. A resume needs the same N. Several machines: see the README "
         "(torchrun -m metrix ...)."))
 
