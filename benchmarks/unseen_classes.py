@@ -183,9 +183,13 @@ def part_transfer(args):
         "ImageNet features (no training)": None,
         "pretrained, frozen + trained head": dict(pretrained=True, freeze_backbone=True),
         "pretrained, fine-tuned (backbone 0.1 × lr)": dict(pretrained=True, backbone_lr_scale=0.1),
+        "pretrained, fine-tuned, BatchNorm statistics frozen": dict(pretrained=True, backbone_lr_scale=0.1,
+                                                                    freeze_batchnorm=True),
         "same network from scratch": dict(pretrained=False),
     }
     results, times = {}, {}
+    if args.variants:
+        variants = {name: v for name, v in variants.items() if any(w in name for w in args.variants.split(","))}
     for seed in range(args.seeds):
         for name, v in variants.items():
             if v is None:
@@ -247,6 +251,7 @@ def main():
     parser.add_argument("--fashion-test-per-class", type=int, default=600)
     parser.add_argument("--transfer-data", default="fashion-mnist", choices=("fashion-mnist", "omniglot"))
     parser.add_argument("--transfer-size", type=int, default=64)
+    parser.add_argument("--variants", default="", help="only the transfer variants whose name holds one of these words")
     parser.add_argument("--transfer-epochs", type=int, default=3)
     parser.add_argument("--transfer-per-class", type=int, default=400)
     parser.add_argument("--transfer-test-per-class", type=int, default=300)

@@ -198,3 +198,18 @@ def test_cli_trains_a_frozen_pretrained_backbone_and_refuses_bad_inputs(tmp_path
                           (["--precision", "fp8"], "--precision must be")):
         result = runner.invoke(app, ["train", *args, "--epochs", "1", "--out", str(tmp_path / "bad")])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_freeze_batchnorm_keeps_the_statistics_and_trains_the_rest():
+    x, y = _images(size=12)
+    torch.manual_seed(0)
+    model = EmbeddingModel("convnet", 8, input_shape=(1, 12, 12))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, MultiSimilarityLoss(), epochs=1, classes_per_batch=4, samples_per_class=4, progress=False,
+            freeze_batchnorm=True, lr=1e-2).fit(x, y)
+    after = model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(after[k], start[k]) for k in stats)
+    assert not torch.equal(after["backbone.1.weight"], start["backbone.1.weight"])  # the convolution learns
+    bn_weight = next(k for k in after if k.endswith(".weight") and after[k].dim() == 1 and k.startswith("backbone"))
+    assert not torch.equal(after[bn_weight], start[bn_weight])  # and BatchNorm's scale too

@@ -100,6 +100,9 @@ class Trainer:
         usually wants it lower than the new head's)
     precision : ``"fp32"``, ``"bf16"`` (CPU or GPU) or ``"fp16"`` (GPU, with loss scaling): the dtype of the
         model's forward pass (mixed precision); weights, optimiser and loss stay float32
+    freeze_batchnorm : keep the backbone's BatchNorm layers in eval mode while training (their statistics stay
+        the pretrained ones; their scale and shift still learn): the usual way to fine-tune a pretrained network
+        on small batches or a new input distribution, whose statistics would otherwise lag behind the weights
     augment : ``callable(batch) -> batch`` applied to each training batch (e.g.
         :class:`metrix.apps.augment.ImageAugment`); a ``generator`` attribute is checkpointed
 
@@ -140,6 +143,7 @@ class Trainer:
         backbone_lr_scale: float = 1.0,
         precision: str = "fp32",
         augment: Callable | None = None,
+        freeze_batchnorm: bool = False,
     ):
         if int(epochs) < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -167,8 +171,11 @@ class Trainer:
         if not float(backbone_lr_scale) > 0:
             raise ValueError(f"backbone_lr_scale (--backbone-lr-scale) must be > 0, got {backbone_lr_scale}")
         self.backbone_lr_scale = float(backbone_lr_scale)
-        if (self.freeze_backbone or self.backbone_lr_scale != 1.0) and not isinstance(getattr(model, "backbone", None), nn.Module):
-            raise ValueError("freeze_backbone and backbone_lr_scale need a model with a .backbone (an EmbeddingModel)")
+        self.freeze_batchnorm = bool(freeze_batchnorm)
+        if ((self.freeze_backbone or self.freeze_batchnorm or self.backbone_lr_scale != 1.0)
+                and not isinstance(getattr(model, "backbone", None), nn.Module)):
+            raise ValueError("freeze_backbone, freeze_batchnorm and backbone_lr_scale need a model with a .backbone "
+                             "(an EmbeddingModel)")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":
@@ -302,6 +309,10 @@ class Trainer:
         self.loss.train()
         if self.frozen(epoch):
             self.model.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics (and drops no units)
+        elif self.freeze_batchnorm:
+            for module in self.model.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         total, n_seen, started = 0.0, 0, time.perf_counter()
         global_batch = sampler.classes_per_batch * sampler.samples_per_class
         for batch in sampler:

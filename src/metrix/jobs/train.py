@@ -54,6 +54,7 @@ class TrainConfig:
     freeze_backbone: bool = False  # train the head only (a linear probe of the backbone's features)
     unfreeze_after: int | None = None  # with freeze_backbone: the backbone trains too after this many epochs
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to --lr
+    freeze_batchnorm: bool = False  # the backbone's BatchNorm statistics stay as they are (fine-tuning)
     precision: str = "fp32"  # fp32, bf16 (CPU or GPU) or fp16 (GPU): the forward pass's dtype
     augment: bool = False  # random crops, flips, rotations, colour jitter, blur and noise on training images
     embedding_dim: int = 64
@@ -314,6 +315,7 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
         checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every or 1, miner=miner,
         freeze_backbone=cfg.freeze_backbone, unfreeze_after=cfg.unfreeze_after,
         backbone_lr_scale=cfg.backbone_lr_scale, precision=cfg.precision, augment=augment,
+        freeze_batchnorm=cfg.freeze_batchnorm,
         device=distributed.rank_device(check_device(cfg.device)),
     )
     world = distributed.get_world_size()
