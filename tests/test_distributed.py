@@ -345,6 +345,10 @@ def test_trainer_under_ddp(world, tmp_path):
         for key, value in per_rank[0]["full"].items():
             assert torch.equal(got["full"][key], value), key  # every rank holds the same model
             assert torch.equal(got["resumed"][key], value), key  # resume is bit-exact
+    # float32 embeddings of a share and of the whole batch differ in their last bits; Adam passes that on
+    # scaled by lr/√v, which stays near rounding because weight decay (1e-4·w, identical in both runs) dominates
+    # the gradients of the parameters whose true gradient is 0 (biases feeding BatchNorm), so no update sign
+    # is left to rounding
     for key, value in one.model.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(per_rank[0]["full"][key], value, rtol=1e-4, atol=1e-5), key

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from metrix import distributed
 from metrix.runs import new_run_dir
@@ -88,24 +87,19 @@ def restore(ckpt: LoopCheckpoint | None, objects: dict) -> tuple[int, dict, dict
     saved = None if ckpt is None else ckpt.load()
     if saved is not None:
         _, state, _ = saved
-        rng = state["rng"] if state["rng"].dim() == 2 else state["rng"][None]  # older files: one process
-        world = distributed.get_world_size()
-        if rng.shape[0] != world:
-            raise CorruptFileError(f"{ckpt.path} was written by {rng.shape[0]} process(es); resume with as many "
-                                   f"(--nproc {rng.shape[0]}), not {world}")
+        with reading(ckpt.path, "training checkpoint"):
+            distributed.set_rng_state(state["rng"], ckpt.path)  # refuses another number of processes first
         for name, obj in objects.items():
             if obj is not None:
                 obj.load_state_dict(state[name])
-        torch.set_rng_state(rng[distributed.get_rank()].clone())  # its own storage: a row view crashes torch
     return saved
 
 
 def capture(ckpt: LoopCheckpoint, done: int, objects: dict, meta: dict, **more) -> None:
     """Save ``objects``' state_dicts, the global torch generator (every rank's) and ``more`` (tensors,
     generator states)."""
-    rng = torch.stack(distributed.all_gather_object(torch.get_rng_state()))  # (world size, state)
     state = {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
-    ckpt.save(done, {**state, "rng": rng, **more}, meta)
+    ckpt.save(done, {**state, "rng": distributed.rng_states(), **more}, meta)
 
 
 def numpy_rng_state(rng: np.random.Generator) -> dict:

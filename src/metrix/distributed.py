@@ -185,6 +185,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return sum_over_ranks(t)
 
 
+def rng_states() -> torch.Tensor:
+    """Every rank's torch random state, one row per rank (what a checkpoint keeps for a bit-exact resume)."""
+    return torch.stack(all_gather_object(torch.get_rng_state()))
+
+
+def set_rng_state(states: torch.Tensor, path) -> None:
+    """Restore this rank's row of :func:`rng_states` (a 1-D state: a file of one process), or refuse a
+    checkpoint ``path`` written by another number of processes, naming the ``--nproc`` it needs."""
+    states = states if states.dim() == 2 else states[None]
+    if states.shape[0] != get_world_size():
+        from metrix.io import CorruptFileError
+
+        raise CorruptFileError(f"{path} was written by {states.shape[0]} process(es); resume with as many "
+                               f"(--nproc {states.shape[0]}), not {get_world_size()}")
+    torch.set_rng_state(states[get_rank()].clone())  # its own storage: a row view crashes torch
+
+
+def rank_zero_first(load: Callable[[bool], object], download: bool):
+    """``load(download)`` on rank 0 first (it may fetch files), then ``load(False)`` on the others once it is
+    done: one process downloads, the others read what it fetched. ``load(download)`` with one process."""
+    value = load(download) if get_rank() == 0 else None
+    barrier()
+    return value if get_rank() == 0 else load(False)
+
+
 # ------------------------------------------------------------------ gathering
 def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     total = parts[0].clone()
@@ -257,15 +282,6 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     if t.requires_grad:
         return _AllGather.apply(t, tuple(sizes), get_rank())
     return _gather_padded(t, sizes)
-
-
-def all_gather_with_offset(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """:func:`all_gather` and where this rank's rows start in the result."""
-    if not is_distributed():
-        return t, 0
-    sizes = _sizes(t.shape[0], t.device)
-    gathered = _AllGather.apply(t, tuple(sizes), get_rank()) if t.requires_grad else _gather_padded(t, sizes)
-    return gathered, sum(sizes[: get_rank()])
 
 
 class _ShareGradient(torch.autograd.Function):
@@ -496,7 +512,7 @@ def embed_sharded(model: nn.Module, x) -> torch.Tensor:
     """``model.embed(x)`` with each rank embedding its share of the rows, gathered on every rank."""
     if not is_distributed():
         return model.embed(x)
-    rows = shard(range(len(x)), get_rank(), get_world_size())
+    rows = my_share(range(len(x)))
     device = next(model.parameters()).device  # nccl gathers device tensors only
     return all_gather(model.embed(x[rows.start : rows.stop]).to(device)).cpu()
 
@@ -507,7 +523,7 @@ def sharded_retrieval_metrics(query, query_labels, reference=None, reference_lab
     metrics of all queries."""
     if not is_distributed():
         return retrieval_metrics(query, query_labels, reference, reference_labels, **kwargs)
-    rows = shard(range(len(query)), get_rank(), get_world_size())
+    rows = my_share(range(len(query)))
     sums = retrieval_metrics(query, query_labels, reference, reference_labels, rows=(rows.start, rows.stop), **kwargs)
     keys = list(sums)  # the same order on every rank
     total = all_reduce_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64))
@@ -526,6 +542,15 @@ def shard(items, part: int, parts: int):
     differ by at most 1)."""
     bounds = np.linspace(0, len(items), parts + 1).round().astype(int)
     return items[bounds[part] : bounds[part + 1]]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """A sampler's rank and world size (default: the process group's), checked."""
+    rank = get_rank() if rank is None else int(rank)
+    world_size = get_world_size() if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return rank, world_size
 
 
 def global_batch_shape(classes_per_batch: int, samples_per_class: int, n_classes: int, world_size: int) -> tuple[int, int]:
@@ -561,10 +586,7 @@ class DistributedClassBalancedBatchSampler(ClassBalancedBatchSampler):
 
     def __init__(self, labels, classes_per_batch: int, samples_per_class: int, seed: int = 0,
                  replacement: bool = False, rank: int | None = None, world_size: int | None = None):
-        self.rank = get_rank() if rank is None else int(rank)
-        self.world_size = get_world_size() if world_size is None else int(world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
         n_classes = len(np.unique(np.asarray(labels)))
         p, k = global_batch_shape(classes_per_batch, samples_per_class, n_classes, self.world_size)
         super().__init__(labels, p, k, seed=seed, replacement=replacement)
@@ -584,10 +606,7 @@ class DistributedEpisodeSampler:
 
     def __init__(self, sampler, rank: int | None = None, world_size: int | None = None):
         self.sampler = sampler
-        self.rank = get_rank() if rank is None else int(rank)
-        self.world_size = get_world_size() if world_size is None else int(world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
         if len(sampler) < self.world_size:
             raise ValueError(f"{len(sampler)} episodes cannot be shared among {self.world_size} ranks")
 

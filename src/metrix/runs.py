@@ -139,6 +139,19 @@ class InputSpec:
         return x
 
 
+def _in_batches(x: torch.Tensor, batch_size: int, progress: str | None, embed) -> torch.Tensor:
+    """``embed`` over ``x`` in batches of ``batch_size`` samples, concatenated; ``progress``: a bar's label."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bar = progress_bar(len(x), progress, "sample")
+    parts = []
+    for i in range(0, len(x), int(batch_size)):
+        parts.append(embed(x[i : i + int(batch_size)]))
+        bar.update(parts[-1].shape[0])
+    bar.close()
+    return torch.cat(parts)
+
+
 class Run:
     """A trained run: ``model`` (inference mode, never switched), ``config``, ``metric``, ``input_spec`` and
     ``fingerprint`` (SHA-256 of its weights file, which indexes and galleries built from it record)."""
@@ -177,18 +190,10 @@ class Run:
     def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
         """Embeddings of ``inputs`` (float32, CPU), ``batch_size`` samples at a time; safe from many threads.
         ``progress``: a label for a progress bar (shown on a terminal)."""
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         x = self.input_spec.check(inputs)
         device = next(self.model.parameters()).device
-        bar = progress_bar(len(x), progress, "sample")
-        parts = []
         with torch.inference_mode():
-            for i in range(0, len(x), int(batch_size)):
-                parts.append(self.model(x[i : i + int(batch_size)].to(device)).float().cpu())
-                bar.update(parts[-1].shape[0])
-        bar.close()
-        return torch.cat(parts)
+            return _in_batches(x, batch_size, progress, lambda part: self.model(part.to(device)).float().cpu())
 
     def require_sphere(self, purpose: str) -> "Run":
         """This run, if its embeddings live on the unit sphere; tools that compare with L2 or cosine (gallery,
@@ -308,16 +313,10 @@ class OnnxRun(Run):
         return self._dim
 
     def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        x = self.input_spec.check(inputs).numpy()
-        bar = progress_bar(len(x), progress, "sample")
-        parts = []
-        for i in range(0, len(x), int(batch_size)):  # InferenceSession.run is safe from many threads
-            parts.append(torch.from_numpy(self.session.run(None, {"inputs": x[i : i + int(batch_size)]})[0]))
-            bar.update(parts[-1].shape[0])
-        bar.close()
-        return torch.cat(parts).float()
+        x = self.input_spec.check(inputs)
+        # InferenceSession.run is safe from many threads
+        return _in_batches(x, batch_size, progress,
+                           lambda part: torch.from_numpy(self.session.run(None, {"inputs": part.numpy()})[0]).float())
 
 
 def as_run(run) -> Run:

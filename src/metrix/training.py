@@ -45,17 +45,34 @@ SCHEDULERS = ("cosine", "none")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: str = "",
-                   sync: Callable[[], None] | None = None) -> float:
+                   sync: Callable[[], None] | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
     """Backward pass and one optimiser step; a non-finite loss stops training instead of poisoning the weights.
-    ``sync`` runs between the two (e.g. :func:`metrix.distributed.sum_gradients`)."""
+    ``sync`` runs between the two (e.g. :func:`metrix.distributed.sum_gradients`); ``scaler`` scales the loss
+    for float16 mixed precision (and skips steps whose gradients overflow)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the loss became {float(loss)}{' at ' + where if where else ''}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     if sync is not None:
         sync()
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return float(loss.detach())
+
+
+def check_transfer_options(freeze_backbone: bool, unfreeze_after: int | None, backbone_lr_scale: float,
+                           precision: str) -> None:
+    """The transfer-learning settings of :class:`Trainer` (and ``metrix train``), or the error naming the flag."""
+    if unfreeze_after is not None and (not freeze_backbone or int(unfreeze_after) < 1):
+        raise ValueError(f"--unfreeze-after (unfreeze_after) needs --freeze-backbone (freeze_backbone) and >= 1 "
+                         f"epoch, got {unfreeze_after}")
+    if not float(backbone_lr_scale) > 0:
+        raise ValueError(f"--backbone-lr-scale (backbone_lr_scale) must be > 0, got {backbone_lr_scale}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)} (precision), got {precision!r}")
 
 
 def _generator_state(augment) -> torch.Tensor | None:
@@ -165,19 +182,14 @@ class Trainer:
         self.checkpoint_every = int(checkpoint_every)
         self.restore_best, self.seed, self.metric = restore_best, int(seed), metric
         self.progress, self.callbacks, self.miner = progress, list(callbacks), miner
+        check_transfer_options(freeze_backbone, unfreeze_after, backbone_lr_scale, precision)
         self.freeze_backbone, self.unfreeze_after = bool(freeze_backbone), unfreeze_after
-        if unfreeze_after is not None and (not self.freeze_backbone or int(unfreeze_after) < 1):
-            raise ValueError(f"unfreeze_after (--unfreeze-after) needs freeze_backbone and >= 1 epoch, got {unfreeze_after}")
-        if not float(backbone_lr_scale) > 0:
-            raise ValueError(f"backbone_lr_scale (--backbone-lr-scale) must be > 0, got {backbone_lr_scale}")
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         if ((self.freeze_backbone or self.freeze_batchnorm or self.backbone_lr_scale != 1.0)
                 and not isinstance(getattr(model, "backbone", None), nn.Module)):
             raise ValueError("freeze_backbone, freeze_batchnorm and backbone_lr_scale need a model with a .backbone "
                              "(an EmbeddingModel)")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device (loss scaling); on CPU use bf16")
         self.precision, self.augment = precision, augment
@@ -288,17 +300,6 @@ class Trainer:
         bar.close()
         return self.history
 
-    def _step(self, loss: torch.Tensor, epoch: int) -> float:
-        if self.scaler is None:
-            return optimizer_step(loss, self.optimizer, f"epoch {epoch + 1}")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return float(loss.detach())
-
     @property
     def _writes(self) -> bool:
         """Whether this process writes files and shows progress (rank 0 of a process group, or the only one)."""
@@ -320,7 +321,7 @@ class Trainer:
             xb, yb = x[idx].to(self.device), codes[idx].to(self.device)
             if self.augment is not None:
                 xb = self.augment(xb)
-            value = self._step(step(xb, yb), epoch)  # the global batch's loss
+            value = optimizer_step(step(xb, yb), self.optimizer, f"epoch {epoch + 1}", scaler=self.scaler)
             total += value * global_batch
             n_seen += global_batch
             bar.update(1)
@@ -364,7 +365,7 @@ class Trainer:
         """One file holds everything a resume needs (weights, optimiser, scheduler, RNG, history), so a kill
         at any moment leaves either the previous checkpoint or this one, never a mix of two epochs.
         In a process group every rank's random state is kept (rank 0 writes)."""
-        rng = torch.stack(distributed.all_gather_object(torch.get_rng_state()))
+        rng = distributed.rng_states()
         self.saved_epoch = next_epoch
         if self._writes:
             self._write_last(next_epoch, rng)
@@ -408,11 +409,7 @@ class Trainer:
             if self.scheduler is not None and state["scheduler"] is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             self._best_state = state["best_state"]
-            rng = state["rng"] if state["rng"].dim() == 2 else state["rng"][None]  # older files: one process
-            if rng.shape[0] != distributed.get_world_size():
-                raise CorruptFileError(f"{path} was written by {rng.shape[0]} process(es); resume with as many "
-                                       f"(--nproc {rng.shape[0]}), not {distributed.get_world_size()}")
-            torch.set_rng_state(rng[distributed.get_rank()].clone())  # its own storage: a row view crashes torch
+            distributed.set_rng_state(state["rng"], path)
             if self.miner is not None and state.get("miner") is not None:
                 self.miner.load_state_dict(state["miner"])
             if state.get("augment") is not None and _generator_state(self.augment) is not None:

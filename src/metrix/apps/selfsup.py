@@ -141,7 +141,7 @@ class ContrastiveLearner:
         moco = self.method == "moco"
         # in a process group: every rank augments the whole global batch (the generators stay in step with one
         # process) and embeds its share; the loss sees the global batch, the gradients are summed over ranks
-        share = distributed.shard(range(batch_size), distributed.get_rank(), distributed.get_world_size())
+        share = distributed.my_share(range(batch_size))
         objective = distributed.GlobalBatchLoss(queue if moco else ntxent)
         sync = lambda: distributed.sum_gradients(model.parameters())  # noqa: E731
         objects = {"model": model, "optimizer": opt, "scheduler": sched, "keys": keys if moco else None,

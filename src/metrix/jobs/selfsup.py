@@ -42,12 +42,7 @@ def train(method: str = "simclr", data: str = "fashion-mnist", root="data/fashio
     run_dir, s, resuming = start_or_resume(COMMAND, out, method, settings, resume)
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")
-    X = None
-    if distributed.get_rank() == 0:  # one process downloads; the others read what it fetched
-        X, *_ = images(s["data"], s["root"], s["download"])
-    distributed.barrier()
-    if X is None:
-        X, *_ = images(s["data"], s["root"], False)
+    X, *_ = distributed.rank_zero_first(lambda download: images(s["data"], s["root"], download), s["download"])
     X = X[: s["train_size"]] if s["train_size"] else X
     flip = s["flip"] if s["flip"] is not None else (0.0 if s["data"] == "digits" else 0.5)
     learner = ContrastiveLearner(s["method"], input_shape=X.shape[1:], temperature=s["temperature"],

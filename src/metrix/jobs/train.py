@@ -26,7 +26,7 @@ from metrix.registry import lookup
 from metrix.apps.augment import ImageAugment
 from metrix.models import PRETRAINED_BACKBONES, EmbeddingModel, save_model
 from metrix.runs import Run, as_run, check_device, new_run_dir
-from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer
+from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer, check_transfer_options
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
 # geometry -> (model options, the metric its embeddings are compared with)
@@ -117,12 +117,7 @@ class TrainConfig:
                 raise ValueError("give the model folder once: --backbone hf:/path, not also --backbone-param path=")
         else:
             lookup("backbones", self.backbone).check_params(self.backbone_params)
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.unfreeze_after is not None and (not self.freeze_backbone or int(self.unfreeze_after) < 1):
-            raise ValueError(f"--unfreeze-after needs --freeze-backbone and >= 1 epoch, got {self.unfreeze_after}")
-        if not float(self.backbone_lr_scale) > 0:
-            raise ValueError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
+        check_transfer_options(self.freeze_backbone, self.unfreeze_after, self.backbone_lr_scale, self.precision)
         if self.split not in ("samples", "classes"):
             raise ValueError(f"--split must be 'samples' or 'classes', got {self.split!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
@@ -280,15 +275,12 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     backbone, backbone_kwargs = _backbone(cfg)
     standardize = {} if backbone in PRETRAINED_BACKBONES else {  # pretrained ones normalise images their own way
         "input_mean": torch.from_numpy(X_train[fit_idx].mean(0)), "input_std": torch.from_numpy(X_train[fit_idx].std(0))}
-    if backbone in PRETRAINED_BACKBONES:
-        from metrix.vision import image_input
-
-        image_input(ds.X.shape[1:])  # images, or the error that says so
+    # a pretrained backbone refuses inputs that are not images as it is built
+    model = EmbeddingModel(backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
+                           backbone_kwargs=backbone_kwargs, **standardize)
     if backbone in PRETRAINED_BACKBONES and (float(X_train.min()) < 0 or float(X_train.max()) > 1):
         raise ValueError(f"--backbone {cfg.backbone} takes images in [0, 1]; --data {cfg.data} has values in "
                          f"[{float(X_train.min()):g}, {float(X_train.max()):g}]")
-    model = EmbeddingModel(backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
-                           backbone_kwargs=backbone_kwargs, **standardize)
     augment = None
     if cfg.augment:
         if len(ds.X.shape) not in (3, 4):
