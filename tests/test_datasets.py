@@ -328,6 +328,34 @@ def test_named_sets_say_where_they_are_expected(tmp_path, monkeypatch):
         load_dataset("mnist:valid")
 
 
+def test_an_image_size_is_honoured_by_every_kind_of_image_data(tmp_path, monkeypatch):
+    """A requested size used to apply to image folders only: a named set or an IDX file silently kept its own."""
+    from PIL import Image
+
+    from metrix.datasets import load_dataset
+
+    monkeypatch.setenv("METRIX_DATA", str(tmp_path))
+    (tmp_path / "mnist").mkdir()
+    stripes = np.zeros((4, 28, 28))
+    stripes[:, :, ::2] = 255  # alternating columns: a 2× shrink must average them, not pick every other one
+    _write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", stripes)
+    _write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.arange(4))
+    ds = load_dataset("mnist:test", image_size=(14, 14))
+    assert ds.X.shape == (4, 1, 14, 14) and ds.info["image_shape"] == [14, 14]
+    np.testing.assert_allclose(ds.X[:, :, 2:-2, 2:-2], 0.5, atol=1e-6)  # antialiased: the columns' mean
+    assert load_dataset("mnist:test", image_size=(28, 28)).X.shape == (4, 1, 28, 28)
+    for person in ("s1", "s2"):
+        (tmp_path / "orl_faces" / person).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((12, 10), 100, np.uint8)).save(tmp_path / "orl_faces" / person / f"{i}.pgm")
+    assert load_dataset("orl", image_size=(6, 5)).X.shape == (4, 1, 6, 5)
+    np.savez(tmp_path / "rows.npz", X=np.zeros((3, 4)), y=np.arange(3))
+    with pytest.raises(ValueError, match="not images: an image size applies to image data only"):
+        load_dataset(str(tmp_path / "rows.npz"), image_size=(2, 2))
+    with pytest.raises(ValueError, match="image_size must be"):
+        load_dataset("mnist:test", image_size=(0, 14))
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "orl_faces").is_dir(), reason="shared ORL faces not present")
 def test_named_public_sets_from_the_shared_copies(monkeypatch):
     from metrix.datasets import load_dataset

@@ -151,12 +151,13 @@ def load_csv(path, label_column: str = "label") -> Dataset:
 
 
 DATA_ENV = "METRIX_DATA"
-# name -> (folder under $METRIX_DATA, loader(root, split or None))
+# name -> (folder under $METRIX_DATA, loader(root, split or None, image_size or None)); a loader that ignores
+# image_size leaves the resizing to load_dataset
 NAMED_DATASETS = {
-    "fashion-mnist": ("fashion_mnist", lambda root, split: load_fashion_mnist(root, split or "train")),
-    "mnist": ("mnist", lambda root, split: load_mnist(root, split or "test")),
-    "omniglot": ("omniglot", lambda root, split: load_omniglot(root, split or "background")),
-    "orl": ("orl_faces", lambda root, split: _whole(load_image_folder(root), "orl", split)),
+    "fashion-mnist": ("fashion_mnist", lambda root, split, size: load_fashion_mnist(root, split or "train")),
+    "mnist": ("mnist", lambda root, split, size: load_mnist(root, split or "test")),
+    "omniglot": ("omniglot", lambda root, split, size: load_omniglot(root, split or "background")),
+    "orl": ("orl_faces", lambda root, split, size: _whole(load_image_folder(root, size), "orl", split)),
 }
 
 
@@ -182,7 +183,7 @@ def load_dataset(spec: str, label_column: str = "label", image_size: tuple[int, 
         if not root.is_dir():
             raise FileNotFoundError(f"{name} is not at {root}: set {DATA_ENV} to the folder that holds "
                                     f"{NAMED_DATASETS[name][0]}/, or download it there")
-        ds = NAMED_DATASETS[name][1](root, split or None)
+        ds = NAMED_DATASETS[name][1](root, split or None, image_size)
     else:
         path = Path(spec)
         if not path.exists():
@@ -202,7 +203,31 @@ def load_dataset(spec: str, label_column: str = "label", image_size: tuple[int, 
         raise ValueError(f"dataset {spec!r} is empty")
     if not np.isfinite(ds.X).all():
         raise ValueError(f"dataset {spec!r} contains NaN or inf features")
-    return ds
+    return ds if image_size is None else resize_images(ds, image_size)
+
+
+def resize_images(ds: Dataset, image_size: tuple[int, int]) -> Dataset:
+    """``ds`` with its images resized to ``image_size`` (H, W): bilinear, antialiased when shrinking (a no-op
+    when they have that size already). Data that are not images (rows of features) are refused rather than
+    left at their size."""
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be (height, width) with both >= 1, got {image_size}")
+    if ds.X.ndim not in (3, 4):
+        raise ValueError(f"{ds.name} holds rows of {ds.X.shape[1]} features, not images: an image size applies to "
+                         "image data only (an image folder, an IDX file, a named image set, an .npz of images)")
+    if tuple(ds.X.shape[-2:]) == size:
+        return ds
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(ds.X, dtype=np.float32))
+    x = x[:, None] if x.ndim == 3 else x
+    parts = [F.interpolate(x[i:i + 4096], size=size, mode="bilinear", align_corners=False, antialias=True)
+             for i in range(0, len(x), 4096)]  # chunks: the interpolation's temporaries stay small
+    out = torch.cat(parts)
+    out = out[:, 0] if ds.X.ndim == 3 else out
+    return Dataset(out.numpy(), ds.y, ds.name, {**ds.info, "image_shape": list(size)})
 
 
 def load_idx_pair(images) -> Dataset:
