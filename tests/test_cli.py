@@ -189,6 +189,33 @@ def test_class_disjoint_split_trains_and_tests_on_different_classes(tmp_path):
     assert bad.exit_code == 2 and "--split must be 'samples' or 'classes'" in bad.output
 
 
+def test_a_run_can_hand_on_its_backbone_features(tmp_path):
+    """--model-output features --head-hidden-dim: the MLP head trains, the run embeds, evaluates and exports
+    with the backbone's L2-normalised features."""
+    from metrix.jobs.export import export
+    from metrix.runs import Run
+
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--backbone", "mlp", "--model-output", "features", "--head-hidden-dim", "32",
+                            "--split", "classes", "--epochs", "2", "--out", str(out), "--no-progress",
+                            "--checkpoint-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert "the run embeds with the backbone's 256-d features" in r.output
+    run = Run.open(out)
+    config = load_json(out / "config.json")
+    assert config["model"]["output"] == "features" and config["model"]["head_hidden_dim"] == 32
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32) * 16
+    e = run.embed(x)
+    assert run.embedding_dim == e.shape[1] == 256
+    np.testing.assert_allclose(e.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+    again = json.loads(runner.invoke(app, ["evaluate", str(out), "--json"]).output)
+    after = load_json(out / "metrics.json", checksum=False)["after"]
+    assert again["map_at_r"] == pytest.approx(after["map_at_r"], abs=1e-6)
+    assert export(run, tmp_path / "m.pt")["embedding_dim"] == 256
+    bad = runner.invoke(app, ["train", "--model-output", "neck"])
+    assert bad.exit_code == 2 and "--model-output must be one of head, features" in bad.output
+
+
 @pytest.mark.parametrize("backbone", ["mlp", "convnet_gap"])
 def test_export_matches_the_run_without_metrix(tmp_path, backbone):
     """The exported file holds standardisation, network and normalisation: plain torch (no metrix import), or

@@ -121,3 +121,18 @@ def test_cross_batch_memory_trains_and_resumes_exactly(tmp_path):
     for a, c in zip(model_a.state_dict().values(), model_c.state_dict().values()):
         assert torch.equal(a, c)
     assert torch.equal(trainer_a.loss.memory, trainer_c.loss.memory)
+
+
+def test_a_features_model_trains_its_head_and_is_judged_on_its_features():
+    """With output="features" the loss sees project() (the head), validation and embed() the features."""
+    x, y = data()
+    torch.manual_seed(0)
+    model = EmbeddingModel("mlp", 8, input_shape=(12,), backbone_kwargs={"hidden_dims": (32,)}, output="features")
+    head_before = model.head.weight.detach().clone()
+    trainer = Trainer(model, MultiSimilarityLoss(), epochs=6, lr=3e-3, classes_per_batch=4, samples_per_class=4,
+                      progress=False, restore_best=False)
+    before = trainer.evaluate(x, y)["map_at_r"]
+    history = trainer.fit(x, y, val=(x, y))
+    assert not torch.equal(model.head.weight, head_before)  # the head is what the loss trained through
+    assert model.embed(x).shape == (len(x), 32)
+    assert history[-1]["map_at_r"] == trainer.evaluate(x, y)["map_at_r"] > before + 0.05

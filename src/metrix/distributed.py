@@ -488,10 +488,13 @@ class TrainStep(nn.Module):
         self.model, self.objective, self.autocast = model, GlobalBatchLoss(loss, miner), autocast
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # a model may hand on another output than it trains (EmbeddingModel(output="features")): the loss
+        # sees the trained one, its project()
+        embed = getattr(self.model, "project", self.model)
         if self.autocast is None:
-            return self.objective(self.model(x), labels)
+            return self.objective(embed(x), labels)
         with torch.autocast(x.device.type, dtype=self.autocast):
-            emb = self.model(x)
+            emb = embed(x)
         return self.objective(emb.float(), labels)
 
 

@@ -185,7 +185,7 @@ class Run:
 
     @property
     def embedding_dim(self) -> int:
-        return self.model.embedding_dim
+        return self.model.output_dim
 
     def embed(self, inputs, batch_size: int = 1024, progress: str | None = None) -> torch.Tensor:
         """Embeddings of ``inputs`` (float32, CPU), ``batch_size`` samples at a time; safe from many threads.
