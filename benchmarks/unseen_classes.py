@@ -6,10 +6,14 @@ Three parts, each printed as a table (mean ± std over seeds; CPU seconds of tra
    Fashion-MNIST (train on classes 0–4, test on 5–9), Omniglot (train on ``images_background``, test on
    ``images_evaluation``; a class is an alphabet's character), ORL faces (30 identities train, 10 unseen:
    identification rank-1 = P@1 among the unseen images, verification ROC AUC / EER over all their pairs).
-   Methods: raw pixels; PCA fitted on the training classes; metrix (convnet, multi-similarity loss with its
-   miner, P×K batches, Adam, :class:`metrix.training.Trainer`); pytorch-metric-learning's recipe with the same
-   network, initial weights, loss, miner, batch shape, optimiser and epochs (``MPerClassSampler``,
-   ``MultiSimilarityLoss``, ``MultiSimilarityMiner``, a plain loop) — measured in the same run.
+   Methods: raw pixels; PCA fitted on the training classes; metrix (multi-similarity loss with its miner, P×K
+   batches, Adam, :class:`metrix.training.Trainer`) with two networks (``--recipes``): ``convnet-4 + head``
+   (Snell's 4-block conv net, a linear head, the head's embedding handed on) and ``convnet-3 + projection``
+   (3 blocks, an MLP projection head that only trains, the backbone's features handed on:
+   ``EmbeddingModel(output="features")``); pytorch-metric-learning's recipe with the same network, initial
+   weights, loss, miner, batch shape, optimiser and epochs (``MPerClassSampler``, ``MultiSimilarityLoss``,
+   ``MultiSimilarityMiner``, a plain loop) — measured in the same run. Every trained model is scored on both
+   of its outputs (the head's embedding and the backbone's features), the one it hands on marked.
 2. **transfer** — EfficientNet-Lite0 on Fashion-MNIST 0–4 → 5–9 (or ``--transfer-data omniglot``) at 64×64:
    the ImageNet features as they are;
    the pretrained network frozen with a trained head (linear probe); fine-tuned (backbone at 0.1 × lr); the
@@ -38,7 +42,7 @@ from metrix.distances import pairwise_distance
 from metrix.evaluation import retrieval_metrics
 from metrix.losses import MultiSimilarityLoss
 from metrix.mining import MINERS
-from metrix.models import EmbeddingModel
+from metrix.models import EmbeddingModel, input_statistics
 from metrix.training import Trainer
 
 P, K, LR, DIM = 16, 8, 1e-3, 128  # P×K batches of 128; with fewer than 16 classes every class, K = 128 // classes
@@ -65,30 +69,38 @@ def _subsample(X, y, per_class: int | None, seed: int):
 
 def datasets(args):
     """name -> (X_train, y_train, X_test, y_test): disjoint classes."""
-    out = {}
-    fm = load_dataset("fashion-mnist:train")
-    seen = fm.y < 5
-    out["fashion-mnist 0-4 → 5-9"] = (*_subsample(fm.X[seen], fm.y[seen], args.fashion_per_class, 0),
-                                      *_subsample(fm.X[~seen], fm.y[~seen], args.fashion_test_per_class, 1))
-    bg, ev = load_dataset("omniglot:background"), load_dataset("omniglot:evaluation")
-    out["omniglot background → evaluation"] = (bg.X, bg.y, ev.X, ev.y)
-    orl = load_dataset("orl", image_size=(56, 46))
-    ids = np.random.default_rng(0).permutation(np.unique(orl.y))
-    train = np.isin(orl.y, ids[:30])
-    out["orl 30 → 10 identities"] = (orl.X[train], orl.y[train], orl.X[~train], orl.y[~train])
+    out, wanted = {}, set(args.datasets.split(","))
+    if "fashion" in wanted:
+        fm = load_dataset("fashion-mnist:train")
+        seen = fm.y < 5
+        out["fashion-mnist 0-4 → 5-9"] = (*_subsample(fm.X[seen], fm.y[seen], args.fashion_per_class, 0),
+                                          *_subsample(fm.X[~seen], fm.y[~seen], args.fashion_test_per_class, 1))
+    if "omniglot" in wanted:
+        bg, ev = load_dataset("omniglot:background"), load_dataset("omniglot:evaluation")
+        out["omniglot background → evaluation"] = (bg.X, bg.y, ev.X, ev.y)
+    if "orl" in wanted:
+        orl = load_dataset("orl", image_size=(56, 46))
+        ids = np.random.default_rng(0).permutation(np.unique(orl.y))
+        train = np.isin(orl.y, ids[:30])
+        out["orl 30 → 10 identities"] = (orl.X[train], orl.y[train], orl.X[~train], orl.y[~train])
     return out
+
+
+# name -> EmbeddingModel options; the first hands on the head's embedding, the second the backbone's features
+RECIPES = {
+    "convnet-4 + head": {},
+    "convnet-3 + projection": {"backbone_kwargs": {"blocks": 3}, "head_hidden_dim": 512, "output": "features"},
+}
 
 
 def _model(shape, seed, standardize_from=None, **kw):
     torch.manual_seed(seed)
-    extra = {}
-    if standardize_from is not None:
-        extra = {"input_mean": torch.from_numpy(standardize_from.mean(0)), "input_std": torch.from_numpy(standardize_from.std(0))}
+    extra = {} if standardize_from is None else input_statistics(standardize_from)  # per channel, as metrix train
     return EmbeddingModel(kw.pop("backbone", "convnet"), DIM, input_shape=shape, **extra, **kw)
 
 
-def train_metrix(X, y, seed, epochs, model=None, **trainer_kw):
-    model = model or _model(X.shape[1:], seed, X)
+def train_metrix(X, y, seed, epochs, model=None, recipe="convnet-4 + head", **trainer_kw):
+    model = model or _model(X.shape[1:], seed, X, **RECIPES[recipe])
     codes, _ = encode_labels(y)
     p, k = batch_shape(y)
     Trainer(model, MultiSimilarityLoss(), epochs=epochs, lr=LR, classes_per_batch=p, samples_per_class=k,
@@ -96,10 +108,10 @@ def train_metrix(X, y, seed, epochs, model=None, **trainer_kw):
     return model
 
 
-def train_pml(X, y, seed, epochs):
+def train_pml(X, y, seed, epochs, recipe="convnet-4 + head"):
     from pytorch_metric_learning import losses, miners, samplers
 
-    model = _model(X.shape[1:], seed, X)
+    model = _model(X.shape[1:], seed, X, **RECIPES[recipe])
     codes, _ = encode_labels(y)
     xt, yt = torch.from_numpy(X), torch.from_numpy(codes)
     p, k = batch_shape(y)
@@ -112,7 +124,7 @@ def train_pml(X, y, seed, epochs):
     model.train()
     for _ in range(epochs):
         for xb, yb in loader:
-            emb = model(xb)
+            emb = model.project(xb)  # the head's embedding (what the model hands on may be its features)
             loss = loss_fn(emb, yb, miner(emb, yb))
             opt.zero_grad()
             loss.backward()
@@ -133,6 +145,19 @@ def scores(emb, y, faces: bool) -> dict:
     return out
 
 
+OUTPUT_NAMES = {"head": "head's embedding", "features": "backbone features"}
+
+
+def _output(model, x, output: str) -> np.ndarray:
+    """One of a model's two outputs: the head's embedding (unit vectors) or the backbone's features
+    (L2-normalised: compared by cosine, as a features model hands them on)."""
+    if output == "head":
+        with torch.no_grad():
+            model.eval()
+            return torch.cat([model.project(torch.from_numpy(x[i:i + 1024])) for i in range(0, len(x), 1024)]).numpy()
+    return torch.nn.functional.normalize(model.embed(x, features=True), dim=1).numpy()
+
+
 def _timed(fn):
     start = time.process_time()
     value = fn()
@@ -149,15 +174,19 @@ def part_retrieval(args):
         results["PCA"] = [scores(PCA(min(64, len(Xtr) - 1), random_state=0).fit(flat(Xtr)).transform(flat(Xte)), yte, faces)]
         times = {}
         for seed in range(args.seeds):  # the two libraries alternate
-            for method, train in (("metrix", train_metrix), ("pytorch-metric-learning", train_pml)):
-                model, cpu = _timed(lambda: train(Xtr, ytr, seed, epochs))
-                results.setdefault(method, []).append(scores(model.embed(Xte).numpy(), yte, faces))
-                times.setdefault(method, []).append(cpu)
+            for recipe in args.recipes.split(","):
+                for method, train in (("metrix", train_metrix), ("pytorch-metric-learning", train_pml)):
+                    model, cpu = _timed(lambda: train(Xtr, ytr, seed, epochs, recipe=recipe))
+                    for output in OUTPUT_NAMES:
+                        mark = " (handed on)" if output == model.output else ""
+                        key = f"{method}, {recipe}: {OUTPUT_NAMES[output]}{mark}"
+                        results.setdefault(key, []).append(scores(_output(model, Xte, output), yte, faces))
+                        times.setdefault(key, []).append(cpu)
         rows.append((name, f"{epochs} epochs × {steps_per_epoch(ytr)} batches", results, times))
-    print(f"\n## retrieval on unseen classes (convnet → {DIM}, multi-similarity + its miner, batches of 128 "
+    print(f"\n## retrieval on unseen classes (→ {DIM}-d head, multi-similarity + its miner, batches of 128 "
           f"({P}×{K}, or every class), Adam {LR:g}; {args.seeds} seeds)")
     for name, epochs, results, times in rows:
-        keys = list(results["metrix"][0])
+        keys = list(results["raw pixels"][0])
         print(f"\n### {name} ({epochs})\n| method | " + " | ".join(keys) + " | train CPU s |\n|---|"
               + "---|" * (len(keys) + 1))
         for method, runs in results.items():
@@ -185,6 +214,9 @@ def part_transfer(args):
         "pretrained, fine-tuned (backbone 0.1 × lr)": dict(pretrained=True, backbone_lr_scale=0.1),
         "pretrained, fine-tuned, BatchNorm statistics frozen": dict(pretrained=True, backbone_lr_scale=0.1,
                                                                     freeze_batchnorm=True),
+        "pretrained, fine-tuned, BatchNorm statistics frozen, projection head (features handed on)": dict(
+            pretrained=True, backbone_lr_scale=0.1, freeze_batchnorm=True,
+            model={"head_hidden_dim": 512, "output": "features"}),
         "same network from scratch": dict(pretrained=False),
     }
     results, times = {}, {}
@@ -199,7 +231,7 @@ def part_transfer(args):
                     results[name] = [scores(features.numpy(), yte, False)]
                 continue
             v = dict(v)
-            kw = {"backbone_kwargs": {**size, "pretrained": v.pop("pretrained")}}
+            kw = {"backbone_kwargs": {**size, "pretrained": v.pop("pretrained")}, **v.pop("model", {})}
             model = _model(Xtr.shape[1:], seed, backbone="efficientnet_lite0", **kw)
             model, cpu = _timed(lambda: train_metrix(Xtr, ytr, seed, args.transfer_epochs, model=model, **v))
             results.setdefault(name, []).append(scores(model.embed(Xte).numpy(), yte, False))
@@ -247,6 +279,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="Fashion-MNIST")
     parser.add_argument("--epochs-omniglot", type=int, default=2, help="Omniglot (19,280 training images)")
     parser.add_argument("--epochs-faces", type=int, default=15, help="ORL (300 training images)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--datasets", default="fashion,omniglot,orl", help="comma-separated: fashion, omniglot, orl")
     parser.add_argument("--fashion-per-class", type=int, default=1200)
     parser.add_argument("--fashion-test-per-class", type=int, default=600)
     parser.add_argument("--transfer-data", default="fashion-mnist", choices=("fashion-mnist", "omniglot"))
