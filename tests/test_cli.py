@@ -189,6 +189,34 @@ def test_class_disjoint_split_trains_and_tests_on_different_classes(tmp_path):
     assert bad.exit_code == 2 and "--split must be 'samples' or 'classes'" in bad.output
 
 
+def test_image_size_trains_evaluates_and_embeds_at_that_size(tmp_path):
+    """--image-size resizes the training images; evaluate, embed and index read image data at the run's size."""
+    from tests.test_datasets import _write_idx
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 12)
+    images = rng.integers(0, 60, size=(48, 12, 12))
+    for c in range(4):  # each class draws a bright square in its own corner
+        images[labels == c, 6 * (c // 2):6 * (c // 2) + 6, 6 * (c % 2):6 * (c % 2) + 6] += 150
+    _write_idx(tmp_path / "toy-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "toy-labels-idx1-ubyte.gz", labels)
+    data, out = str(tmp_path / "toy-images-idx3-ubyte.gz"), tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", data, "--image-size", "8", "8", "--backbone", "convnet", "--epochs", "1",
+                            "--classes-per-batch", "4", "--samples-per-class", "4", "--out", str(out), "--no-progress",
+                            "--checkpoint-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert load_json(out / "config.json")["model"]["input_shape"] == [1, 8, 8]
+    again = runner.invoke(app, ["evaluate", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    after = load_json(out / "metrics.json", checksum=False)["after"]
+    assert json.loads(again.output)["map_at_r"] == pytest.approx(after["map_at_r"], abs=1e-6)
+    emb = runner.invoke(app, ["embed", str(out), "--data", data, "--out", str(tmp_path / "e.npy")])
+    assert emb.exit_code == 0, emb.output
+    assert np.load(tmp_path / "e.npy").shape == (48, 64)
+    bad = runner.invoke(app, ["train", "--image-size", "8", "8", "--epochs", "1"])
+    assert bad.exit_code == 2 and "not images: an image size applies to image data only" in bad.output
+
+
 def test_a_run_can_hand_on_its_backbone_features(tmp_path):
     """--model-output features --head-hidden-dim: the MLP head trains, the run embeds, evaluates and exports
     with the backbone's L2-normalised features."""

@@ -621,8 +621,9 @@ def load_text_csv(path, text_column: str = "text", label_column: str = "category
                        classes, path.stem)
 
 
-def load_inputs(spec: str, label_column: str = "label"):
-    """Raw inputs to embed: a dataset spec (labels kept) or a ``.npy`` array of raw inputs (no labels)."""
+def load_inputs(spec: str, label_column: str = "label", image_size: tuple[int, int] | None = None):
+    """Raw inputs to embed: a dataset spec (labels kept; images resized to ``image_size`` if given) or a ``.npy``
+    array of raw inputs (no labels, taken as they are)."""
     if spec.endswith(".npy"):
         try:
             x = np.load(spec, allow_pickle=False)
@@ -631,5 +632,5 @@ def load_inputs(spec: str, label_column: str = "label"):
         if x.dtype.kind not in "fiu":
             raise ValueError(f"{spec} must hold numbers, got dtype {x.dtype}")
         return x.astype(np.float32), None
-    ds = load_dataset(spec, label_column)
+    ds = load_dataset(spec, label_column, image_size)
     return ds.X, ds.y

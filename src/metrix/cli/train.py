@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -53,6 +53,7 @@ def train(
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation improvement (default: never)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, initialisation and batch order (default 0)."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a CSV file (default 'label')."),
+    image_size: Optional[Tuple[int, int]] = typer.Option(None, metavar="H W", help="Resize the images of --data (and --test-data) to H×W pixels (antialiased); default: their own size."),
     out: Optional[str] = typer.Option(None, help="The run folder to write (new or empty; default runs/<name>)."),
     name: Optional[str] = typer.Option(None, help="The run's name (default '<data>-<loss>'); without --out the run goes to runs/<name>, numbered if taken."),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings; flags given on the command line win."),
@@ -82,7 +83,8 @@ def train(
                     freeze_batchnorm=freeze_batchnorm,
                     epochs=epochs, lr=lr,
                     classes_per_batch=classes_per_batch, samples_per_class=samples_per_class, patience=patience,
-                    seed=seed, label_column=label_column, out=out, name=name, checkpoint_every=checkpoint_every,
+                    seed=seed, label_column=label_column, image_size=list(image_size) if image_size else None,
+                    out=out, name=name, checkpoint_every=checkpoint_every,
                     device=device)
     if resume is not None:
         given = sorted(f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None and k != "device")

@@ -408,18 +408,27 @@ def _train_test(ds, cfg: TrainConfig):
             f"stratified, seed {cfg.seed}")
 
 
-def _eval_split(config: dict, data: str | None, split: str, label_column: str):
+def run_image_size(run: Run) -> tuple[int, int] | None:
+    """The (H, W) a deep run takes its images at (data are resized to it), or None for rows of features: a run
+    trained with --image-size evaluates, embeds and indexes image data at that size."""
+    spec = getattr(run, "input_spec", None)  # text runs take strings
+    shape = () if spec is None else tuple(spec.shape)
+    return shape[-2:] if len(shape) in (2, 3) else None
+
+
+def _eval_split(run: Run, data: str | None, split: str, label_column: str):
+    config, size = run.config, run_image_size(run)
     spec = data or config["split"]["data"]
     test_data = config["split"].get("test_data")
     if split == "auto":
         split = "test" if spec == config["split"]["data"] else "all"
     if split == "test" and test_data:  # the run's official test set queries its training data
-        test = load_dataset(test_data, label_column)
+        test = load_dataset(test_data, label_column, size)
         if config["split"].get("protocol") == "classes":  # ... or, with unseen classes, itself
             return (test.X, test.y, None, None), split
-        ds = load_dataset(spec, label_column)
+        ds = load_dataset(spec, label_column, size)
         return (test.X, test.y, ds.X, ds.y), split
-    ds = load_dataset(spec, label_column)
+    ds = load_dataset(spec, label_column, size)
     if split == "test" and config["split"].get("protocol") == "classes":  # unseen classes, among themselves
         _, test_idx = class_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
         return (ds.X[test_idx], ds.y[test_idx], None, None), split
@@ -435,7 +444,7 @@ def evaluate(run: Run | str | Path, data: str | None = None, split: str = "auto"
     """Re-evaluate a saved run. ``split="test"`` recreates the run's own test-vs-train split;
     ``"all"`` scores every sample against all others; ``"auto"`` picks ``test`` for the run's own data."""
     run = as_run(run)
-    (xq, yq, xr, yr), used = _eval_split(run.config, data, split, label_column)
+    (xq, yq, xr, yr), used = _eval_split(run, data, split, label_column)
     metrics = retrieval_metrics(run.embed(xq, progress="embedding queries"),
                                 yq, None if xr is None else run.embed(xr, progress="embedding references"), yr,
                                 metric=run.metric, progress="retrieval")
@@ -446,7 +455,7 @@ def evaluate(run: Run | str | Path, data: str | None = None, split: str = "auto"
 def embed(run: Run | str | Path, data: str, out, label_column: str = "label") -> tuple[Path, int]:
     """Embed every sample of ``data`` with a saved run and write a ``.npy`` (labels beside it)."""
     run = as_run(run)
-    ds = load_dataset(data, label_column)
+    ds = load_dataset(data, label_column, run_image_size(run))
     emb = run.embed(ds.X).numpy()
     out = Path(out)
     buf = io.BytesIO()
@@ -473,7 +482,7 @@ def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", f
     if (metric == "poincare") != (run.metric == "poincare"):
         raise ValueError(f"this run compares with {run.metric!r}: index it with --metric {run.metric}"
                          + ("" if run.metric == "poincare" else " (or sqeuclidean, cosine, dot)"))
-    x, y = load_inputs(data, label_column)
+    x, y = load_inputs(data, label_column, run_image_size(run))
     emb = run.embed(x, progress="embedding").numpy()
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
     index.provenance = {"run": run.fingerprint}
@@ -504,7 +513,7 @@ def search_index(index_path, run: Run | str | Path, query: str, k: int = 10, lab
     if run.embedding_dim != index.dim:
         raise ValueError(f"the run embeds into {run.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
     run.check_built_here(index.provenance, "index", allow_other_run)
-    x, y = load_inputs(query, label_column)
+    x, y = load_inputs(query, label_column, run_image_size(run))
     if limit is not None:
         x, y = x[:limit], None if y is None else y[:limit]
     dist, ids = index.search(run.embed(x).numpy(), k)
