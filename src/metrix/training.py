@@ -92,7 +92,8 @@ class Trainer:
 
     Parameters
     ----------
-    model : ``nn.Module`` mapping a batch of inputs to embeddings
+    model : ``nn.Module`` mapping a batch of inputs to embeddings; one with a ``project`` method
+        (``EmbeddingModel(output="features")``) trains on ``project`` and is validated on what it hands on
     loss : a metrix loss (``loss(embeddings, labels)``); its parameters are optimised too
     epochs : maximum number of epochs
     lr, weight_decay : optimiser settings; ``loss_lr`` is the learning rate of the loss's own
