@@ -213,6 +213,10 @@ def test_image_size_trains_evaluates_and_embeds_at_that_size(tmp_path):
     emb = runner.invoke(app, ["embed", str(out), "--data", data, "--out", str(tmp_path / "e.npy")])
     assert emb.exit_code == 0, emb.output
     assert np.load(tmp_path / "e.npy").shape == (48, 64)
+    flat = tmp_path / "flat.npy"  # rows of the run's 8×8 = 64 values are reshaped by the run, not resized
+    np.save(flat, rng.random((3, 64), dtype=np.float32))
+    idx = runner.invoke(app, ["index", "build", str(out), "--data", str(flat), "--out", str(tmp_path / "g.idx")])
+    assert idx.exit_code == 0, idx.output
     bad = runner.invoke(app, ["train", "--image-size", "8", "8", "--epochs", "1"])
     assert bad.exit_code == 2 and "not images: an image size applies to image data only" in bad.output
 

@@ -207,27 +207,34 @@ def load_dataset(spec: str, label_column: str = "label", image_size: tuple[int, 
 
 
 def resize_images(ds: Dataset, image_size: tuple[int, int]) -> Dataset:
-    """``ds`` with its images resized to ``image_size`` (H, W): bilinear, antialiased when shrinking (a no-op
-    when they have that size already). Data that are not images (rows of features) are refused rather than
-    left at their size."""
-    size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be (height, width) with both >= 1, got {image_size}")
+    """``ds`` with its images resized to ``image_size`` (H, W) by :func:`resize_array`. Data that are not images
+    (rows of features) are refused rather than left at their size."""
     if ds.X.ndim not in (3, 4):
         raise ValueError(f"{ds.name} holds rows of {ds.X.shape[1]} features, not images: an image size applies to "
                          "image data only (an image folder, an IDX file, a named image set, an .npz of images)")
-    if tuple(ds.X.shape[-2:]) == size:
-        return ds
+    X = resize_array(ds.X, image_size)
+    return ds if X is ds.X else Dataset(X, ds.y, ds.name, {**ds.info, "image_shape": list(X.shape[-2:])})
+
+
+def resize_array(X: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Images (n, C, H, W) or (n, H, W) resized to ``image_size`` (H, W): bilinear, antialiased when shrinking;
+    ``X`` itself when it has that size already."""
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be (height, width) with both >= 1, got {image_size}")
+    if X.ndim not in (3, 4):
+        raise ValueError(f"images must have shape (n, C, H, W) or (n, H, W), got {X.shape}")
+    if tuple(X.shape[-2:]) == size:
+        return X
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(ds.X, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     x = x[:, None] if x.ndim == 3 else x
     parts = [F.interpolate(x[i:i + 4096], size=size, mode="bilinear", align_corners=False, antialias=True)
              for i in range(0, len(x), 4096)]  # chunks: the interpolation's temporaries stay small
     out = torch.cat(parts)
-    out = out[:, 0] if ds.X.ndim == 3 else out
-    return Dataset(out.numpy(), ds.y, ds.name, {**ds.info, "image_shape": list(size)})
+    return (out[:, 0] if X.ndim == 3 else out).numpy()
 
 
 def load_idx_pair(images) -> Dataset:
@@ -621,9 +628,8 @@ def load_text_csv(path, text_column: str = "text", label_column: str = "category
                        classes, path.stem)
 
 
-def load_inputs(spec: str, label_column: str = "label", image_size: tuple[int, int] | None = None):
-    """Raw inputs to embed: a dataset spec (labels kept; images resized to ``image_size`` if given) or a ``.npy``
-    array of raw inputs (no labels, taken as they are)."""
+def load_inputs(spec: str, label_column: str = "label"):
+    """Raw inputs to embed: a dataset spec (labels kept) or a ``.npy`` array of raw inputs (no labels)."""
     if spec.endswith(".npy"):
         try:
             x = np.load(spec, allow_pickle=False)
@@ -632,5 +638,5 @@ def load_inputs(spec: str, label_column: str = "label", image_size: tuple[int, i
         if x.dtype.kind not in "fiu":
             raise ValueError(f"{spec} must hold numbers, got dtype {x.dtype}")
         return x.astype(np.float32), None
-    ds = load_dataset(spec, label_column, image_size)
+    ds = load_dataset(spec, label_column)
     return ds.X, ds.y

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, stratified_split
+from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, resize_array, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_json
 from metrix import distributed, registry
@@ -408,35 +408,41 @@ def _train_test(ds, cfg: TrainConfig):
             f"stratified, seed {cfg.seed}")
 
 
-def run_image_size(run: Run) -> tuple[int, int] | None:
-    """The (H, W) a deep run takes its images at (data are resized to it), or None for rows of features: a run
-    trained with --image-size evaluates, embeds and indexes image data at that size."""
+def at_run_size(run: Run, x: np.ndarray) -> np.ndarray:
+    """Images resized to the (H, W) a deep run takes (a run trained with --image-size evaluates, embeds and
+    indexes image data at its own size); anything else as it is (the run reshapes flat rows of its size)."""
     spec = getattr(run, "input_spec", None)  # text runs take strings
     shape = () if spec is None else tuple(spec.shape)
-    return shape[-2:] if len(shape) in (2, 3) else None
+    if len(shape) not in (2, 3) or x.ndim not in (3, 4):
+        return x
+    return resize_array(x, shape[-2:])
+
+
+def _load_for(run: Run, spec: str, label_column: str):
+    ds = load_dataset(spec, label_column)
+    return at_run_size(run, ds.X), ds.y
 
 
 def _eval_split(run: Run, data: str | None, split: str, label_column: str):
-    config, size = run.config, run_image_size(run)
+    config = run.config
     spec = data or config["split"]["data"]
     test_data = config["split"].get("test_data")
     if split == "auto":
         split = "test" if spec == config["split"]["data"] else "all"
     if split == "test" and test_data:  # the run's official test set queries its training data
-        test = load_dataset(test_data, label_column, size)
+        xt, yt = _load_for(run, test_data, label_column)
         if config["split"].get("protocol") == "classes":  # ... or, with unseen classes, itself
-            return (test.X, test.y, None, None), split
-        ds = load_dataset(spec, label_column, size)
-        return (test.X, test.y, ds.X, ds.y), split
-    ds = load_dataset(spec, label_column, size)
+            return (xt, yt, None, None), split
+        return (xt, yt, *_load_for(run, spec, label_column)), split
+    X, y = _load_for(run, spec, label_column)
     if split == "test" and config["split"].get("protocol") == "classes":  # unseen classes, among themselves
-        _, test_idx = class_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
-        return (ds.X[test_idx], ds.y[test_idx], None, None), split
+        _, test_idx = class_split(y, config["split"]["test_size"], config["split"]["seed"])
+        return (X[test_idx], y[test_idx], None, None), split
     if split == "test":
-        train_idx, test_idx = stratified_split(ds.y, config["split"]["test_size"], config["split"]["seed"])
-        return (ds.X[test_idx], ds.y[test_idx], ds.X[train_idx], ds.y[train_idx]), split
+        train_idx, test_idx = stratified_split(y, config["split"]["test_size"], config["split"]["seed"])
+        return (X[test_idx], y[test_idx], X[train_idx], y[train_idx]), split
     if split == "all":
-        return (ds.X, ds.y, None, None), split
+        return (X, y, None, None), split
     raise ValueError(f"split must be 'auto', 'test' or 'all', got {split!r}")
 
 
@@ -455,15 +461,15 @@ def evaluate(run: Run | str | Path, data: str | None = None, split: str = "auto"
 def embed(run: Run | str | Path, data: str, out, label_column: str = "label") -> tuple[Path, int]:
     """Embed every sample of ``data`` with a saved run and write a ``.npy`` (labels beside it)."""
     run = as_run(run)
-    ds = load_dataset(data, label_column, run_image_size(run))
-    emb = run.embed(ds.X).numpy()
+    x, labels = _load_for(run, data, label_column)
+    emb = run.embed(x).numpy()
     out = Path(out)
     buf = io.BytesIO()
     np.save(buf, emb, allow_pickle=False)
     atomic_write_bytes(out, buf.getvalue())
-    if ds.y.dtype.kind in "iuU":
+    if labels.dtype.kind in "iuU":
         buf = io.BytesIO()
-        np.save(buf, ds.y, allow_pickle=False)
+        np.save(buf, labels, allow_pickle=False)
         atomic_write_bytes(out.with_name(out.stem + "_labels.npy"), buf.getvalue())
     return out, emb.shape[1]
 
@@ -482,7 +488,8 @@ def build_index(run: Run | str | Path, data: str, out, backend: str = "exact", f
     if (metric == "poincare") != (run.metric == "poincare"):
         raise ValueError(f"this run compares with {run.metric!r}: index it with --metric {run.metric}"
                          + ("" if run.metric == "poincare" else " (or sqeuclidean, cosine, dot)"))
-    x, y = load_inputs(data, label_column, run_image_size(run))
+    x, y = load_inputs(data, label_column)
+    x = at_run_size(run, x)
     emb = run.embed(x, progress="embedding").numpy()
     index = VectorIndex(emb.shape[1], metric=metric, backend=backend, faiss_index=faiss_index)
     index.provenance = {"run": run.fingerprint}
@@ -513,7 +520,8 @@ def search_index(index_path, run: Run | str | Path, query: str, k: int = 10, lab
     if run.embedding_dim != index.dim:
         raise ValueError(f"the run embeds into {run.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
     run.check_built_here(index.provenance, "index", allow_other_run)
-    x, y = load_inputs(query, label_column, run_image_size(run))
+    x, y = load_inputs(query, label_column)
+    x = at_run_size(run, x)
     if limit is not None:
         x, y = x[:limit], None if y is None else y[:limit]
     dist, ids = index.search(run.embed(x).numpy(), k)
