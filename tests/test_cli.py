@@ -217,6 +217,8 @@ def test_image_size_trains_evaluates_and_embeds_at_that_size(tmp_path):
     np.save(flat, rng.random((3, 64), dtype=np.float32))
     idx = runner.invoke(app, ["index", "build", str(out), "--data", str(flat), "--out", str(tmp_path / "g.idx")])
     assert idx.exit_code == 0, idx.output
+    why = runner.invoke(app, ["explain", str(out), "--query", f"{data}#0", "--data", data, "-k", "1", "--json"])
+    assert why.exit_code == 0, why.output
     bad = runner.invoke(app, ["train", "--image-size", "8", "8", "--epochs", "1"])
     assert bad.exit_code == 2 and "not images: an image size applies to image data only" in bad.output
 

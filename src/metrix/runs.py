@@ -25,6 +25,7 @@ import torch
 
 from metrix._validation import progress_bar
 from metrix.io import CorruptFileError, reading
+from metrix.datasets import resize_array
 from metrix.models import EmbeddingModel, load_model, run_fingerprint
 
 MODEL_FILE = "model.safetensors"
@@ -137,6 +138,17 @@ class InputSpec:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or infinity")
         return x
+
+
+def at_run_size(run, x: np.ndarray) -> np.ndarray:
+    """Images (n, C, H, W) or (n, H, W) resized to the (H, W) an image run takes, so that a run trained with
+    --image-size evaluates, embeds, indexes and explains image data at its own size; anything else as it is
+    (the run reshapes flat rows of its size, and refuses what does not fit)."""
+    spec = getattr(run, "input_spec", None)  # text runs take strings
+    shape = () if spec is None else tuple(spec.shape)
+    if len(shape) not in (2, 3) or np.ndim(x) not in (3, 4):
+        return x
+    return resize_array(x, shape[-2:])
 
 
 def _in_batches(x: torch.Tensor, batch_size: int, progress: str | None, embed) -> torch.Tensor:

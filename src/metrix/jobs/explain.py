@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from metrix.explain import explain_pair, plot_pairs
-from metrix.runs import Run, as_run
+from metrix.runs import Run, as_run, at_run_size
 
 
 def pick(spec: str, run: Run):
@@ -27,7 +27,7 @@ def pick(spec: str, run: Run):
         if not int(index) < len(ds.X):
             raise ValueError(f"{data} has {len(ds.X)} samples; {index} is out of range")
         label = ds.y[int(index)]
-        return ds.X[int(index)], label.item() if hasattr(label, "item") else label
+        return at_run_size(run, ds.X[[int(index)]])[0], label.item() if hasattr(label, "item") else label
     path = Path(spec)
     if path.suffix == ".npy" and path.is_file():
         x = np.load(path, allow_pickle=False)
@@ -59,6 +59,7 @@ def explain(run, query: str, reference: str | None = None, data: str | None = No
         from metrix.neighbors import knn
 
         ds = load_dataset(data)
+        ds.X = at_run_size(run, ds.X)
         emb = run.embed(ds.X, progress="embedding")
         q = run.embed(np.asarray(a, dtype=np.float32)[None])
         dist, idx = knn(q, emb, k=min(int(k) + 1, len(ds.X)), metric=run.metric)

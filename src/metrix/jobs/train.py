@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, resize_array, stratified_split
+from metrix.datasets import class_split, encode_labels, load_dataset, load_inputs, stratified_split
 from metrix.evaluation import retrieval_metrics
 from metrix.io import atomic_write_bytes, load_json, load_tagged, reading, save_json
 from metrix import distributed, registry
@@ -25,7 +25,7 @@ from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.apps.augment import ImageAugment
 from metrix.models import OUTPUTS, PRETRAINED_BACKBONES, EmbeddingModel, input_statistics, save_model
-from metrix.runs import Run, as_run, check_device, new_run_dir
+from metrix.runs import Run, as_run, at_run_size, check_device, new_run_dir
 from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer, check_transfer_options
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -406,16 +406,6 @@ def _train_test(ds, cfg: TrainConfig):
     train_idx, test_idx = stratified_split(ds.y, cfg.test_size, cfg.seed)
     return (ds.X[train_idx], ds.y[train_idx], ds.X[test_idx], ds.y[test_idx],
             f"stratified, seed {cfg.seed}")
-
-
-def at_run_size(run: Run, x: np.ndarray) -> np.ndarray:
-    """Images resized to the (H, W) a deep run takes (a run trained with --image-size evaluates, embeds and
-    indexes image data at its own size); anything else as it is (the run reshapes flat rows of its size)."""
-    spec = getattr(run, "input_spec", None)  # text runs take strings
-    shape = () if spec is None else tuple(spec.shape)
-    if len(shape) not in (2, 3) or x.ndim not in (3, 4):
-        return x
-    return resize_array(x, shape[-2:])
 
 
 def _load_for(run: Run, spec: str, label_column: str):
