@@ -248,6 +248,8 @@ def test_a_run_can_hand_on_its_backbone_features(tmp_path):
     assert export(run, tmp_path / "m.pt")["embedding_dim"] == 256
     bad = runner.invoke(app, ["train", "--model-output", "neck"])
     assert bad.exit_code == 2 and "--model-output must be one of head, features" in bad.output
+    bad = runner.invoke(app, ["train", "--model-output", "features", "--freeze-backbone"])
+    assert bad.exit_code == 2 and "training would not change what the model hands on" in bad.output
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "convnet_gap"])

@@ -136,3 +136,8 @@ def test_a_features_model_trains_its_head_and_is_judged_on_its_features():
     assert not torch.equal(model.head.weight, head_before)  # the head is what the loss trained through
     assert model.embed(x).shape == (len(x), 32)
     assert history[-1]["map_at_r"] == trainer.evaluate(x, y)["map_at_r"] > before + 0.05
+
+    frozen = EmbeddingModel("mlp", 8, input_shape=(12,), output="features")
+    with pytest.raises(ValueError, match="training would not change what the model hands on"):
+        Trainer(frozen, MultiSimilarityLoss(), freeze_backbone=True)
+    Trainer(frozen, MultiSimilarityLoss(), freeze_backbone=True, unfreeze_after=1)  # the backbone trains later

@@ -64,11 +64,16 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, where: 
 
 
 def check_transfer_options(freeze_backbone: bool, unfreeze_after: int | None, backbone_lr_scale: float,
-                           precision: str) -> None:
-    """The transfer-learning settings of :class:`Trainer` (and ``metrix train``), or the error naming the flag."""
+                           precision: str, hands_on_features: bool = False) -> None:
+    """The transfer-learning settings of :class:`Trainer` (and ``metrix train``), or the error naming the flag.
+    ``hands_on_features``: the model hands on its backbone's features (``output="features"``)."""
     if unfreeze_after is not None and (not freeze_backbone or int(unfreeze_after) < 1):
         raise ValueError(f"--unfreeze-after (unfreeze_after) needs --freeze-backbone (freeze_backbone) and >= 1 "
                          f"epoch, got {unfreeze_after}")
+    if hands_on_features and freeze_backbone and unfreeze_after is None:
+        raise ValueError("--model-output features (output='features') hands on the backbone's features, which "
+                         "--freeze-backbone (freeze_backbone) keeps as they are: training would not change what "
+                         "the model hands on; add --unfreeze-after N or hand on the head")
     if not float(backbone_lr_scale) > 0:
         raise ValueError(f"--backbone-lr-scale (backbone_lr_scale) must be > 0, got {backbone_lr_scale}")
     if precision not in PRECISIONS:
@@ -183,7 +188,8 @@ class Trainer:
         self.checkpoint_every = int(checkpoint_every)
         self.restore_best, self.seed, self.metric = restore_best, int(seed), metric
         self.progress, self.callbacks, self.miner = progress, list(callbacks), miner
-        check_transfer_options(freeze_backbone, unfreeze_after, backbone_lr_scale, precision)
+        check_transfer_options(freeze_backbone, unfreeze_after, backbone_lr_scale, precision,
+                               getattr(model, "output", "head") == "features")
         self.freeze_backbone, self.unfreeze_after = bool(freeze_backbone), unfreeze_after
         self.backbone_lr_scale = float(backbone_lr_scale)
         self.freeze_batchnorm = bool(freeze_batchnorm)

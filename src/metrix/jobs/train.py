@@ -126,7 +126,8 @@ class TrainConfig:
                              f"--geometry {self.geometry} needs the head (--model-output head)")
         if self.head_hidden_dim is not None and int(self.head_hidden_dim) < 1:
             raise ValueError(f"--head-hidden-dim must be >= 1, got {self.head_hidden_dim}")
-        check_transfer_options(self.freeze_backbone, self.unfreeze_after, self.backbone_lr_scale, self.precision)
+        check_transfer_options(self.freeze_backbone, self.unfreeze_after, self.backbone_lr_scale, self.precision,
+                               self.model_output == "features")
         if self.split not in ("samples", "classes"):
             raise ValueError(f"--split must be 'samples' or 'classes', got {self.split!r}")
         if not 0 < self.test_size < 1 or not 0 <= self.val_size < 1:
