@@ -352,8 +352,9 @@ def test_an_image_size_is_honoured_by_every_kind_of_image_data(tmp_path, monkeyp
     np.savez(tmp_path / "rows.npz", X=np.zeros((3, 4)), y=np.arange(3))
     with pytest.raises(ValueError, match="not images: an image size applies to image data only"):
         load_dataset(str(tmp_path / "rows.npz"), image_size=(2, 2))
-    with pytest.raises(ValueError, match="image_size must be"):
-        load_dataset("mnist:test", image_size=(0, 14))
+    for bad in ((0, 14), (28, 100_000)):
+        with pytest.raises(ValueError, match="image_size must be"):
+            load_dataset("mnist:test", image_size=bad)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "orl_faces").is_dir(), reason="shared ORL faces not present")

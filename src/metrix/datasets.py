@@ -216,12 +216,15 @@ def resize_images(ds: Dataset, image_size: tuple[int, int]) -> Dataset:
     return ds if X is ds.X else Dataset(X, ds.y, ds.name, {**ds.info, "image_shape": list(X.shape[-2:])})
 
 
+MAX_IMAGE_SIDE = 8192  # a typo such as --image-size 28000 28 would otherwise try to allocate the whole set at it
+
+
 def resize_array(X: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Images (n, C, H, W) or (n, H, W) resized to ``image_size`` (H, W): bilinear, antialiased when shrinking;
     ``X`` itself when it has that size already."""
     size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be (height, width) with both >= 1, got {image_size}")
+    if len(size) != 2 or min(size) < 1 or max(size) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image_size must be (height, width), each from 1 to {MAX_IMAGE_SIDE} pixels, got {image_size}")
     if X.ndim not in (3, 4):
         raise ValueError(f"images must have shape (n, C, H, W) or (n, H, W), got {X.shape}")
     if tuple(X.shape[-2:]) == size:
