@@ -141,14 +141,14 @@ class InputSpec:
 
 
 def at_run_size(run, x: np.ndarray) -> np.ndarray:
-    """Images (n, C, H, W) or (n, H, W) resized to the (H, W) an image run takes, so that a run trained with
-    --image-size evaluates, embeds, indexes and explains image data at its own size; anything else as it is
-    (the run reshapes flat rows of its size, and refuses what does not fit)."""
-    spec = getattr(run, "input_spec", None)  # text runs take strings
-    shape = () if spec is None else tuple(spec.shape)
-    if len(shape) not in (2, 3) or np.ndim(x) not in (3, 4):
+    """Images (n, C, H, W) or (n, H, W) resized to the size a run was trained at with ``--image-size``, so that
+    it evaluates, embeds, indexes and explains image data as it trained on them; anything else as it is (a run
+    without an image size takes its inputs as they are: it reshapes flat rows of its size and refuses the rest)."""
+    config = getattr(run, "config", None)
+    size = (config.get("train") or {}).get("image_size") if isinstance(config, dict) else None
+    if size is None or np.ndim(x) not in (3, 4):
         return x
-    return resize_array(x, shape[-2:])
+    return resize_array(x, tuple(size))
 
 
 def _in_batches(x: torch.Tensor, batch_size: int, progress: str | None, embed) -> torch.Tensor:
