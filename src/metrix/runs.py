@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from metrix._validation import progress_bar
+from metrix.datasets import Dataset, load_dataset, resize_array, resize_images
 from metrix.io import CorruptFileError, reading
-from metrix.datasets import resize_array
 from metrix.models import EmbeddingModel, load_model, run_fingerprint
 
 MODEL_FILE = "model.safetensors"
@@ -140,15 +140,26 @@ class InputSpec:
         return x
 
 
+def _trained_image_size(run) -> tuple[int, int] | None:
+    """The (H, W) a run was trained at with ``--image-size``, or None."""
+    config = getattr(run, "config", None)
+    size = (config.get("train") or {}).get("image_size") if isinstance(config, dict) else None
+    return None if size is None else tuple(size)
+
+
 def at_run_size(run, x: np.ndarray) -> np.ndarray:
     """Images (n, C, H, W) or (n, H, W) resized to the size a run was trained at with ``--image-size``, so that
     it evaluates, embeds, indexes and explains image data as it trained on them; anything else as it is (a run
     without an image size takes its inputs as they are: it reshapes flat rows of its size and refuses the rest)."""
-    config = getattr(run, "config", None)
-    size = (config.get("train") or {}).get("image_size") if isinstance(config, dict) else None
-    if size is None or np.ndim(x) not in (3, 4):
-        return x
-    return resize_array(x, tuple(size))
+    size = _trained_image_size(run)
+    return x if size is None or np.ndim(x) not in (3, 4) else resize_array(x, size)
+
+
+def load_at_run_size(run, spec: str, label_column: str = "label") -> Dataset:
+    """The dataset ``spec`` with its images at the size ``run`` takes (:func:`at_run_size`)."""
+    ds = load_dataset(spec, label_column)
+    size = _trained_image_size(run)
+    return ds if size is None or ds.X.ndim not in (3, 4) else resize_images(ds, size)
 
 
 def _in_batches(x: torch.Tensor, batch_size: int, progress: str | None, embed) -> torch.Tensor:
@@ -284,6 +295,16 @@ class TextRun(Run):
         return torch.from_numpy(self.encoder.encode(list(inputs), batch_size, progress=progress))
 
 
+ONNX_METADATA_KEY = "metrix"  # the entry of an exported ONNX model's metadata that holds onnx_metadata(run)
+ONNX_METADATA_FIELDS = ("input_shape", "embedding_dim", "metric", "geometry", "run_fingerprint")
+
+
+def onnx_metadata(run: Run) -> dict:
+    """What :class:`OnnxRun` needs to serve a model exported from ``run``: shapes, metric, the run it came from."""
+    return {"input_shape": list(run.input_spec.shape), "embedding_dim": run.embedding_dim, "metric": run.metric,
+            "geometry": run.geometry, "run_fingerprint": run.fingerprint}
+
+
 class OnnxRun(Run):
     """A model written by ``metrix export --format onnx``, run by ONNX Runtime (extra onnx): what a service
     needs without PyTorch's model code. Its shapes, metric and the fingerprint of the run it was exported
@@ -309,13 +330,13 @@ class OnnxRun(Run):
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for damaged files
             raise CorruptFileError(f"cannot read {path} as an ONNX model: {' '.join(str(exc).split())[:300]}") from exc
-        raw = session.get_modelmeta().custom_metadata_map.get("metrix")
+        raw = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
         if raw is None:
             raise ValueError(f"{path} was not written by 'metrix export --format onnx' (no metrix metadata in it); "
                              "export the run again")
         with reading(path, "ONNX model metadata"):
             meta = json.loads(raw)
-            for key in ("input_shape", "embedding_dim", "metric", "geometry", "run_fingerprint"):
+            for key in ONNX_METADATA_FIELDS:
                 if key not in meta:
                     raise CorruptFileError(f"{path}: the metrix metadata lacks {key!r}")
         return cls(path, session, meta)

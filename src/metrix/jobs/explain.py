@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from metrix.explain import explain_pair, plot_pairs
-from metrix.runs import Run, as_run, at_run_size
+from metrix.runs import Run, as_run, at_run_size, load_at_run_size
 
 
 def pick(spec: str, run: Run):
@@ -55,11 +55,9 @@ def explain(run, query: str, reference: str | None = None, data: str | None = No
     else:
         if run.kind == "text":
             raise ValueError("--data takes image or feature datasets; for a text run give --reference")
-        from metrix.datasets import load_dataset
         from metrix.neighbors import knn
 
-        ds = load_dataset(data)
-        ds.X = at_run_size(run, ds.X)
+        ds = load_at_run_size(run, data)
         emb = run.embed(ds.X, progress="embedding")
         q = run.embed(np.asarray(a, dtype=np.float32)[None])
         dist, idx = knn(q, emb, k=min(int(k) + 1, len(ds.X)), metric=run.metric)

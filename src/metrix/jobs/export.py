@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from metrix.io import atomic_write_bytes
-from metrix.runs import Run, as_run
+from metrix.runs import ONNX_METADATA_KEY, Run, as_run, onnx_metadata
 
 FORMATS = ("torchscript", "onnx")
 
@@ -35,9 +35,7 @@ def export(run: Run | str | Path, out, fmt: str = "torchscript") -> dict:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         if fmt == "onnx":  # what Run.open needs to serve the file: shapes, metric, the run it came from
-            data, exported = _onnx(model, example, probe, {
-                "input_shape": list(run.input_spec.shape), "embedding_dim": run.embedding_dim,
-                "metric": run.metric, "geometry": run.geometry, "run_fingerprint": run.fingerprint})
+            data, exported = _onnx(model, example, probe, onnx_metadata(run))
         else:
             data, exported = _torchscript(model, example, probe)
         gap = float(np.abs(exported - model(probe).numpy()).max())
@@ -53,9 +51,6 @@ def _torchscript(model, example, probe) -> tuple[bytes, np.ndarray]:
     buf = io.BytesIO()
     torch.jit.save(traced, buf)
     return buf.getvalue(), traced(probe).numpy()
-
-
-ONNX_METADATA_KEY = "metrix"
 
 
 def _onnx(model, example, probe, meta: dict) -> tuple[bytes, np.ndarray]:

@@ -25,7 +25,7 @@ from metrix.losses import build_loss
 from metrix.registry import lookup
 from metrix.apps.augment import ImageAugment
 from metrix.models import OUTPUTS, PRETRAINED_BACKBONES, EmbeddingModel, input_statistics, save_model
-from metrix.runs import Run, as_run, at_run_size, check_device, new_run_dir
+from metrix.runs import Run, as_run, at_run_size, check_device, load_at_run_size, new_run_dir
 from metrix.training import CHECKPOINT_TAG, LAST_FILE, Trainer, check_transfer_options
 
 REPORTED = ("precision_at_1", "r_precision", "map_at_r")
@@ -410,8 +410,8 @@ def _train_test(ds, cfg: TrainConfig):
 
 
 def _load_for(run: Run, spec: str, label_column: str):
-    ds = load_dataset(spec, label_column)
-    return at_run_size(run, ds.X), ds.y
+    ds = load_at_run_size(run, spec, label_column)
+    return ds.X, ds.y
 
 
 def _eval_split(run: Run, data: str | None, split: str, label_column: str):
@@ -512,9 +512,9 @@ def search_index(index_path, run: Run | str | Path, query: str, k: int = 10, lab
         raise ValueError(f"the run embeds into {run.embedding_dim} dimensions but the index holds {index.dim}-d vectors")
     run.check_built_here(index.provenance, "index", allow_other_run)
     x, y = load_inputs(query, label_column)
-    x = at_run_size(run, x)
     if limit is not None:
         x, y = x[:limit], None if y is None else y[:limit]
+    x = at_run_size(run, x)  # after the limit: only the queries searched are resized
     dist, ids = index.search(run.embed(x).numpy(), k)
     results = []
     for i, (d_row, id_row) in enumerate(zip(dist, ids)):
